@@ -1,0 +1,63 @@
+"""Shared test fixtures: offline mode, tiny models (built once per session), and the real fixtures in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch a hub; keep CPU threads modest (several processes share 2 cores).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+A1111_FIXTURES = SHARED / "fixtures" / "a1111"
+TINYWORLD = SHARED / "models" / "tinyworld"
+
+
+@pytest.fixture(scope="session")
+def a1111_fixtures() -> Path:
+    if not A1111_FIXTURES.is_dir():
+        pytest.skip(f"real A1111 fixtures not found at {A1111_FIXTURES}")
+    return A1111_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tinyworld() -> Path:
+    if not (TINYWORLD / "model_index.json").is_file():
+        pytest.skip(f"tiny-world model not found at {TINYWORLD}")
+    return TINYWORLD
+
+
+def _tiny(family: str) -> Path:
+    from utils.tiny_models import tiny_model_path
+
+    return tiny_model_path(family)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1() -> Path:
+    """SD-1.x layout, text width 32: the fast model for most tests."""
+    return _tiny("sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_768() -> Path:
+    """SD-1.x layout with a 768-wide text encoder, so real A1111 embeddings load and render."""
+    return _tiny("sd1-768")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2() -> Path:
+    return _tiny("sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl() -> Path:
+    return _tiny("sdxl")

@@ -1,0 +1,1 @@
+"""Embedforge library: the pieces shared by the four command-line scripts."""
