@@ -1,0 +1,503 @@
+"""The one training loop both trainers use.
+
+It owns everything that is not specific to what is trained: the Accelerator, gradient accumulation, clipping, the
+learning rate, checkpoints and exact resume, stop signals, the NaN guard, the CSV log, trackers, previews and the
+progress bar. What is trained comes in through a small Trainable interface (see utils/textual_inversion.py and
+utils/hypernetwork_training.py); the data comes in through a BatchSource.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from utils.diffusion_loss import (
+    denoising_loss,
+    draw_noise_and_timesteps,
+    min_snr_weights,
+    sample_seed,
+    training_target,
+)
+from utils.errors import UserError
+from utils.fileio import atomic_path
+from utils.lr_schedule import LearningRate
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: str = "0.005"
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    scale_lr: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = None
+    clip_grad_mode: str = "norm"  # norm | value
+
+
+@dataclass
+class LoopConfig:
+    output_dir: Path
+    max_train_steps: int
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    prediction_type: str = "epsilon"
+    snr_gamma: float | None = None
+    save_every: int = 500
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    preview_every: int = 500
+    log_every: int = 1
+    report_to: str = "none"
+    tracker_project_name: str = "embedforge"
+    run_name: str | None = None
+    tracker_config: dict = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+class Trainable(Protocol):
+    """What differs between textual inversion and hypernetwork training."""
+
+    name: str
+    kind: str  # for messages: "textual inversion" / "hypernetwork"
+    csv_name: str
+    model: torch.nn.Module  # the module DDP wraps; its forward(noisy_latents, timesteps, **inputs) -> prediction
+
+    @property
+    def initial_step(self) -> int: ...
+    def parameters(self) -> list[torch.nn.Parameter]: ...
+    def train(self) -> None: ...
+    def eval(self) -> None: ...
+    def model_inputs(self, batch: dict, device) -> dict: ...
+    def vectors_are_finite(self) -> bool: ...
+    def vector_norm(self) -> float: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class BatchSource(Protocol):
+    """Per-rank micro-batches. ``positions`` are the samples' places in the epoch's global order."""
+
+    micro_batches_per_epoch: int
+
+    def iter_epoch(self, epoch: int, skip: int) -> Iterator[dict]: ...
+
+
+@dataclass
+class Outputs:
+    """Callbacks the script gives the loop for its user-facing files (called on the main process only)."""
+
+    save: Callable[[int], list[Path]]  # periodic copy at a step
+    final: Callable[[int], list[Path]]  # the final files
+    preview: Callable[[int], list] | None = None  # -> list of (PIL image, caption) at a step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stop signals
+
+
+class StopRequest:
+    """SIGINT / SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to finish the current step, checkpoint and exit."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGUSR1")) if s is not None)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners): signals stay as they were
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
+            if m and p.is_dir() and (p / "progress.json").is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / "progress.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no progress.json)")
+    return path
+
+
+class TrainerState:
+    """Progress saved with every checkpoint (accelerate saves it through register_for_checkpointing)."""
+
+    def __init__(self):
+        self.step = 0
+        self.tracker_run_id: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tracker_run_id": self.tracker_run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.tracker_run_id = state.get("tracker_run_id")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logs
+
+
+class LossLog:
+    """A1111's CSV (step, epoch, epoch_step, loss, learn_rate), appended; on resume, rows past the resumed step go."""
+
+    HEADER = ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.rows: list[list] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="", encoding="utf-8") as f:
+                kept = [r for r in csv.reader(f)][1:]
+            kept = [r for r in kept if r and int(r[0]) <= resume_step]
+            self._write(kept, mode="w")
+        elif resume_step is None and path.is_file():
+            path.unlink()  # a fresh run in an old folder starts a fresh log
+
+    def _write(self, rows, mode="a"):
+        new = mode == "w" or not self.path.is_file()
+        if new:
+            with atomic_path(self.path) as tmp:
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    w = csv.writer(f)
+                    w.writerow(self.HEADER)
+                    w.writerows(rows)
+        else:
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(rows)
+
+    def add(self, step: int, epoch: int, epoch_step: int, loss: float, lr: float) -> None:
+        self.rows.append([step, epoch, epoch_step, f"{loss:.7f}", f"{lr:g}"])
+
+    def flush(self) -> None:
+        if self.rows:
+            self._write(self.rows)
+            self.rows = []
+
+
+def _tracker_init_kwargs(cfg: LoopConfig, run_id: str | None) -> dict:
+    kwargs: dict = {}
+    if cfg.report_to in ("wandb", "all"):
+        wandb_kwargs = {"name": cfg.run_name, "resume": "allow", "dir": str(cfg.output_dir)}
+        if run_id:
+            wandb_kwargs["id"] = run_id
+        if os.environ.get("SLURM_JOB_ID"):
+            wandb_kwargs["group"] = f"slurm-{os.environ['SLURM_JOB_ID']}"
+        kwargs["wandb"] = {k: v for k, v in wandb_kwargs.items() if v is not None}
+    return kwargs
+
+
+def _tracker_run_id(accelerator: Accelerator) -> str | None:
+    try:
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        return getattr(run, "id", None)
+    except (ValueError, AttributeError, KeyError):
+        return None
+
+
+def _log_images(accelerator: Accelerator, images: list, step: int) -> None:
+    if not images:
+        return
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"preview": [wandb.Image(im, caption=cap) for im, cap in images]}, step=step)
+        elif tracker.name == "tensorboard":
+            arr = np.stack([np.asarray(im.convert("RGB")) for im, _ in images])
+            tracker.writer.add_images("preview", arr, step, dataformats="NHWC")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class RunSummary:
+    step: int
+    stopped_by: str  # "max_steps" | "schedule" | "signal"
+    files: list[Path]
+
+
+def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noise_scheduler, cfg: LoopConfig,
+          outputs: Outputs) -> RunSummary:
+    out_dir = Path(cfg.output_dir)
+    world = accelerator.num_processes
+    A = cfg.gradient_accumulation_steps
+    micro_per_epoch = data.micro_batches_per_epoch - data.micro_batches_per_epoch % A
+    if micro_per_epoch <= 0:
+        raise UserError(
+            f"one epoch has {data.micro_batches_per_epoch} batch(es) per process, fewer than "
+            f"--gradient_accumulation_steps {A}; use more images, a smaller batch or less accumulation")
+    steps_per_epoch = micro_per_epoch // A
+    global_batch = cfg.train_batch_size * A * world
+
+    scale = global_batch if cfg.optim.scale_lr else 1.0
+    lr = LearningRate(cfg.optim.learning_rate, cfg.max_train_steps, cfg.optim.lr_scheduler,
+                      cfg.optim.lr_warmup_steps * 1, scale, cfg.optim.lr_num_cycles, cfg.optim.lr_power)
+    end_step = lr.end_step()
+
+    state = TrainerState()
+    state.step = trainable.initial_step
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=lr.rate(state.step),
+                                  betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                                  weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon)
+    model, optimizer = accelerator.prepare(trainable.model, optimizer)
+
+    # Checkpoints hold only what is trained (a few KB for an embedding), never the frozen models.
+    def save_hook(models, weights, ckpt_dir):
+        if accelerator.is_main_process:
+            torch.save(trainable.state_dict(), os.path.join(ckpt_dir, "trainable.pt"))
+        weights.clear()
+
+    def load_hook(models, ckpt_dir):
+        trainable.load_state_dict(torch.load(os.path.join(ckpt_dir, "trainable.pt"), map_location="cpu",
+                                             weights_only=True))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    accelerator.register_for_checkpointing(state)
+
+    resume_dir = resolve_resume(out_dir, cfg.resume_from_checkpoint)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        accelerator.print(f"Resumed from {resume_dir} at step {state.step}")
+    resumed_step = state.step if resume_dir is not None else None
+
+    if state.step >= end_step:
+        accelerator.print(f"Already trained to step {state.step} (>= {end_step}); nothing to do.")
+
+    if cfg.report_to != "none":
+        accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config,
+                                  init_kwargs=_tracker_init_kwargs(cfg, state.tracker_run_id))
+        state.tracker_run_id = state.tracker_run_id or _tracker_run_id(accelerator)
+
+    log = LossLog(out_dir / trainable.csv_name, resumed_step) if accelerator.is_main_process else None
+    accelerator.print(
+        f"Training {trainable.kind} '{trainable.name}': {world} process(es), global batch {global_batch} "
+        f"({cfg.train_batch_size} x {A} accumulation x {world}), {steps_per_epoch} steps per epoch, "
+        f"steps {state.step} -> {end_step}, learning rate {lr.describe()}")
+
+    files: list[Path] = []
+    stopped_by = ""
+    progress = tqdm(total=end_step, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc=f"Training {trainable.kind}", dynamic_ncols=True)
+    device = accelerator.device
+    trainable.train()
+    samples_done, t_start = 0, time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        final_dir = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+        tmp_dir = out_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp_dir))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp_dir / "progress.json").write_text(json.dumps({"step": step}))
+            shutil.rmtree(final_dir, ignore_errors=True)
+            os.replace(tmp_dir, final_dir)
+            if log:
+                log.flush()
+            if cfg.checkpoints_total_limit:
+                for _, old in list_checkpoints(out_dir)[: -cfg.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    with StopRequest() as stop:
+        epoch = state.step // steps_per_epoch
+        finished = state.step >= end_step or lr.finished(state.step)
+        while not finished:
+            skip = (state.step % steps_per_epoch) * A
+            accum_loss = torch.zeros((), device=device)
+            seen = 0
+            for i, batch in enumerate(data.iter_epoch(epoch, skip), start=skip):
+                if i >= micro_per_epoch:
+                    break
+                seen += 1
+                for group in optimizer.param_groups:
+                    group["lr"] = lr.rate(state.step)
+                latents = batch["latents"].to(device)
+                seeds = [sample_seed(cfg.seed, epoch, int(p)) for p in batch["positions"]]
+                noise, timesteps = draw_noise_and_timesteps(
+                    seeds, latents.shape[1:], noise_scheduler.config.num_train_timesteps, device, latents.dtype)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                target = training_target(noise_scheduler, latents, noise, timesteps, cfg.prediction_type)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        pred = model(noisy, timesteps, **trainable.model_inputs(batch, device))
+                    weights = batch.get("loss_weights")
+                    snr_w = (min_snr_weights(noise_scheduler, timesteps, cfg.snr_gamma, cfg.prediction_type)
+                             if cfg.snr_gamma else None)
+                    loss = denoising_loss(pred, target, None if weights is None else weights.to(device), snr_w)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        # accelerate unscales fp16 gradients before clipping (unlike A1111, which clips scaled ones)
+                        if cfg.optim.clip_grad_mode == "value":
+                            accelerator.clip_grad_value_(trainable.parameters(), cfg.optim.max_grad_norm)
+                        else:
+                            grad_norm = accelerator.clip_grad_norm_(trainable.parameters(), cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                accum_loss += loss.detach() / A
+                samples_done += latents.shape[0]
+                if not accelerator.sync_gradients:
+                    continue
+
+                # One small all-reduce per optimizer step: the mean loss, and whether any rank was asked to stop.
+                loss_mean = accelerator.reduce(accum_loss.reshape(1), "mean")
+                flags = accelerator.reduce(torch.tensor([float(stop.signum is not None)], device=device), "sum")
+                accum_loss = torch.zeros((), device=device)
+                step_loss = float(loss_mean)
+                if not math.isfinite(step_loss) or not trainable.vectors_are_finite():
+                    progress.close()
+                    raise TrainingDiverged(
+                        f"{trainable.kind} training diverged at step {state.step + 1}: the loss or the trained "
+                        f"weights became NaN/inf. Nothing from this step was saved; the last good files are kept. "
+                        f"Try a lower learning rate or --max_grad_norm.")
+                state.step += 1
+                rate = lr.rate(state.step - 1)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{rate:.2g}", epoch=epoch)
+                if log:
+                    log.add(state.step, (state.step - 1) // steps_per_epoch, (state.step - 1) % steps_per_epoch,
+                            step_loss, rate)
+                if cfg.report_to != "none" and state.step % cfg.log_every == 0:
+                    elapsed = time.perf_counter() - t_start
+                    metrics = {"loss": step_loss, "lr": rate, "vector_norm": trainable.vector_norm(),
+                               "epoch": epoch, "images_per_sec": samples_done * world / max(elapsed, 1e-9)}
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm)
+                    accelerator.log(metrics, step=state.step)
+
+                finished = state.step >= end_step or lr.finished(state.step)
+                stopping = bool(flags.item() > 0)
+                if cfg.save_every and state.step % cfg.save_every == 0 and not finished:
+                    if accelerator.is_main_process:
+                        files += outputs.save(state.step)
+                if cfg.checkpointing_steps and (state.step % cfg.checkpointing_steps == 0 or stopping):
+                    checkpoint(state.step)
+                if outputs.preview and cfg.preview_every and state.step % cfg.preview_every == 0 and not finished:
+                    _preview(accelerator, trainable, outputs, state.step)
+                if stopping:
+                    stopped_by, finished = "signal", True
+                if finished:
+                    break
+            if seen == 0:
+                raise UserError(f"epoch {epoch} produced no training batch on process {accelerator.process_index}")
+            epoch += 1
+        if stopped_by != "signal":
+            stopped_by = "schedule" if state.step < cfg.max_train_steps else "max_steps"
+
+    progress.close()
+    if stopped_by == "signal":
+        accelerator.print(f"Stopped by signal {stop.signum} at step {state.step}; checkpoint and files saved.")
+    if accelerator.is_main_process:
+        files += outputs.final(state.step)
+        if log:
+            log.flush()
+    if outputs.preview and stopped_by != "signal":
+        _preview(accelerator, trainable, outputs, state.step)
+    accelerator.wait_for_everyone()
+    return RunSummary(state.step, stopped_by, files)
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def _preview(accelerator: Accelerator, trainable: Trainable, outputs: Outputs, step: int) -> None:
+    """Previews on the main process; the others wait. Generation uses its own generators (training RNG untouched)."""
+    if accelerator.is_main_process:
+        trainable.eval()
+        try:
+            images = outputs.preview(step)
+        finally:
+            trainable.train()
+        _log_images(accelerator, images, step)
+    accelerator.wait_for_everyone()
+
+
+def make_accelerator(output_dir: Path, mixed_precision: str, gradient_accumulation_steps: int, report_to: str,
+                     seed: int, cpu: bool = False) -> Accelerator:
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = None if report_to == "none" else (["wandb", "tensorboard"] if report_to == "all" else report_to)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+        cpu=cpu,
+    )
+    set_seed(seed)
+    return accelerator
+
+
+def config_for_trackers(obj) -> dict:
+    """A flat, JSON-safe config without secrets, for trackers and the settings file."""
+    raw = asdict(obj) if hasattr(obj, "__dataclass_fields__") else dict(obj)
+    out = {}
+    for k, v in raw.items():
+        if any(s in k.lower() for s in ("token", "secret", "password", "api_key")) and k != "placeholder_token":
+            continue
+        out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+    return out
