@@ -1,15 +1,48 @@
-"""The Embedding type and every embedding file format in use (a1111-compat §1).
+"""The Embedding type and every embedding file format in use (a1111-compat §1, §4).
 
-(Skeleton: the loaders and writers are filled in by the embeddings work.)
+Reading (:func:`load_embedding`) follows A1111's rules: dispatch on the extension, classify the loaded dict
+(``string_to_param`` / ``clip_l``+``clip_g`` / one tensor), name from the file stem except for images. Pickles are
+loaded with ``weights_only=True``; the only non-tensor classes allowed are the two the original textual-inversion repo
+pickled (``ParameterDict``, ``Parameter``).
+
+Writing: A1111 ``.pt``, diffusers ``{token: [n, dim]}`` (``.safetensors`` or ``.bin``; SDXL as two files), kohya
+``emb_params`` / ``clip_l``+``clip_g`` safetensors, and A1111's PNG card. All writes are atomic.
+
+    python -m utils.embeddings create|inspect|convert --help
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import pickle
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from utils.errors import UserError, exit_on_user_error
+from utils.fileio import atomic_path
+from utils.hashes import sha256_file
+
 SDXL_KEYS = ("clip_l", "clip_g")
+IMAGE_EXTENSIONS = (".png", ".webp", ".jxl", ".avif")
+EMBEDDING_EXTENSIONS = (".pt", ".bin", ".safetensors") + IMAGE_EXTENSIONS
+FORMATS = ("a1111", "diffusers", "kohya", "png", "diffusers-sdxl")
+MAX_VECTORS = 75  # A1111's creation limit: one 75-token prompt chunk
+A1111_STAR_TOKEN = 265  # CLIP id of "*"; A1111 writes it and never reads it
+KOHYA_KEY = "emb_params"
+# Classes the original textual-inversion repo pickled (string_to_param as a ParameterDict). Nothing else is allowed.
+SAFE_TORCH_GLOBALS = (torch.nn.ParameterDict, torch.nn.Parameter)
+_METADATA_KEYS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
+
+
+class EmbeddingError(UserError):
+    """A file that should be an embedding but is not one, or is broken / unsafe. The message names the file."""
 
 
 @dataclass
@@ -22,6 +55,8 @@ class Embedding:
     sd_checkpoint_name: str | None = None
     filename: str | None = None
     sha256: str | None = None  # of the file it was loaded from
+    # "format" (a1111, a1111-parameterdict, diffusers, kohya, kohya-sdxl, png-text, png-pixels), "stored_name" (the
+    # name inside the file when it differs from the one used), "token" (the key of a diffusers file)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -43,3 +78,625 @@ class Embedding:
     @property
     def shorthash(self) -> str | None:
         return self.sha256[:12] if self.sha256 else None
+
+    @property
+    def format(self) -> str | None:
+        return self.extra.get("format")
+
+
+# =====================================================================================================================
+# Listing and reading
+
+
+def _is_our_temp_file(name: str) -> bool:
+    # utils.fileio.atomic_path writes ".<stem>.<random>.tmp<suffix>" next to the target; never a finished embedding.
+    return name.startswith(".") and ".tmp." in name
+
+
+def list_embedding_files(folder: str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
+    """Files in ``folder`` with an embedding extension (sorted, symlinks followed, each real folder visited once)."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in EMBEDDING_EXTENSIONS and not _is_our_temp_file(name):
+                yield Path(root) / name
+        if not recursive:
+            break
+
+
+def _vectors_from(value, path: Path, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise EmbeddingError(f"{path}: {what} is a {type(value).__name__}, not a tensor")
+    if value.ndim == 1:  # diffusers concept files hold one vector as [dim]
+        value = value.unsqueeze(0)
+    if value.ndim != 2 or value.shape[0] < 1 or value.shape[1] < 1:
+        raise EmbeddingError(f"{path}: {what} has shape {list(value.shape)}; an embedding is [vectors, width]")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise EmbeddingError(f"{path}: {what} has dtype {value.dtype}, not a float type")
+    # Files saved from a training GPU hold cuda tensors with requires_grad; always hand out plain CPU float32.
+    return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _int_or_none(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    return None
+
+
+def _str_or_none(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def embedding_from_data(data, name: str, path: str | os.PathLike = "<data>", metadata: Mapping | None = None) -> Embedding:
+    """Classify a loaded dict the way A1111 does (§1.3) and build an Embedding named ``name``.
+
+    ``metadata`` supplies step/checkpoint fields when the data itself has none (safetensors header metadata).
+    """
+    path = Path(path)
+    if not isinstance(data, Mapping):
+        raise EmbeddingError(f"{path}: not an embedding (the file holds a {type(data).__name__}, not a dict)")
+    extra: dict = {}
+    meta = data if "string_to_param" in data else (metadata or {})
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        extra["format"] = "a1111-parameterdict" if isinstance(params, torch.nn.ParameterDict) else "a1111"
+        params = getattr(params, "_parameters", params)
+        if not isinstance(params, Mapping) or len(params) != 1:
+            count = len(params) if isinstance(params, Mapping) else "no"
+            raise EmbeddingError(f"{path}: embedding file has {count} terms in string_to_param; exactly one is needed")
+        vectors = _vectors_from(next(iter(params.values())), path, "string_to_param")
+    elif all(k in data for k in SDXL_KEYS):
+        extra["format"] = "kohya-sdxl"
+        vectors = {k: _vectors_from(data[k], path, k) for k in SDXL_KEYS}
+        if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
+            raise EmbeddingError(f"{path}: clip_l has {vectors['clip_l'].shape[0]} vectors but clip_g has "
+                                 f"{vectors['clip_g'].shape[0]}")
+    elif data and isinstance(next(iter(data.values())), torch.Tensor):
+        if len(data) != 1:
+            raise EmbeddingError(f"{path}: embedding file has {len(data)} tensors ({', '.join(map(str, list(data)[:4]))}"
+                                 f"{', ...' if len(data) > 4 else ''}); exactly one is needed")
+        key, value = next(iter(data.items()))
+        extra["format"] = "kohya" if key == KOHYA_KEY else "diffusers"
+        if key != KOHYA_KEY:
+            extra["token"] = str(key)
+        vectors = _vectors_from(value, path, f"tensor {key!r}")
+    else:
+        what = "an empty dict" if not data else f"a dict with keys {', '.join(map(repr, list(data)[:5]))}"
+        raise EmbeddingError(f"{path}: not a textual inversion embedding nor a diffusers concept ({what})")
+    stored = meta.get("name")
+    if stored is not None and str(stored) != name:
+        extra["stored_name"] = str(stored)
+    return Embedding(
+        name=name,
+        vectors=vectors,
+        step=_int_or_none(meta.get("step")),
+        sd_checkpoint=_str_or_none(meta.get("sd_checkpoint")),
+        sd_checkpoint_name=_str_or_none(meta.get("sd_checkpoint_name")),
+        filename=str(path),
+        extra=extra,
+    )
+
+
+def _torch_load(path: Path):
+    try:
+        with torch.serialization.safe_globals(list(SAFE_TORCH_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        culprit = f" ({found.group(1)})" if found else ""
+        raise EmbeddingError(f"{path}: refused to load: its pickle needs code an embedding never contains{culprit}; "
+                             f"it may be malicious") from None
+    except Exception as e:  # zip/pickle corruption surfaces as many exception types
+        raise EmbeddingError(f"{path}: not a readable torch file ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _safetensors_load(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # SafetensorError, header errors, OSError
+        raise EmbeddingError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _load_image_embedding(path: Path) -> Embedding | None:
+    from PIL import Image, UnidentifiedImageError
+
+    from utils.png_embedding import PayloadError, read_image_payload
+
+    if path.stem.lower().endswith(".preview"):  # extra-network thumbnails, never embeddings
+        return None
+    try:
+        found = read_image_payload(path)
+    except PayloadError as e:
+        raise EmbeddingError(f"{path}: broken embedding in image ({e})") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise EmbeddingError(f"{path}: not a readable image ({_first_line(e)})") from None
+    if found is None:
+        return None  # a plain picture: A1111 ignores it silently
+    data, source = found
+    stored = data.get("name")
+    name = str(stored) if stored else path.stem
+    emb = embedding_from_data(data, name, path)
+    if emb.is_sdxl:
+        raise EmbeddingError(f"{path}: image payloads hold SD-1/SD-2 embeddings only")
+    emb.extra["format"] = f"png-{source}"
+    emb.extra.pop("stored_name", None)
+    return emb
+
+
+def load_embedding(path: str | os.PathLike) -> Embedding | None:
+    """Load any embedding file A1111 reads; None for files A1111 silently ignores.
+
+    Ignored: unknown extensions, zero-byte files, ``*.preview.<image>`` and images without embedded data.
+    Raises EmbeddingError (a UserError, one line, naming the file) for files that are not embeddings, are broken,
+    or whose pickle wants anything beyond tensors.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in EMBEDDING_EXTENSIONS:
+        return None
+    try:
+        if path.stat().st_size == 0:
+            return None
+    except OSError as e:
+        raise EmbeddingError(f"{path}: cannot read ({e.strerror or e})") from None
+    if ext in IMAGE_EXTENSIONS:
+        emb = _load_image_embedding(path)
+    elif ext == ".safetensors":
+        data, metadata = _safetensors_load(path)
+        emb = embedding_from_data(data, path.stem, path, metadata)
+    else:
+        emb = embedding_from_data(_torch_load(path), path.stem, path)
+    if emb is not None:
+        emb.filename = str(path)
+        emb.sha256 = sha256_file(path)
+    return emb
+
+
+def load_diffusers_sdxl_pair(path_l: str | os.PathLike, path_g: str | os.PathLike) -> Embedding:
+    """Join diffusers' SDXL layout (two ``{token: [n, dim]}`` files, 768 and 1280 wide; either order) into one."""
+    halves = []
+    for p in (path_l, path_g):
+        emb = load_embedding(p)
+        if emb is None or emb.is_sdxl:
+            raise EmbeddingError(f"{p}: not a single-encoder embedding file")
+        halves.append(emb)
+    halves.sort(key=lambda e: e.width)  # the 768-wide half belongs to CLIP-L, the 1280-wide one to OpenCLIP-G
+    small, big = halves
+    if small.num_vectors != big.num_vectors:
+        raise EmbeddingError(f"{big.filename}: has {big.num_vectors} vectors but {small.filename} has {small.num_vectors}")
+    if small.width == big.width:
+        raise EmbeddingError(f"{path_l} and {path_g} are both {small.width} wide; an SDXL pair is 768 + 1280")
+    token = small.extra.get("token") or big.extra.get("token")
+    name = token.strip("<>") if token else small.name
+    return Embedding(
+        name=name, vectors={"clip_l": small.vectors, "clip_g": big.vectors},
+        step=small.step if small.step is not None else big.step,
+        sd_checkpoint=small.sd_checkpoint or big.sd_checkpoint,
+        sd_checkpoint_name=small.sd_checkpoint_name or big.sd_checkpoint_name,
+        filename=small.filename,
+        extra={"format": "diffusers-sdxl", **({"token": token} if token else {})},
+    )
+
+
+def checksum(emb: Embedding | torch.Tensor) -> str:
+    """A1111's 4-hex fingerprint of the values (§1.6): used in ``.optim`` sidecars and old generation comments.
+
+    A1111 leaves it undefined for SDXL; here it runs over clip_l then clip_g.
+    """
+    vec = emb.vectors if isinstance(emb, Embedding) else emb
+    if isinstance(vec, dict):
+        vec = torch.cat([vec[k].reshape(-1) for k in SDXL_KEYS])
+    scaled = vec.detach().to("cpu", torch.float32).reshape(-1) * 100  # the product in float32, as A1111
+    if not torch.isfinite(scaled).all():
+        raise EmbeddingError("the embedding has non-finite values (NaN/inf); no checksum")
+    r = 0
+    for v in scaled.trunc().to(torch.int64).tolist():  # int() truncates toward zero
+        r = ((r * 281) ^ (v * 997)) & 0xFFFFFFFF
+    return f"{r & 0xFFFF:04x}"
+
+
+# =====================================================================================================================
+# Writing
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+
+
+def _single(emb: Embedding, what: str) -> torch.Tensor:
+    if emb.is_sdxl:
+        raise EmbeddingError(f"{emb.name}: {what} holds one text encoder's vectors; SDXL embeddings are saved as "
+                             f"kohya .safetensors (clip_l + clip_g) or the diffusers two-file layout")
+    return _plain(emb.vectors)
+
+
+def a1111_dict(emb: Embedding) -> dict:
+    """The dict A1111 ``torch.save``s, keys in A1111's order (§1.2)."""
+    return {
+        "string_to_token": {"*": A1111_STAR_TOKEN},
+        "string_to_param": {"*": _single(emb, "an A1111 .pt / PNG")},
+        "name": emb.name,
+        "step": emb.step,
+        "sd_checkpoint": emb.sd_checkpoint,
+        "sd_checkpoint_name": emb.sd_checkpoint_name,
+    }
+
+
+def _metadata(emb: Embedding) -> dict[str, str]:
+    # safetensors headers only hold strings; A1111 ignores them, our reader restores step/checkpoint from them.
+    values = {k: getattr(emb, k) for k in _METADATA_KEYS}
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def diffusers_token(emb: Embedding) -> str:
+    """The prompt token of a diffusers file: the one it was loaded with, else ``<name>`` (diffusers' convention)."""
+    return emb.extra.get("token") or f"<{emb.name}>"
+
+
+def save_a1111_pt(emb: Embedding, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save(a1111_dict(emb), tmp)
+    return Path(path)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        if Path(path).suffix.lower() == ".bin":  # the older diffusers concept layout: a torch pickle of the dict
+            torch.save(tensors, tmp)
+        else:
+            save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def save_diffusers(emb: Embedding, path: str | os.PathLike, token: str | None = None) -> Path:
+    """``{token: [n, dim]}`` as diffusers' ``load_textual_inversion`` reads it (``.safetensors``, or ``.bin``)."""
+    vec = _single(emb, "a diffusers file")
+    return _save_tensors({token or diffusers_token(emb): vec}, path, _metadata(emb))
+
+
+def save_diffusers_sdxl(emb: Embedding, path: str | os.PathLike, path_2: str | os.PathLike | None = None,
+                        token: str | None = None) -> tuple[Path, Path]:
+    """diffusers' SDXL layout: ``path`` holds the CLIP-L vectors, ``path_2`` (default ``<stem>_2<suffix>``) the G ones."""
+    if not emb.is_sdxl:
+        raise EmbeddingError(f"{emb.name}: the diffusers SDXL layout needs an SDXL (clip_l + clip_g) embedding")
+    path = Path(path)
+    path_2 = Path(path_2) if path_2 else path.with_name(f"{path.stem}_2{path.suffix}")
+    token = token or diffusers_token(emb)
+    _save_tensors({token: _plain(emb.vectors["clip_l"])}, path, _metadata(emb))
+    _save_tensors({token: _plain(emb.vectors["clip_g"])}, path_2, _metadata(emb))
+    return path, path_2
+
+
+def save_kohya(emb: Embedding, path: str | os.PathLike) -> Path:
+    """kohya sd-scripts' layout: ``{'emb_params': [n, dim]}``, or ``{'clip_l', 'clip_g'}`` for SDXL."""
+    if emb.is_sdxl:
+        tensors = {k: _plain(emb.vectors[k]) for k in SDXL_KEYS}
+    else:
+        tensors = {KOHYA_KEY: _plain(emb.vectors)}
+    if Path(path).suffix.lower() != ".safetensors":
+        raise EmbeddingError(f"{path}: kohya embeddings are .safetensors files")
+    return _save_tensors(tensors, path, _metadata(emb))
+
+
+def save_png_card(emb: Embedding, path: str | os.PathLike, image=None, *, padding: str = "cyclic",
+                  steps_done: int | None = None, checkpoint_hash: str | None = None) -> Path:
+    """A1111's "embedding in PNG" card (§3.7): captioned picture + pixel payload + ``sd-ti-embedding`` text chunk.
+
+    ``image`` is the preview picture (PIL); without one a pattern drawn from the vectors is used. ``steps_done``
+    and ``checkpoint_hash`` only change the caption (default: the stored step and sd_checkpoint).
+    """
+    from PIL import PngImagePlugin
+
+    from utils.png_embedding import TEXT_KEY, caption_card, default_card_background, encode_text_payload, \
+        insert_pixel_payload
+
+    data = a1111_dict(emb)
+    if image is None:
+        image = default_card_background(data["string_to_param"]["*"])
+    steps = steps_done if steps_done is not None else (emb.step or 0)
+    ckpt = checkpoint_hash or emb.sd_checkpoint
+    card = caption_card(image, f"<{emb.name}>", emb.sd_checkpoint_name or "", f"[{ckpt}]" if ckpt else "",
+                        f"{emb.num_vectors}v {steps}s")
+    card = insert_pixel_payload(card, data, padding=padding)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(TEXT_KEY, encode_text_payload(data))
+    with atomic_path(path) as tmp:
+        card.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+_EXTENSION_FORMATS = {".pt": ("a1111",), ".bin": ("diffusers",), ".png": ("png",),
+                      ".safetensors": ("diffusers", "kohya", "diffusers-sdxl")}
+
+
+def resolve_format(emb: Embedding, path: str | os.PathLike, fmt: str | None = None) -> str:
+    """The format a path + optional ``fmt`` mean: ``.pt`` a1111, ``.png`` card, ``.bin`` diffusers,
+    ``.safetensors`` diffusers (kohya clip_l/clip_g for SDXL) unless ``fmt`` says otherwise."""
+    ext = Path(path).suffix.lower()
+    allowed = _EXTENSION_FORMATS.get(ext)
+    if allowed is None:
+        raise EmbeddingError(f"{path}: cannot tell the embedding format from the extension; use "
+                             f"{', '.join(_EXTENSION_FORMATS)}")
+    if fmt is None:
+        fmt = "kohya" if ext == ".safetensors" and emb.is_sdxl else allowed[0]
+    if fmt not in FORMATS:
+        raise EmbeddingError(f"unknown embedding format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in allowed:
+        raise EmbeddingError(f"{path}: format {fmt} cannot be written to a {ext} file")
+    return fmt
+
+
+def save_embedding(emb: Embedding, path: str | os.PathLike, fmt: str | None = None, *, overwrite: bool = True,
+                   token: str | None = None, image=None, padding: str = "cyclic") -> Path:
+    """Write ``emb`` in the format the extension (or ``fmt``) names; see :func:`resolve_format`.
+
+    ``overwrite=False`` refuses an existing file (UserError). ``token`` applies to diffusers files, ``image`` and
+    ``padding`` to PNG cards. Returns the path written (for diffusers-sdxl the first of the two files).
+    """
+    fmt = resolve_format(emb, path, fmt)
+    path = Path(path)
+    if not overwrite:
+        targets = [path]
+        if fmt == "diffusers-sdxl":
+            targets.append(path.with_name(f"{path.stem}_2{path.suffix}"))
+        for target in targets:
+            if target.exists():
+                raise UserError(f"{target} already exists (pass overwrite / --overwrite to replace it)")
+    if fmt == "a1111":
+        return save_a1111_pt(emb, path)
+    if fmt == "diffusers":
+        return save_diffusers(emb, path, token)
+    if fmt == "diffusers-sdxl":
+        return save_diffusers_sdxl(emb, path, token=token)[0]
+    if fmt == "kohya":
+        return save_kohya(emb, path)
+    if emb.is_sdxl:
+        raise EmbeddingError(f"{path}: A1111 PNG cards hold SD-1/SD-2 embeddings only; save SDXL as .safetensors")
+    return save_png_card(emb, path, image, padding=padding)
+
+
+# =====================================================================================================================
+# Creating
+
+
+def sanitize_name(name: str) -> str:
+    """A1111's rule: keep letters, digits and ``. _ -`` and spaces; anything else is dropped."""
+    clean = "".join(ch for ch in name if ch.isalnum() or ch in "._- ")
+    if not clean.strip(" ."):
+        raise UserError(f"embedding name {name!r} has no usable characters (letters, digits, '.', '_', '-', ' ')")
+    return clean
+
+
+def _init_token_ids(tokenizer, init_text: str, num_vectors: int, truncate: bool) -> list[int]:
+    ids = list(tokenizer(init_text, add_special_tokens=False)["input_ids"])
+    return ids[:num_vectors] if truncate else ids
+
+
+def _init_vectors(init_text: str, num_vectors: int, tokenizer, token_embedding: torch.nn.Embedding,
+                  truncate: bool) -> torch.Tensor:
+    width = token_embedding.embedding_dim
+    if not init_text:
+        return torch.zeros(num_vectors, width)
+    ids = _init_token_ids(tokenizer, init_text, num_vectors, truncate)
+    if not ids:
+        raise UserError(f"initialization text {init_text!r} gives no tokens; use a word or leave it empty for zeros")
+    if max(ids) >= token_embedding.num_embeddings:
+        raise UserError(f"initialization text {init_text!r} has token ids beyond the text encoder's vocabulary")
+    table = token_embedding.weight.detach()[torch.tensor(ids)].to("cpu", torch.float32)
+    # Stretch the tokens over the vectors (rows 0,0,1,1,2 for 3 tokens in 5), as A1111 does; do not cycle them.
+    rows = [i * len(ids) // num_vectors for i in range(num_vectors)]
+    return table[rows].clone()
+
+
+def _check_num_vectors(num_vectors: int) -> None:
+    if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or not 1 <= num_vectors <= MAX_VECTORS:
+        raise UserError(f"number of vectors per token must be 1..{MAX_VECTORS}, not {num_vectors!r}")
+
+
+def _truncates(tokenizer) -> bool:
+    # SD-1 (HF CLIP) keeps at most n init tokens; SD-2 (OpenCLIP, pads with "!") keeps them all and subsamples.
+    return getattr(tokenizer, "pad_token", None) != "!"
+
+
+def create_embedding(name: str, init_text: str, num_vectors: int, tokenizer, token_embedding: torch.nn.Embedding,
+                     *, truncate: bool | None = None) -> Embedding:
+    """A fresh embedding as A1111 creates it (§4): row i = embedding of init token ⌊i·T/n⌋; empty init -> zeros.
+
+    ``truncate`` (default: decided from the tokenizer) keeps at most ``num_vectors`` init tokens, as SD-1 does.
+    """
+    _check_num_vectors(num_vectors)
+    truncate = _truncates(tokenizer) if truncate is None else truncate
+    vec = _init_vectors(init_text, num_vectors, tokenizer, token_embedding, truncate)
+    return Embedding(name=sanitize_name(name), vectors=vec, step=0)
+
+
+def create_embedding_sdxl(name: str, init_text: str, num_vectors: int,
+                          encoders: Sequence[tuple[object, torch.nn.Embedding]]) -> Embedding:
+    """SDXL: ``encoders`` = [(tokenizer, token_embedding) of CLIP-L, (tokenizer_2, token_embedding_2) of OpenCLIP-G].
+
+    Both halves keep at most ``num_vectors`` init tokens so their rows stay aligned.
+    """
+    _check_num_vectors(num_vectors)
+    if len(encoders) != 2:
+        raise ValueError("SDXL needs exactly two (tokenizer, token_embedding) pairs")
+    vecs = [_init_vectors(init_text, num_vectors, tok, emb, truncate=True) for tok, emb in encoders]
+    return Embedding(name=sanitize_name(name), vectors=dict(zip(SDXL_KEYS, vecs)), step=0)
+
+
+# =====================================================================================================================
+# Command line
+
+
+def _load_or_fail(path: str) -> Embedding:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    emb = load_embedding(path)
+    if emb is None:
+        raise UserError(f"{path}: carries no embedding (A1111 would ignore this file)")
+    return emb
+
+
+def describe(emb: Embedding) -> dict:
+    """The fields ``inspect`` prints (also a handy summary for logs)."""
+    try:
+        check = checksum(emb)
+    except EmbeddingError:
+        check = "n/a (non-finite values)"
+    info = {
+        "file": emb.filename, "format": emb.format, "name": emb.name, "vectors": emb.num_vectors, "width": emb.width,
+        "step": emb.step, "sd_checkpoint": emb.sd_checkpoint, "sd_checkpoint_name": emb.sd_checkpoint_name,
+        "sha256": emb.shorthash, "checksum": check,
+    }
+    if emb.is_sdxl:
+        info["widths"] = {k: int(v.shape[-1]) for k, v in emb.vectors.items()}
+    for key in ("stored_name", "token"):
+        if key in emb.extra:
+            info[key] = emb.extra[key]
+    return info
+
+
+def _cmd_inspect(args) -> None:
+    failed = printed = 0
+    for path in args.files:
+        try:
+            info = describe(_load_or_fail(path))
+        except UserError as e:  # report and go on: one bad file should not hide the others
+            failed += 1
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps(info))
+            continue
+        if printed:
+            print()
+        printed += 1
+        for key, value in info.items():
+            print(f"{key + ':':20s}{'-' if value is None else value}")
+    if failed:
+        raise UserError(f"{failed} of {len(args.files)} files could not be read as embeddings")
+
+
+def _load_text_side(folder: Path, suffix: str = ""):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder / f"tokenizer{suffix}")
+    encoder = CLIPTextModel.from_pretrained(folder / f"text_encoder{suffix}")
+    return tokenizer, encoder.get_input_embeddings()
+
+
+def _cmd_create(args) -> None:
+    folder = Path(args.pretrained_model_name_or_path)
+    if not (folder / "tokenizer").is_dir() or not (folder / "text_encoder").is_dir():
+        raise UserError(f"{folder}: not a diffusers model folder (needs tokenizer/ and text_encoder/)")
+    sdxl = (folder / "text_encoder_2").is_dir()
+    name = sanitize_name(args.name)
+    output = Path(args.output) if args.output else Path(args.embeddings_dir) / f"{name}.{'safetensors' if sdxl else 'pt'}"
+    probe = Embedding(name, {"clip_l": torch.zeros(1), "clip_g": torch.zeros(1)} if sdxl else torch.zeros(1, 1))
+    fmt = resolve_format(probe, output, args.format)  # fail on a bad --output before loading the model
+    if output.exists() and not args.overwrite:
+        raise UserError(f"{output} already exists (pass --overwrite to replace it)")
+    if sdxl:
+        emb = create_embedding_sdxl(name, args.init_text, args.num_vectors,
+                                    [_load_text_side(folder), _load_text_side(folder, "_2")])
+    else:
+        tokenizer, table = _load_text_side(folder)
+        emb = create_embedding(name, args.init_text, args.num_vectors, tokenizer, table)
+    written = save_embedding(emb, output, fmt, overwrite=args.overwrite)
+    print(f"created {written} ({emb.num_vectors} vectors x {emb.width})")
+
+
+def _cmd_convert(args) -> None:
+    if args.input_2:
+        emb = load_diffusers_sdxl_pair(args.input, args.input_2)
+    else:
+        emb = _load_or_fail(args.input)
+    output = Path(args.output)
+    if output.resolve() == Path(args.input).resolve():
+        raise UserError(f"{output}: output is the input file")
+    if args.name:
+        emb.name = sanitize_name(args.name)
+    written = save_embedding(emb, output, args.format, overwrite=args.overwrite, token=args.token,
+                             padding=args.padding)
+    print(f"wrote {written} ({resolve_format(emb, output, args.format)}, {emb.num_vectors} vectors x {emb.width})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.embeddings",
+        description="Create, inspect and convert textual-inversion embedding files (A1111 .pt, diffusers, kohya, "
+                    "A1111 PNG cards).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{create,inspect,convert}")
+
+    p = sub.add_parser("create", help="create a new embedding from initialization text, as A1111's Train tab does",
+                       description="Create a new embedding: each vector starts as the token embedding of the "
+                                   "initialization text (stretched over the vectors), or zeros for empty text.")
+    p.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="diffusers model folder; its tokenizer/ and text_encoder/ (and _2 for SDXL) are used")
+    p.add_argument("--name", required=True, help="embedding name (the prompt keyword); characters other than "
+                                                 "letters, digits, '.', '_', '-' and space are dropped")
+    p.add_argument("--init_text", default="*",
+                   help="initialization text (default: '*'); pass '' for all-zero vectors")
+    p.add_argument("--num_vectors", type=int, default=1, help=f"vectors per token, 1..{MAX_VECTORS} (default: 1)")
+    p.add_argument("--embeddings_dir", default="embeddings",
+                   help="folder for <name>.pt (<name>.safetensors for SDXL) when --output is not given "
+                        "(default: embeddings)")
+    p.add_argument("--output", help="file to write instead; the extension picks the format")
+    p.add_argument("--format", choices=FORMATS, help="file format, when the extension allows several (.safetensors: "
+                                                     "diffusers, kohya or diffusers-sdxl)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_create)
+
+    p = sub.add_parser("inspect", help="print name, vectors, width, step, checkpoint, hashes and format",
+                       description="Print what an embedding file holds. Files A1111 would ignore are reported as errors.")
+    p.add_argument("files", nargs="+", help="embedding files (.pt, .bin, .safetensors, .png, .webp)")
+    p.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert between embedding formats",
+                       description="Convert an embedding to another format; the output extension picks it "
+                                   "(.pt A1111, .png A1111 card, .bin diffusers, .safetensors diffusers, or kohya "
+                                   "clip_l/clip_g for SDXL) unless --format says otherwise.")
+    p.add_argument("input", help="embedding file to read (any format load_embedding reads)")
+    p.add_argument("output", help="file to write")
+    p.add_argument("--input_2", help="second file of diffusers' SDXL layout (the 1280-wide text_encoder_2 half); "
+                                     "the pair is joined into one clip_l/clip_g embedding")
+    p.add_argument("--format", choices=FORMATS,
+                   help="output format when the extension allows several; diffusers-sdxl also writes <stem>_2")
+    p.add_argument("--name", help="store this name instead of the loaded one (the prompt keyword of PNG cards)")
+    p.add_argument("--token", help="the key of diffusers files (default: the loaded token, else <name>)")
+    p.add_argument("--padding", choices=("cyclic", "zero"), default="cyclic",
+                   help="PNG card payload padding: cyclic (newest A1111, default) or zero (older A1111)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error("python -m utils.embeddings"):
+        args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
