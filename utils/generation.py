@@ -1,0 +1,131 @@
+"""Text-to-image through a diffusers pipeline, A1111 style: embeddings by name, A1111 samplers, seeds, infotext.
+
+Used by inference.py and by the trainers' previews, so it never touches the global torch RNG: every image gets its own
+CPU ``torch.Generator`` seeded with its seed (image i of a run uses seed + i, as A1111), which also makes an image
+depend only on its seed, not on the device or on which batch it was in.
+"""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from utils.errors import UserError
+from utils.infotext import format_infotext
+from utils.prompts import PromptEncoder, ti_hashes
+from utils.samplers import build_scheduler, resolve_sampler_name
+
+MAX_SEED = 4294967294  # A1111 draws random seeds from [0, 2**32 - 2)
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "Euler a"
+    cfg_scale: float = 7.0
+    seed: int = -1  # -1: a random seed
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+
+
+@dataclass
+class GeneratedImage:
+    image: object  # PIL.Image.Image
+    seed: int
+    infotext: str
+
+
+def resolve_seed(seed: int | None) -> int:
+    """A1111: None or -1 means a random seed (drawn without touching any RNG the run depends on)."""
+    if seed is None or int(seed) == -1:
+        return secrets.randbelow(MAX_SEED)
+    return int(seed)
+
+
+def validate(params: GenerationParams, multiple: int = 8) -> None:
+    if params.steps < 1:
+        raise UserError(f"steps must be at least 1 (got {params.steps})")
+    if params.batch_size < 1 or params.n_iter < 1:
+        raise UserError(f"batch size and batch count must be at least 1 (got {params.batch_size}, {params.n_iter})")
+    for name, value in (("width", params.width), ("height", params.height)):
+        if value < multiple or value % multiple:
+            raise UserError(f"{name} must be a positive multiple of {multiple} (got {value})")
+    resolve_sampler_name(params.sampler)
+
+
+def _number(value: float):
+    """7.0 -> 7 (how A1111's infotext shows whole numbers), 7.5 stays."""
+    return int(value) if float(value).is_integer() else value
+
+
+def infotext_params(params: GenerationParams, sampler: str, seed: int, model_identity, embeddings: dict) -> dict:
+    return {
+        "Steps": params.steps,
+        "Sampler": sampler,
+        "CFG scale": _number(params.cfg_scale),
+        "Seed": seed,
+        "Size": f"{params.width}x{params.height}",
+        "Model hash": getattr(model_identity, "shorthash", None),
+        "Model": getattr(model_identity, "name", None),
+        "RNG": "CPU",  # initial noise is drawn per image on the CPU, like A1111's "RNG: CPU" setting
+        "TI hashes": ti_hashes(embeddings),
+    }
+
+
+@contextmanager
+def _scheduler(pipeline, scheduler):
+    original = pipeline.scheduler
+    pipeline.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipeline.scheduler = original
+
+
+def _vae_multiple(pipeline) -> int:
+    return int(getattr(pipeline, "vae_scale_factor", 8) or 8)
+
+
+def generate(loaded_model, encoder: PromptEncoder, params: GenerationParams, refresh_embeddings: bool = True,
+             progress: bool = True) -> list[GeneratedImage]:
+    """Render ``params.batch_size * params.n_iter`` images.
+
+    ``loaded_model`` needs ``.pipeline`` and ``.identity`` (``name``, ``shorthash``) as utils.models' LoadedModel.
+    ``refresh_embeddings``: re-check the embedding folders first (A1111 does before every generation; previews skip).
+    """
+    pipeline = loaded_model.pipeline
+    validate(params, _vae_multiple(pipeline))
+    sampler = resolve_sampler_name(params.sampler)
+    if refresh_embeddings:
+        encoder.refresh()
+    seed = resolve_seed(params.seed)
+    scheduler = build_scheduler(sampler, pipeline.scheduler.config)
+    bs = params.batch_size
+    pipeline.set_progress_bar_config(disable=not progress)
+
+    results: list[GeneratedImage] = []
+    with torch.no_grad(), _scheduler(pipeline, scheduler):
+        cond, uncond = encoder.encode_pair([params.prompt] * bs, [params.negative_prompt] * bs)
+        used = dict(encoder.used_embeddings)
+        conditioning = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds}
+        if cond.pooled is not None:
+            conditioning.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+        for iteration in range(params.n_iter):
+            seeds = [seed + iteration * bs + i for i in range(bs)]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            images = pipeline(
+                num_inference_steps=params.steps, guidance_scale=params.cfg_scale, width=params.width,
+                height=params.height, generator=generators, output_type="pil", **conditioning,
+            ).images
+            for image, s in zip(images, seeds):
+                info = format_infotext(params.prompt, params.negative_prompt,
+                                       infotext_params(params, sampler, s, loaded_model.identity, used))
+                results.append(GeneratedImage(image, s, info))
+    return results

@@ -1,0 +1,553 @@
+"""Embeddings used by name in prompts, as A1111 does it (a1111-compat §6.1–6.3).
+
+Three parts:
+
+* :class:`EmbeddingDatabase` — every embedding file under some folders, re-checked before each generation so files
+  added, replaced in place or removed are picked up without a restart; sorted into ``loaded`` and ``skipped`` (wrong
+  width for the model) plus ``errors`` for files that are not embeddings.
+* :func:`parse_emphasis` and :class:`PromptChunker` — a prompt becomes chunks of 75 tokens, each wrapped in BOS/EOS.
+  An embedding name is matched as a token-id sequence (longest first) and replaced by as many placeholder slots as it
+  has vectors; an embedding never straddles two chunks; ``BREAK`` starts a new chunk; a chunk that fills up moves the
+  words after its last comma (if within 20 tokens) to the next one.
+* :class:`PromptEncoder` — runs each chunk through the text encoder(s) with the vectors written over the placeholder
+  rows of the token-embedding output, and concatenates the chunks: ``[B, 77·k, C]`` (plus pooled output for SDXL).
+
+The vectors are injected by wrapping the text encoder's token-embedding module for the duration of one forward pass;
+the vocabulary, the tokenizer and the weights are never changed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils.embeddings import Embedding
+from utils.errors import UserError
+
+CHUNK_LENGTH = 75
+COMMA_BACKTRACK = 20
+EMPHASIS_UP = 1.1
+BREAK_WEIGHT = -1.0  # marks a BREAK segment in parse_emphasis' output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedding database
+# ---------------------------------------------------------------------------------------------------------------
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells us a file changed: size, mtime and ctime (ns), inode.
+
+    ctime moves on every write and cannot be set back by ``os.utime``, so a file rewritten in place within the same
+    second, or with its mtime restored, is still noticed.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@dataclass
+class _FileEntry:
+    stamp: tuple
+    embedding: Embedding | None
+    error: str | None
+
+
+class EmbeddingDatabase:
+    """All embedding files under ``dirs`` (recursive), kept current by :meth:`refresh`.
+
+    After a refresh: ``loaded`` {name: Embedding} usable with the current model, ``skipped`` {name: reason} and
+    ``skipped_embeddings`` {name: Embedding} for those of the wrong width, ``errors`` {path: message} for files that
+    could not be read as embeddings. If two files give the same name, the later one (walk order) wins.
+    ``version`` increases whenever any of that changed.
+    """
+
+    def __init__(self, dirs: list[str | os.PathLike] | None = None):
+        self.dirs = [Path(d) for d in (dirs or [])]
+        self.loaded: dict[str, Embedding] = {}
+        self.skipped: dict[str, str] = {}
+        self.skipped_embeddings: dict[str, Embedding] = {}
+        self.errors: dict[str, str] = {}
+        self.version = 0
+        self._files: dict[str, _FileEntry] = {}
+        self._registered: dict[str, Embedding] = {}
+        self._state: tuple | None = None
+
+    def register(self, embedding: Embedding) -> None:
+        """Add an in-memory embedding (e.g. the one being trained, for previews); it wins over files of that name."""
+        self._registered[embedding.name] = embedding
+        self._state = None
+
+    def unregister(self, name: str) -> None:
+        self._registered.pop(name, None)
+        self._state = None
+
+    def _scan(self) -> list[tuple[str, tuple]]:
+        found = []
+        for folder in self.dirs:
+            if not folder.is_dir():
+                continue
+            from utils.embeddings import list_embedding_files
+
+            for path in list_embedding_files(folder, recursive=True):
+                stamp = _file_stamp(Path(path))
+                if stamp is not None:  # vanished between listing and stat
+                    found.append((str(path), stamp))
+        return found
+
+    @staticmethod
+    def _load(path: str, stamp: tuple) -> _FileEntry:
+        from utils.embeddings import load_embedding
+
+        try:
+            return _FileEntry(stamp, load_embedding(path), None)
+        except UserError as e:
+            return _FileEntry(stamp, None, " ".join(str(e).split()))
+        except Exception as e:  # one unreadable file must not stop the others from loading
+            return _FileEntry(stamp, None, f"{type(e).__name__}: {e}")
+
+    def refresh(self, expected_width: int | None = None) -> bool:
+        """Re-read what changed on disk; sort into loaded/skipped for ``expected_width``. True if anything changed."""
+        files = self._scan()
+        state = (tuple(files), expected_width, tuple((k, id(v)) for k, v in self._registered.items()))
+        if state == self._state:
+            return False
+        entries = {}
+        for path, stamp in files:
+            old = self._files.get(path)
+            entries[path] = old if old is not None and old.stamp == stamp else self._load(path, stamp)
+        self._files = entries
+        self._rebuild(expected_width)
+        self._state = state
+        self.version += 1
+        return True
+
+    def _rebuild(self, expected_width: int | None) -> None:
+        loaded: dict[str, Embedding] = {}
+        skipped: dict[str, Embedding] = {}
+        reasons: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        candidates = []
+        for path, entry in self._files.items():
+            if entry.error is not None:
+                errors[path] = entry.error
+            elif entry.embedding is not None:  # None: a file that is silently not an embedding (e.g. *.preview.png)
+                candidates.append(entry.embedding)
+        candidates += list(self._registered.values())
+        for emb in candidates:
+            loaded.pop(emb.name, None)
+            skipped.pop(emb.name, None)
+            reasons.pop(emb.name, None)
+            reason = skip_reason(emb, expected_width)
+            if reason is None:
+                loaded[emb.name] = emb
+            else:
+                skipped[emb.name] = emb
+                reasons[emb.name] = reason
+        order = lambda d: dict(sorted(d.items(), key=lambda kv: kv[0].casefold()))  # noqa: E731  (A1111 sorts so)
+        self.loaded, self.skipped_embeddings, self.skipped, self.errors = order(loaded), order(skipped), order(reasons), errors
+
+
+def skip_reason(emb: Embedding, expected_width: int | None) -> str | None:
+    """Why ``emb`` cannot be used with a model whose text width is ``expected_width`` (None = usable)."""
+    if expected_width is None or emb.width == expected_width:
+        return None
+    kind = "SDXL (clip_l + clip_g)" if emb.is_sdxl else f"{emb.width}-wide"
+    return f"{kind} embedding does not fit this model's text width {expected_width}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt text -> weighted segments
+# ---------------------------------------------------------------------------------------------------------------
+
+_EMPHASIS_TOKEN = re.compile(
+    r"\\[\\()\[\]]"  # escaped bracket or backslash
+    r"|\\"  # lone backslash
+    r"|\(|\["
+    r"|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)"  # ":1.2)" closes a weighted group
+    r"|\)|\]"
+    r"|[^\\()\[\]:]+"
+    r"|:"
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """A1111's attention syntax: ``(x)`` ×1.1, ``[x]`` ÷1.1, ``(x:w)`` ×w, ``\\(`` literal, ``BREAK`` = new chunk.
+
+    Returns (text, weight) segments; a BREAK is the segment ("BREAK", -1). Unclosed brackets close at the end.
+    """
+    out: list[list] = []
+    open_round: list[int] = []
+    open_square: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for k in range(start, len(out)):
+            out[k][1] *= factor
+
+    for m in _EMPHASIS_TOKEN.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\") and len(tok) == 2:
+            out.append([tok[1], 1.0])
+        elif tok == "(":
+            open_round.append(len(out))
+        elif tok == "[":
+            open_square.append(len(out))
+        elif weight is not None and open_round:
+            scale(open_round.pop(), float(weight))
+        elif tok == ")" and open_round:
+            scale(open_round.pop(), EMPHASIS_UP)
+        elif tok == "]" and open_square:
+            scale(open_square.pop(), 1 / EMPHASIS_UP)
+        else:
+            for i, part in enumerate(_BREAK.split(tok)):
+                if i > 0:
+                    out.append(["BREAK", BREAK_WEIGHT])
+                out.append([part, 1.0])
+    for start in open_round:
+        scale(start, EMPHASIS_UP)
+    for start in open_square:
+        scale(start, 1 / EMPHASIS_UP)
+
+    merged: list[list] = []
+    for seg in out:
+        if seg[1] == BREAK_WEIGHT:
+            merged.append(seg)
+        elif seg[0] == "":
+            continue
+        elif merged and merged[-1][1] == seg[1] and merged[-1][1] != BREAK_WEIGHT:
+            merged[-1][0] += seg[0]
+        else:
+            merged.append(list(seg))
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Segments -> 77-token chunks
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Chunk:
+    """One text-encoder window: 77 ids (BOS + 75 + EOS), a weight per id, and the embeddings to write in.
+
+    ``fixes`` holds (offset, embedding): the embedding's rows go to positions offset+1 … offset+n (+1 skips BOS).
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Embedding]] = field(default_factory=list)
+
+
+@dataclass
+class TokenizedPrompt:
+    chunks: list[Chunk]
+    token_count: int  # tokens the prompt uses (embedding vectors count one each)
+    embeddings: dict[str, Embedding]
+
+    @property
+    def token_limit(self) -> int:
+        """What A1111 shows as the limit: the token count rounded up to a multiple of 75."""
+        return max(1, math.ceil(self.token_count / CHUNK_LENGTH)) * CHUNK_LENGTH
+
+
+class EmbeddingLookup:
+    """Embedding names as token-id sequences of one tokenizer: first id -> [(ids, embedding)], longest first."""
+
+    def __init__(self, tokenizer, embeddings: dict[str, Embedding]):
+        self.table: dict[int, list[tuple[list[int], Embedding]]] = {}
+        names = list(embeddings)
+        ids_per_name = _tokenize(tokenizer, names) if names else []
+        for name, ids in zip(names, ids_per_name):
+            if ids:
+                self.table.setdefault(ids[0], []).append((ids, embeddings[name]))
+        for entries in self.table.values():
+            entries.sort(key=lambda e: len(e[0]), reverse=True)
+
+    def match(self, tokens: list[int], pos: int) -> tuple[Embedding, int] | None:
+        for ids, emb in self.table.get(tokens[pos], ()):
+            if tokens[pos : pos + len(ids)] == ids:
+                return emb, len(ids)
+        return None
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+
+class PromptChunker:
+    """Turns prompts into :class:`Chunk` lists for one tokenizer (A1111's tokenize_line)."""
+
+    def __init__(self, tokenizer, lookup: EmbeddingLookup, comma_backtrack: int = COMMA_BACKTRACK):
+        self.tokenizer = tokenizer
+        self.lookup = lookup
+        self.comma_backtrack = comma_backtrack
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        # SD-1's tokenizer pads with EOS; OpenCLIP (SD-2, SDXL's second encoder) with id 0 after the first EOS.
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.comma = tokenizer.convert_tokens_to_ids(",</w>")
+
+    def _close(self, chunk: Chunk) -> Chunk:
+        fill = CHUNK_LENGTH - len(chunk.tokens)
+        ids = [self.bos] + chunk.tokens + [self.eos] * (fill + 1)
+        if self.pad != self.eos:
+            first_eos = len(chunk.tokens) + 1
+            ids = ids[: first_eos + 1] + [self.pad] * (len(ids) - first_eos - 1)
+        return Chunk(ids, [1.0] + chunk.weights + [1.0] * (fill + 1), chunk.fixes)
+
+    def empty_chunk(self) -> Chunk:
+        return self._close(Chunk())
+
+    def __call__(self, prompt: str) -> TokenizedPrompt:
+        segments = parse_emphasis(prompt)
+        texts = [t for t, w in segments if w != BREAK_WEIGHT]
+        token_lists = iter(_tokenize(self.tokenizer, texts)) if texts else iter(())
+        chunks: list[Chunk] = []
+        used: dict[str, Embedding] = {}
+        cur = Chunk()
+        count = 0
+        last_comma = -1
+
+        def flush(is_last: bool = False) -> None:
+            nonlocal cur, count, last_comma
+            count += len(cur.tokens) if is_last else CHUNK_LENGTH
+            chunks.append(self._close(cur))
+            cur, last_comma = Chunk(), -1
+
+        for text, weight in segments:
+            if weight == BREAK_WEIGHT:
+                flush()
+                continue
+            tokens = next(token_lists)
+            pos = 0
+            while pos < len(tokens):
+                tok = tokens[pos]
+                hit = self.lookup.match(tokens, pos)
+                if tok == self.comma:
+                    last_comma = len(cur.tokens)
+                elif (self.comma_backtrack and len(cur.tokens) == CHUNK_LENGTH and last_comma != -1
+                      and len(cur.tokens) - last_comma <= self.comma_backtrack):
+                    cur = self._backtrack(cur, last_comma + 1, flush)
+                if len(cur.tokens) == CHUNK_LENGTH:
+                    flush()
+                if hit is None:
+                    cur.tokens.append(tok)
+                    cur.weights.append(weight)
+                    pos += 1
+                    continue
+                emb, n_ids = hit
+                n = emb.num_vectors
+                if n > CHUNK_LENGTH:
+                    raise UserError(f"embedding {emb.name!r} has {n} vectors; at most {CHUNK_LENGTH} fit in a prompt")
+                if len(cur.tokens) + n > CHUNK_LENGTH:
+                    flush()  # embeddings are never split across chunks
+                cur.fixes.append((len(cur.tokens), emb))
+                cur.tokens += [0] * n
+                cur.weights += [weight] * n
+                used[emb.name] = emb
+                pos += n_ids
+        if cur.tokens or not chunks:
+            flush(is_last=True)
+        return TokenizedPrompt(chunks, count, used)
+
+    @staticmethod
+    def _backtrack(cur: Chunk, split_at: int, flush) -> Chunk:
+        """Close ``cur`` after its last comma; the words after it (and any embedding among them) open the next chunk."""
+        moved = Chunk(cur.tokens[split_at:], cur.weights[split_at:],
+                      [(off - split_at, emb) for off, emb in cur.fixes if off >= split_at])
+        cur.tokens, cur.weights = cur.tokens[:split_at], cur.weights[:split_at]
+        cur.fixes = [(off, emb) for off, emb in cur.fixes if off < split_at]
+        flush()
+        return moved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunks -> conditioning
+# ---------------------------------------------------------------------------------------------------------------
+
+class TokenEmbeddingWithFixes(nn.Module):
+    """Wraps a token-embedding module; after the lookup, writes embedding vectors over the placeholder rows.
+
+    ``fixes[b]`` lists (offset, vectors [n, C]) for batch row b: rows offset+1 … offset+n are replaced, never the last.
+    """
+
+    def __init__(self, wrapped: nn.Module, fixes: list[list[tuple[int, torch.Tensor]]]):
+        super().__init__()
+        self.wrapped = wrapped
+        self.fixes = fixes
+
+    @property
+    def weight(self) -> torch.Tensor:  # callers that read .weight (dtype, device) see the real table
+        return self.wrapped.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.wrapped(input_ids)
+        rows = []
+        for b in range(x.shape[0]):
+            row = x[b]
+            for offset, vec in self.fixes[b]:
+                n = min(vec.shape[0], row.shape[0] - offset - 2)
+                row = torch.cat([row[: offset + 1], vec[:n].to(row), row[offset + 1 + n :]])
+            rows.append(row)
+        return torch.stack(rows)
+
+
+@contextmanager
+def token_fixes(text_encoder: nn.Module, fixes: list[list[tuple[int, torch.Tensor]]]):
+    """Install :class:`TokenEmbeddingWithFixes` around ``text_encoder``'s current token embedding for one call.
+
+    Whatever is installed already (e.g. a trainer's own spliced module) stays underneath and keeps working.
+    """
+    original = text_encoder.get_input_embeddings()
+    if not any(fixes):
+        yield
+        return
+    text_encoder.set_input_embeddings(TokenEmbeddingWithFixes(original, fixes))
+    try:
+        yield
+    finally:
+        text_encoder.set_input_embeddings(original)
+
+
+@dataclass
+class TextEncoderSlot:
+    tokenizer: object
+    text_encoder: nn.Module
+    key: str | None  # which SDXL vectors go here ('clip_l' / 'clip_g'); None for SD-1/SD-2
+    penultimate: bool  # SDXL conditions on the second-to-last hidden layer
+    pooled: bool  # this encoder provides SDXL's pooled text embedding
+
+    @property
+    def width(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+
+@dataclass
+class Conditioning:
+    embeds: torch.Tensor  # [B, 77·k, C]
+    pooled: torch.Tensor | None = None  # [B, P] for SDXL
+
+
+def encoder_slots(pipeline) -> list[TextEncoderSlot]:
+    te2 = getattr(pipeline, "text_encoder_2", None)
+    te1 = getattr(pipeline, "text_encoder", None)
+    if te2 is not None:  # SDXL (a refiner has only the second encoder)
+        slots = []
+        if te1 is not None:
+            slots.append(TextEncoderSlot(pipeline.tokenizer, te1, "clip_l", True, False))
+        slots.append(TextEncoderSlot(pipeline.tokenizer_2, te2, "clip_g", True, True))
+        return slots
+    return [TextEncoderSlot(pipeline.tokenizer, te1, None, False, False)]
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 "Original" emphasis: scale each token's output, then restore each sample's mean."""
+    if bool((weights == 1).all()):
+        return z
+    before = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights.to(z)[:, :, None]
+    after = z.mean(dim=(1, 2), keepdim=True)
+    return z * (before / after)
+
+
+class PromptEncoder:
+    """Prompt text (with embedding names) -> the conditioning tensors a diffusers pipeline takes.
+
+    ``encode(prompts)`` -> :class:`Conditioning`; ``encode_pair(prompts, negatives)`` pads both to the same number of
+    chunks (with the encoding of an empty chunk, as A1111's "pad cond/uncond") so classifier-free guidance can batch
+    them. ``used_embeddings`` lists what the last encode call used (for the infotext's TI hashes).
+    """
+
+    def __init__(self, pipeline, db: EmbeddingDatabase | None = None, comma_backtrack: int = COMMA_BACKTRACK):
+        self.pipeline = pipeline
+        self.db = db if db is not None else EmbeddingDatabase([])
+        self.comma_backtrack = comma_backtrack
+        self.slots = encoder_slots(pipeline)
+        self.used_embeddings: dict[str, Embedding] = {}
+        self._chunkers: list[PromptChunker] | None = None
+        self._db_version = -1
+
+    @property
+    def expected_width(self) -> int:
+        """A1111's expected embedding shape: SD-1 768, SD-2 1024, SDXL 768 + 1280."""
+        return sum(s.width for s in self.slots)
+
+    def refresh(self) -> bool:
+        """Pick up embedding files that changed since the last call (do this before each generation)."""
+        return self.db.refresh(self.expected_width)
+
+    def chunkers(self) -> list[PromptChunker]:
+        if self._chunkers is None or self._db_version != self.db.version:
+            self._chunkers = [PromptChunker(s.tokenizer, EmbeddingLookup(s.tokenizer, self.db.loaded),
+                                            self.comma_backtrack) for s in self.slots]
+            self._db_version = self.db.version
+        return self._chunkers
+
+    def tokenize(self, prompt: str) -> TokenizedPrompt:
+        """The first encoder's view (the others chunk identically: same BPE, only the pad id differs)."""
+        return self.chunkers()[0](prompt)
+
+    def count_tokens(self, prompt: str) -> tuple[int, int]:
+        """(tokens used, limit) as A1111 shows them, e.g. (80, 150)."""
+        t = self.tokenize(prompt)
+        return t.token_count, t.token_limit
+
+    def encode(self, prompts: list[str], num_chunks: int | None = None) -> Conditioning:
+        per_slot = [[chunker(p) for p in prompts] for chunker in self.chunkers()]
+        n = max([len(t.chunks) for t in per_slot[0]] + [num_chunks or 1])
+        self.used_embeddings = {k: v for t in per_slot[0] for k, v in t.embeddings.items()}
+        hidden, pooled = [], None
+        for slot, chunker, tokenized in zip(self.slots, self.chunkers(), per_slot):
+            padded = [t.chunks + [chunker.empty_chunk()] * (n - len(t.chunks)) for t in tokenized]
+            outs = []
+            for c in range(n):
+                z, p = self._encode_chunk(slot, [chunks[c] for chunks in padded])
+                outs.append(z)
+                if c == 0 and slot.pooled:
+                    pooled = p
+            hidden.append(torch.cat(outs, dim=1))
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def encode_pair(self, prompts: list[str], negative_prompts: list[str]) -> tuple[Conditioning, Conditioning]:
+        """Conditioning for prompts and negative prompts with the same number of chunks."""
+        n = max(len(self.tokenize(p).chunks) for p in list(prompts) + list(negative_prompts))
+        uncond = self.encode(negative_prompts, num_chunks=n)
+        used_by_negative = self.used_embeddings
+        cond = self.encode(prompts, num_chunks=n)
+        self.used_embeddings = {**self.used_embeddings, **used_by_negative}
+        return cond, uncond
+
+    def _encode_chunk(self, slot: TextEncoderSlot, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        te = slot.text_encoder
+        device = te.device
+        ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
+        fixes = [[(off, _vectors_for(emb, slot.key)) for off, emb in c.fixes] for c in chunks]
+        with token_fixes(te, fixes):
+            out = te(ids, output_hidden_states=slot.penultimate)
+        z = out.hidden_states[-2] if slot.penultimate else out[0]
+        z = apply_emphasis(z, torch.tensor([c.weights for c in chunks], device=device))
+        return z, (out[0] if slot.pooled else None)
+
+
+def _vectors_for(emb: Embedding, key: str | None) -> torch.Tensor:
+    if key is None:
+        if emb.is_sdxl:
+            raise UserError(f"embedding {emb.name!r} is an SDXL embedding; this model is not SDXL")
+        return emb.vectors
+    if not emb.is_sdxl:
+        raise UserError(f"embedding {emb.name!r} is not an SDXL embedding (it has no {key} vectors)")
+    return emb.vectors[key]
+
+
+def ti_hashes(embeddings: dict[str, Embedding]) -> str | None:
+    """The infotext ``TI hashes`` value: "name: shorthash, …" (``:`` and ``,`` removed from names)."""
+    parts = [f"{re.sub('[:,]', '', name)}: {emb.shorthash}" for name, emb in embeddings.items() if emb.shorthash]
+    return ", ".join(parts) or None
