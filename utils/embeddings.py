@@ -226,7 +226,8 @@ def _load_image_embedding(path: Path) -> Embedding | None:
         found = read_image_payload(path)
     except PayloadError as e:
         raise EmbeddingError(f"{path}: broken embedding in image ({e})") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, ValueError,
+            SyntaxError) as e:
         raise EmbeddingError(f"{path}: not a readable image ({_first_line(e)})") from None
     if found is None:
         return None  # a plain picture: A1111 ignores it silently

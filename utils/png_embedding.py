@@ -201,28 +201,38 @@ def _pad(arr: np.ndarray, length: int, padding: str) -> np.ndarray:
     raise ValueError(f"padding must be 'cyclic' or 'zero', not {padding!r}")
 
 
+def blocks_from_compressed(compressed: bytes, height: int, sequence: np.ndarray,
+                           padding: str = "cyclic") -> tuple[np.ndarray, np.ndarray]:
+    """Lay out already-compressed payload bytes as the low- and high-nibble blocks, each (height, w, 3) uint8."""
+    raw = np.frombuffer(compressed, dtype=np.uint8)
+    length = _round_up_past(_round_up_past(raw.size, height), height * 3)
+    low = _pad(raw & 0x0F, length, padding).reshape(height, -1, 3)
+    high = _pad(raw >> 4, length, padding).reshape(height, -1, 3)
+    return xor_block(style_block(low, sequence)), xor_block(style_block(high, sequence[::-1]))
+
+
 def encode_pixel_blocks(data: dict, height: int, padding: str = "cyclic") -> tuple[np.ndarray, np.ndarray]:
-    """The low-nibble and high-nibble blocks, each (height, w, 3) uint8, for a payload dict with ``string_to_param``."""
-    compressed = np.frombuffer(zlib.compress(payload_to_json_bytes(data), level=9), dtype=np.uint8)
-    length = _round_up_past(_round_up_past(compressed.size, height), height * 3)
-    low = _pad(compressed & 0x0F, length, padding).reshape(height, -1, 3)
-    high = _pad(compressed >> 4, length, padding).reshape(height, -1, 3)
+    """The two data blocks for a payload dict with ``string_to_param`` (zlib level 9 of its JSON, as A1111)."""
     first = next(iter(data["string_to_param"].values()))
-    seq = edge_style_sequence(first[0] if first.ndim > 1 else first)
-    low = xor_block(style_block(low, seq))
-    high = xor_block(style_block(high, seq[::-1]))
-    return low, high
+    sequence = edge_style_sequence(first[0] if first.ndim > 1 else first)
+    compressed = zlib.compress(payload_to_json_bytes(data), level=9)
+    return blocks_from_compressed(compressed, height, sequence, padding)
 
 
-def insert_pixel_payload(image: Image.Image, data: dict, padding: str = "cyclic") -> Image.Image:
+def compose_card(image: Image.Image, low: np.ndarray, high: np.ndarray) -> Image.Image:
     """``[low block][black column][image][black column][high block]`` on a black RGB canvas."""
-    low, high = encode_pixel_blocks(data, image.height, padding)
     block_w = low.shape[1]
     out = Image.new("RGB", (image.width + 2 * block_w + 2, image.height), (0, 0, 0))
     out.paste(Image.fromarray(low, "RGB"), (0, 0))
     out.paste(image.convert("RGB"), (block_w + 1, 0))
     out.paste(Image.fromarray(high, "RGB"), (block_w + 1 + image.width + 1, 0))
     return out
+
+
+def insert_pixel_payload(image: Image.Image, data: dict, padding: str = "cyclic") -> Image.Image:
+    """The card with the payload's data blocks on both sides (RGB; any alpha is dropped, as A1111 does)."""
+    low, high = encode_pixel_blocks(data, image.height, padding)
+    return compose_card(image, low, high)
 
 
 def _crop_black(arr: np.ndarray) -> np.ndarray:
@@ -273,11 +283,12 @@ def extract_pixel_payload(image: Image.Image, limits: DecodeLimits = DEFAULT_LIM
 # Reading an image file
 
 
-def read_image_payload(path, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[dict, str] | None:
+def read_image_payload(path, limits: DecodeLimits | None = None) -> tuple[dict, str] | None:
     """``(payload, "text" | "pixels")`` from an image file, text chunk first; None if it carries no embedding.
 
     Raises PayloadError for a broken payload and OSError/PIL errors for a file that is not a readable image.
     """
+    limits = limits or DEFAULT_LIMITS
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
