@@ -222,3 +222,34 @@ class Captioner:
             tags = self.tagger(batch) if self.tagger else [""] * len(batch)
             out += [", ".join(t for t in (c, g) if t) for c, g in zip(captions, tags)]
         return out
+
+
+TINY_BLIP_WORDS = (
+    "a photo of the cat dog tree house red blue green small large sitting on in with and picture painting man woman "
+    "field sky water city road"
+).split()
+
+
+def build_tiny_blip(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a random-weight BLIP captioner (a few hundred kB) that loads like a real one; for tests and demos.
+
+    BERT word-piece vocab from a short word list, a 1-layer 32-wide BLIP, and the PIL image processor (no torchvision).
+    """
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *TINY_BLIP_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]", model_max_length=64)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=64, pad_token_id=0, sep_token_id=3,
+                bos_token_id=vocab.index("[DEC]"))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    model.save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(folder)
+    return folder
