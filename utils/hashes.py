@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,12 +65,80 @@ def legacy_model_hash(path: str | os.PathLike) -> str:
         return "NOFILE"
 
 
-def folder_weights_hash(folder: str | os.PathLike) -> str:
-    """A stable SHA-256 over a diffusers folder's weight files (relative path + content hash, sorted)."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def _file_variant(name: str) -> str | None:
+    """``model.fp16.safetensors`` -> "fp16"; ``model.fp16-00001-of-00002.safetensors`` -> "fp16"; ``model.bin`` -> None."""
+    parts = name.split(".")
+    return parts[1].split("-")[0] if len(parts) > 2 else None
+
+
+def folder_weight_files(folder: str | os.PathLike, variant: str | None = None) -> list[Path]:
+    """The weight files diffusers would load from a pipeline folder: per component, the requested variant (or the
+    plain files when that component has none) and safetensors in preference to pickles."""
     folder = Path(folder)
-    suffixes = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
+    groups: dict[Path, list[Path]] = {}
+    for f in folder.rglob("*"):
+        if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES) and not f.name.startswith("."):
+            groups.setdefault(f.parent, []).append(f)
+    chosen: list[Path] = []
+    for files in groups.values():
+        picked = [f for f in files if _file_variant(f.name) == variant] or [f for f in files if _file_variant(f.name) is None]
+        safetensors = [f for f in picked if f.suffix == ".safetensors"]
+        chosen += safetensors or picked
+    return sorted(chosen, key=lambda f: f.relative_to(folder).as_posix())
+
+
+def folder_weights_hash(folder: str | os.PathLike, variant: str | None = None) -> str:
+    """A stable SHA-256 over a diffusers folder's weight files (relative path + content hash, in path order).
+
+    Only the files that are loaded count (see ``folder_weight_files``), so an extra fp16 copy next to the fp32
+    weights does not change the identity of the fp32 model.
+    """
+    folder = Path(folder)
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes):
+    for f in folder_weight_files(folder, variant):
         h.update(f.relative_to(folder).as_posix().encode())
         h.update(bytes.fromhex(sha256_file(f)))
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """How logs, infotext and saved embeddings name the base model (a1111-compat §6.5).
+
+    Single file: ``sha256`` of the file, ``shorthash`` its first 10 hex, ``legacy_hash`` A1111's old 8-hex hash.
+    Folder: ``sha256`` = ``folder_weights_hash``, ``shorthash`` its first 10 hex, no legacy hash.
+    """
+
+    name: str
+    sha256: str | None = None
+    shorthash: str | None = None
+    legacy_hash: str | None = None
+
+    @property
+    def title(self) -> str:
+        """A1111's checkpoint title, ``name [shorthash]``."""
+        return f"{self.name} [{self.shorthash}]" if self.shorthash else self.name
+
+
+def checkpoint_name(path: str | os.PathLike) -> str:
+    """A1111's model name of a single file: the file name without extension, path separators made ``_``."""
+    return re.sub(r"[/\\]", "_", Path(path).stem)
+
+
+def model_identity(path: str | os.PathLike, variant: str | None = None, name: str | None = None) -> ModelIdentity:
+    """Identity of a single-file checkpoint or a diffusers folder.
+
+    Every file's SHA-256 is computed once per (path, size, mtime) and kept (large files on disk), so asking again
+    is cheap; a folder is re-listed each time because its own mtime does not change when a weight file inside does.
+    """
+    p = Path(path)
+    if p.is_dir():
+        digest = folder_weights_hash(p, variant)
+        return ModelIdentity(name or p.resolve().name, digest, digest[:10], None)
+    if not p.is_file():
+        raise FileNotFoundError(str(p))
+    digest = sha256_file(p)
+    return ModelIdentity(name or checkpoint_name(p), digest, digest[:10], legacy_model_hash(p))
