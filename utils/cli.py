@@ -1,0 +1,174 @@
+"""Command-line flags shared by the two trainers, and their conversion into the library's dataclasses.
+
+Flag names follow diffusers' example scripts where one exists (so their command lines run unchanged) and A1111's
+Train tab otherwise. ``--config FILE`` (YAML or JSON with the same option names) supplies defaults; flags given on the
+command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from utils.errors import UserError
+from utils.training import LoopConfig, OptimConfig
+
+PREVIEW_DEFAULT_NEGATIVE = ""
+
+
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", help="Hub id, local diffusers folder, or single-file checkpoint "
+                   "(.safetensors/.ckpt). Single files load offline with the configs shipped in utils/model_configs.")
+    g.add_argument("--revision", help="Hub revision of the model.")
+    g.add_argument("--variant", help="Weight variant, e.g. fp16.")
+    g.add_argument("--vae", help="Replace the model's VAE (folder or single file), e.g. an fp16-safe VAE.")
+    g.add_argument("--model_config", help="Diffusers config folder for a single-file checkpoint whose architecture "
+                   "is not detected automatically.")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Frozen models run in this precision; trained weights stay float32. Default: accelerate's config.")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs (faster).")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute UNet activations in the backward pass: less memory, ~20-30%% slower.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Use xformers attention (CUDA only; pip install -r requirements-cuda.txt). Default: torch SDPA.")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"],
+                   help="Override the model's prediction type (read from its scheduler config).")
+
+
+def add_optim_args(p: argparse.ArgumentParser, default_lr: str, default_weight_decay: float) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", default=default_lr,
+                   help="A number, or an A1111 schedule such as '0.005:100, 1e-3:1000, 1e-5' (rate:until-step, ..., "
+                        "a bare rate runs to the end; N:-1 = until max steps; training ends when the schedule does). "
+                        f"Default {default_lr}.")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="Multiply the learning rate by the global batch (batch x accumulation x processes).")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="With a plain-number learning rate: diffusers scheduler name (constant, constant_with_warmup, "
+                        "linear, cosine, cosine_with_restarts, polynomial).")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps for --lr_scheduler.")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles for cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power for the polynomial scheduler.")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=default_weight_decay,
+                   help=f"AdamW weight decay (default {default_weight_decay}, as A1111).")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=None,
+                   help="Clip gradients (after unscaling) to this norm/value; off by default.")
+    g.add_argument("--clip_grad_mode", choices=["norm", "value"], default="norm",
+                   help="How --max_grad_norm clips: total norm or per-element value (A1111's two modes).")
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is common).")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Images per process per micro-batch.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Optimizer steps to train to (counts from the embedding's stored step). Default 3000, "
+                        "or --num_train_epochs worth of steps.")
+    g.add_argument("--num_train_epochs", type=int, default=None,
+                   help="Alternative to --max_train_steps: epochs over the data set.")
+    g.add_argument("--seed", type=int, default=0, help="Seed for data order, noise and timesteps.")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("saving and resuming")
+    g.add_argument("--output_dir", default="outputs", help="Where everything is written.")
+    g.add_argument("--save_every", "--save_steps", dest="save_every", type=int, default=500,
+                   help="Save a copy of the trained file every N steps (0 = never). --save_steps is diffusers' name.")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="Write a resumable checkpoint every N steps (0 = only on a stop signal).")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' or a checkpoint folder; 'latest' with no checkpoint starts fresh.")
+    g.add_argument("--no_safe_serialization", action="store_true",
+                   help="Also write the diffusers learned_embeds as .bin (pickle) next to the .safetensors.")
+
+
+def add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("watching it")
+    g.add_argument("--report_to", default="none", choices=["none", "wandb", "tensorboard", "all"],
+                   help="Trackers (through accelerate). W&B works offline with WANDB_MODE=offline.")
+    g.add_argument("--tracker_project_name", default="embedforge", help="W&B project / TensorBoard folder name.")
+    g.add_argument("--run_name", default=None, help="Run name shown in the tracker.")
+    g.add_argument("--log_every", type=int, default=1, help="Send metrics to trackers every N steps.")
+    g = p.add_argument_group("previews")
+    g.add_argument("--preview_every", "--validation_steps", dest="preview_every", type=int, default=500,
+                   help="Generate preview images every N steps and at the end (0 = only at the end).")
+    g.add_argument("--preview_prompt", "--validation_prompt", dest="preview_prompt", default=None,
+                   help="Preview prompt (default: a training prompt).")
+    g.add_argument("--preview_negative_prompt", default="", help="Negative prompt for previews.")
+    g.add_argument("--preview_steps", type=int, default=20, help="Sampling steps for previews.")
+    g.add_argument("--preview_sampler", default="Euler a", help="A1111 sampler name for previews.")
+    g.add_argument("--preview_cfg_scale", type=float, default=7.0, help="Guidance scale for previews.")
+    g.add_argument("--preview_seed", type=int, default=0, help="Seed for previews (the same each time).")
+    g.add_argument("--num_preview_images", "--num_validation_images", dest="num_preview_images", type=int,
+                   default=1, help="Images per preview.")
+    g.add_argument("--no_previews", action="store_true", help="Do not generate previews at all.")
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file with option values (same names as the flags); "
+                                    "flags on the command line win.")
+
+
+def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse twice: once to find --config, then with the file's values as defaults."""
+    pre, _ = p.parse_known_args(argv)
+    if getattr(pre, "config", None):
+        path = Path(pre.config)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--config {path}: {e.strerror}") from None
+        try:
+            if path.suffix.lower() == ".json":
+                values = json.loads(text)
+            else:
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+        except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+            raise UserError(f"--config {path}: cannot parse ({e.__class__.__name__}: {e})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--config {path}: expected a mapping of option names to values")
+        known = {a.dest for a in p._actions}
+        unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+        if unknown:
+            raise UserError(f"--config {path}: unknown option(s): {', '.join(unknown)}")
+        p.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    return p.parse_args(argv)
+
+
+def optim_config(a: argparse.Namespace) -> OptimConfig:
+    return OptimConfig(
+        learning_rate=str(a.learning_rate), lr_scheduler=a.lr_scheduler, lr_warmup_steps=a.lr_warmup_steps,
+        lr_num_cycles=a.lr_num_cycles, lr_power=a.lr_power, scale_lr=a.scale_lr, adam_beta1=a.adam_beta1,
+        adam_beta2=a.adam_beta2, adam_weight_decay=a.adam_weight_decay, adam_epsilon=a.adam_epsilon,
+        max_grad_norm=a.max_grad_norm, clip_grad_mode=a.clip_grad_mode)
+
+
+def loop_config(a: argparse.Namespace, max_train_steps: int, prediction_type: str, tracker_config: dict) -> LoopConfig:
+    return LoopConfig(
+        output_dir=Path(a.output_dir), max_train_steps=max_train_steps, train_batch_size=a.train_batch_size,
+        gradient_accumulation_steps=a.gradient_accumulation_steps, seed=a.seed, prediction_type=prediction_type,
+        snr_gamma=a.snr_gamma, save_every=a.save_every, checkpointing_steps=a.checkpointing_steps,
+        checkpoints_total_limit=a.checkpoints_total_limit, resume_from_checkpoint=a.resume_from_checkpoint,
+        preview_every=0 if a.no_previews else a.preview_every, log_every=a.log_every, report_to=a.report_to,
+        tracker_project_name=a.tracker_project_name, run_name=a.run_name, tracker_config=tracker_config,
+        optim=optim_config(a))
+
+
+def check_positive(a: argparse.Namespace, *names: str) -> None:
+    for n in names:
+        v = getattr(a, n)
+        if v is not None and v <= 0:
+            raise UserError(f"--{n} must be > 0 (got {v})")
