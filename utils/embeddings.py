@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,8 @@ def embedding_from_data(data, name: str, path: str | os.PathLike = "<data>", met
 
 def _torch_load(path: Path):
     try:
-        with torch.serialization.safe_globals(list(SAFE_TORCH_GLOBALS)):
+        with torch.serialization.safe_globals(list(SAFE_TORCH_GLOBALS)), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notes mean nothing to users
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
