@@ -263,11 +263,17 @@ class EmbeddingLookup:
 
     def __init__(self, tokenizer, embeddings: dict[str, Embedding]):
         self.table: dict[int, list[tuple[list[int], Embedding]]] = {}
-        names = list(embeddings)
-        ids_per_name = _tokenize(tokenizer, names) if names else []
-        for name, ids in zip(names, ids_per_name):
-            if ids:
-                self.table.setdefault(ids[0], []).append((ids, embeddings[name]))
+        keys = [(name, emb) for name, emb in embeddings.items()]
+        # A diffusers concept file also answers to its own token (learned_embeds.bin -> "<birb-style>"), which is
+        # what its users type; the file-stem name (A1111's rule) stays the main one and wins on equal ids.
+        keys += [(emb.extra["token"], emb) for emb in embeddings.values()
+                 if isinstance(emb.extra.get("token"), str) and emb.extra["token"] not in embeddings]
+        ids_per_key = _tokenize(tokenizer, [k for k, _ in keys]) if keys else []
+        seen: set[tuple[int, ...]] = set()
+        for (_, emb), ids in zip(keys, ids_per_key):
+            if ids and tuple(ids) not in seen:
+                seen.add(tuple(ids))
+                self.table.setdefault(ids[0], []).append((ids, emb))
         for entries in self.table.values():
             entries.sort(key=lambda e: len(e[0]), reverse=True)
 
