@@ -319,3 +319,38 @@ def test_same_src_and_dst_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         preprocess.main(["--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "dst")])
     assert "is not a folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- a trainer reads it
+
+
+def test_output_is_a_training_set_the_data_loader_reads(tmp_path, tiny_blip, blip_captioner):
+    from utils.data import DataConfig, PromptConfig, TrainLoader, scan_dataset
+
+    src = make_src(tmp_path / "src", {"cat.png": (80, 60), "dog.png": (200, 600)})
+    (src / "cat.txt").write_text("my cat", encoding="utf-8")
+    dst = tmp_path / "dst"
+    run(src, dst, "--caption_model", str(tiny_blip), "--caption_max_tokens", "6", "--existing_caption", "prepend",
+        "--split_oversized", "--flip", "horizontal")
+    names = outputs(dst)
+    assert len(names) == 2 + 8  # cat: crop + mirror; dog: 4 tiles + mirrors
+    cfg = DataConfig(train_data_dir=str(dst), width=64, height=64, verify_images=True)
+    summary = scan_dataset(cfg)
+    assert summary.num_examples == len(names) and summary.skipped == [] and summary.has_captions
+    by_name = {Path(e.path).name: e for e in summary.examples}
+    assert sorted(by_name) == names
+    assert all(e.size == (64, 64) and e.has_caption_file for e in by_name.values())
+    assert all(by_name[n].caption == trainer_caption(dst / n) for n in names)
+    assert by_name["00000-0-cat.png"].caption.startswith("my cat ")
+    loader = TrainLoader(summary, cfg, PromptConfig(placeholder="<tok>", template_file="subject_filewords"),
+                         batch_size=2)
+    batch = next(iter(loader))
+    assert tuple(batch["pixel_values"].shape) == (2, 3, 64, 64)
+    assert all("<tok>" in p for p in batch["prompts"]) and set(batch["captions"]) <= {e.caption for e in summary.examples}
+
+    # Old layout: no .txt files, the caption comes back from the file name.
+    old = tmp_path / "old"
+    run(src, old, "--caption_model", str(tiny_blip), "--caption_max_tokens", "6", "--caption_in_filename")
+    summary = scan_dataset(DataConfig(train_data_dir=str(old), width=64, height=64))
+    expected = {caption_for_filename(c) for c in blip_captioner([Image.open(p) for p in sorted(old.glob("*.png"))])}
+    assert {e.caption for e in summary.examples} == expected and not any(e.has_caption_file for e in summary.examples)
