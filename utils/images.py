@@ -187,6 +187,19 @@ def select_bucket(size: tuple[int, int], buckets: list[tuple[int, int]], *, no_u
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
 
 
+def _header_orientation(img: Image.Image) -> int:
+    # PNG's getexif() decodes the whole image to reach an eXIf chunk stored after the pixels; read only what the
+    # header already gave us (an eXIf before IDAT), which keeps the scan cheap.
+    if img.format == "PNG":
+        raw = img.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(0x0112, 1)
+    return img.getexif().get(0x0112, 1)
+
+
 def image_size(path_or_bytes) -> tuple[int, int]:
     """(w, h) after EXIF orientation, read from the header only (no full decode); raises ImageLoadError."""
     import io
@@ -199,7 +212,7 @@ def image_size(path_or_bytes) -> tuple[int, int]:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise ImageLoadError(f"image too large ({w}x{h} pixels; limit {MAX_IMAGE_PIXELS})")
-            orientation = img.getexif().get(0x0112, 1)
+            orientation = _header_orientation(img)
             return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     except ImageLoadError:
         raise

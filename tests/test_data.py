@@ -1,0 +1,477 @@
+"""utils/data.py: sources, captions, prompts, sharding, buckets, bad input, resume (small generated images)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils.data import (
+    TEMPLATES_DIR,
+    DataConfig,
+    PromptConfig,
+    TrainLoader,
+    alpha_to_weight,
+    build_prompt,
+    caption_from_filename,
+    epoch_plan,
+    item_rng,
+    iter_batches,
+    load_template,
+    process_tags,
+    resolve_template,
+    scan_dataset,
+    steps_per_epoch,
+)
+from utils.errors import UserError
+from utils.images import apply_geometry, make_buckets, plan_geometry, select_bucket
+
+
+def _img(w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def _folder(tmp_path, n, size=(32, 32), name="img{:03d}.png", sizes=None):
+    d = tmp_path / "data"
+    d.mkdir(exist_ok=True)
+    for i in range(n):
+        w, h = sizes[i] if sizes else size
+        _img(w, h, seed=i).save(d / name.format(i))
+    return d
+
+
+def _batches(summary, cfg, pc, n, **kw):
+    it = iter_batches(summary, cfg, pc, **kw)
+    return [b for _, b in zip(range(n), it)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# captions and prompts
+
+
+def test_caption_from_filename_rules():
+    assert caption_from_filename("000001-1-a man in suit") == "a man in suit"
+    assert caption_from_filename("000001-1-a man in suit", r"\w+", ", ") == "a, man, in, suit"
+    assert caption_from_filename("12345") == ""
+    assert caption_from_filename("a-1 b") == "a-1 b"  # only a *leading* run of digits/dashes
+
+
+def test_folder_captions_txt_filename_and_regex(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    _img(16, 16).save(d / "000001-1-a man in suit.png")
+    _img(16, 16).save(d / "00002-cat.png")
+    (d / "00002-cat.txt").write_bytes("\ufeff  a red cat, sitting \n".encode("utf-8"))
+    s = scan_dataset(DataConfig(train_data_dir=str(d), resolution=16))
+    assert {Path(e.path).name: e.caption for e in s.examples} == {
+        "000001-1-a man in suit.png": "a man in suit", "00002-cat.png": "a red cat, sitting"}
+    assert s.has_captions
+    s = scan_dataset(DataConfig(train_data_dir=str(d), resolution=16, filename_word_regex=r"\w+",
+                                filename_join_string=", "))
+    assert s.examples[0].caption == "a, man, in, suit"
+
+
+def test_recursive_flag(tmp_path):
+    d = _folder(tmp_path, 2, size=(16, 16))
+    (d / "sub").mkdir()
+    _img(16, 16).save(d / "sub" / "x.png")
+    assert scan_dataset(DataConfig(train_data_dir=str(d), resolution=16)).num_examples == 2
+    assert scan_dataset(DataConfig(train_data_dir=str(d), resolution=16, recursive=True)).num_examples == 3
+
+
+def test_template_files_shape():
+    counts = {"style": 19, "style_filewords": 17, "subject": 27, "subject_filewords": 27, "hypernetwork": 27, "none": 1}
+    for name, n in counts.items():
+        lines = load_template(TEMPLATES_DIR / f"{name}.txt")
+        assert len(lines) == n == len(set(lines)), name
+        assert all(("[name]" in ln) == (name not in ("hypernetwork", "none")) for ln in lines), name
+        assert all(("[filewords]" in ln) == (name.endswith("filewords") or name == "hypernetwork") for ln in lines), name
+    assert load_template(TEMPLATES_DIR / "none.txt") == ["picture"]
+
+
+def test_resolve_template(tmp_path):
+    assert resolve_template(PromptConfig(), has_captions=False).name == "subject.txt"
+    assert resolve_template(PromptConfig(), has_captions=True).name == "subject_filewords.txt"
+    assert resolve_template(PromptConfig(learnable_property="style"), False).name == "style.txt"
+    assert resolve_template(PromptConfig(learnable_property="style"), True).name == "style_filewords.txt"
+    assert resolve_template(PromptConfig(template_file="hypernetwork"), True).name == "hypernetwork.txt"
+    assert resolve_template(PromptConfig(template_file="none.txt"), True).name == "none.txt"
+    own = tmp_path / "mine.txt"
+    own.write_text("x [name]\n\n")
+    assert resolve_template(PromptConfig(template_file=str(own)), True) == own
+    assert load_template(own) == ["x [name]"]
+    assert resolve_template(PromptConfig(caption_only=True), True) is None
+    with pytest.raises(UserError, match="not found"):
+        resolve_template(PromptConfig(template_file="nope"), True)
+    with pytest.raises(UserError):
+        PromptConfig(learnable_property="thing")
+
+
+def test_build_prompt_order_and_determinism():
+    pc = PromptConfig(placeholder="<tok>")
+    # [filewords] first, then [name]: a [name] inside the caption is replaced too (A1111's current order).
+    assert build_prompt("[name] on a beach", ["a photo of [filewords]"], pc, item_rng(0, 0, 0)) == \
+        "a photo of <tok> on a beach"
+    lines = load_template(TEMPLATES_DIR / "subject_filewords.txt")
+    a = [build_prompt("dog", lines, pc, item_rng(7, 0, i)) for i in range(30)]
+    assert a == [build_prompt("dog", lines, pc, item_rng(7, 0, i)) for i in range(30)]
+    assert len(set(a)) > 5  # a line is drawn per use
+    assert all(p.endswith("<tok>, dog") or "<tok>" in p for p in a)
+    assert build_prompt("a, b", None, PromptConfig(caption_only=True, placeholder="z"), item_rng(0, 0, 0)) == "a, b"
+
+
+def test_tag_shuffle_and_dropout():
+    cap = "a, b, c, d, e, f"
+    assert process_tags(cap, False, 0.0, item_rng(0, 0, 0)) == cap
+    shuffled = [process_tags(cap, True, 0.0, item_rng(0, 0, i)) for i in range(20)]
+    assert all(sorted(s.split(", ")) == list("abcdef") for s in shuffled)
+    assert len(set(shuffled)) > 10  # re-drawn each use
+    assert process_tags(cap, False, 1.0, item_rng(0, 0, 0)) == ""
+    kept = [len(process_tags(cap, False, 0.5, item_rng(1, 0, i)).split(", ")) for i in range(400)]
+    assert 2.6 < np.mean(kept) < 3.4
+    # Dropout keeps the original order of the surviving tags
+    out = process_tags(cap, False, 0.5, item_rng(3, 0, 3)).split(", ")
+    assert out == sorted(out)
+
+
+def test_prompts_redrawn_per_epoch_in_loader(tmp_path):
+    d = _folder(tmp_path, 4, size=(16, 16))
+    for i in range(4):
+        (d / f"img{i:03d}.txt").write_text("red, green, blue, cyan, pink")
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    pc = PromptConfig(placeholder="<t>", shuffle_tags=True, tag_dropout=0.2)
+    s = scan_dataset(cfg, pc)
+    e0 = [p for b in iter_batches(s, cfg, pc, batch_size=2, epoch=0) for p in b["prompts"]]
+    e1 = [p for b in iter_batches(s, cfg, pc, batch_size=2, epoch=1) for p in b["prompts"]]
+    assert e0 != e1
+    assert e0 == [p for b in iter_batches(s, cfg, pc, batch_size=2, epoch=0) for p in b["prompts"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# images: sizing, crops, flips, alpha
+
+
+def test_exact_resize_center_random_crop_and_flip():
+    img = _img(40, 24, seed=3)
+    g = plan_geometry(img.size, (16, 16), "none")
+    assert np.array_equal(np.asarray(apply_geometry(img, g)), np.asarray(img.resize((16, 16), Image.BICUBIC)))
+    g = plan_geometry(img.size, (16, 16), "center")
+    assert g.resize == (27, 16) and (g.left, g.top) == (5, 0)
+    ref = img.resize((27, 16), Image.BICUBIC).crop((5, 0, 21, 16))
+    assert np.array_equal(np.asarray(apply_geometry(img, g)), np.asarray(ref))
+    lefts = {plan_geometry(img.size, (16, 16), "random", np.random.default_rng(i)).left for i in range(40)}
+    assert lefts == set(range(0, 12))
+    gf = plan_geometry(img.size, (16, 16), "center", flip=True)
+    assert np.array_equal(np.asarray(apply_geometry(img, gf)), np.asarray(ref)[:, ::-1])
+
+
+def test_flip_p_in_loader(tmp_path):
+    d = _folder(tmp_path, 2, size=(16, 16))
+    s = scan_dataset(DataConfig(train_data_dir=str(d), resolution=16))
+    pc = PromptConfig()
+    a = _batches(s, DataConfig(train_data_dir=str(d), resolution=16), pc, 1, batch_size=2)[0]
+    b = _batches(s, DataConfig(train_data_dir=str(d), resolution=16, flip_p=1.0), pc, 1, batch_size=2)[0]
+    assert torch.equal(a["index"], b["index"])
+    assert torch.equal(a["pixel_values"].flip(-1), b["pixel_values"])
+
+
+def test_alpha_loss_weight_nonsquare_not_transposed(tmp_path):
+    # 64 wide x 32 high; the left half opaque, right half transparent -> latent 8 x 4 (w x h)
+    rgba = np.zeros((32, 64, 4), np.uint8)
+    rgba[..., :3] = 100
+    rgba[:, :32, 3] = 255
+    d = tmp_path / "a"
+    d.mkdir()
+    Image.fromarray(rgba, "RGBA").save(d / "x.png")
+    _img(64, 32).save(d / "y.png")  # no alpha -> ones
+    cfg = DataConfig(train_data_dir=str(d), width=64, height=32, use_alpha_as_loss_weight=True)
+    s = scan_dataset(cfg)
+    b = _batches(s, cfg, PromptConfig(), 1, batch_size=2)[0]
+    w = b["loss_weights"]
+    assert w.shape == (2, 1, 4, 8)
+    wx = w[b["index"].tolist().index(0), 0]
+    assert torch.all(wx[:, :3] > 1.5) and torch.all(wx[:, 5:] == 0)
+    assert wx.min() == 0 and abs(float(wx.mean()) - 1) < 1e-5
+    assert torch.equal(w[b["index"].tolist().index(1)], torch.ones(1, 4, 8))
+    # a uniform mask is all ones (A1111 would divide by zero)
+    assert torch.equal(alpha_to_weight(Image.new("L", (16, 8), 200), (16, 8)), torch.ones(1, 1, 2))
+
+
+def test_all_modes_load_to_rgb(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    base = _img(16, 16)
+    base.convert("RGBA").save(d / "rgba.png")
+    base.convert("LA").save(d / "la.png")
+    p = base.convert("P")
+    p.info["transparency"] = 0
+    p.save(d / "p.png", transparency=0)
+    base.convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)).save(d / "i16.png")
+    base.convert("L").save(d / "l.png")
+    base.convert("1").save(d / "one.png")
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    s = scan_dataset(cfg)
+    assert s.num_examples == 7 and not s.skipped
+    b = _batches(s, cfg, PromptConfig(), 1, batch_size=7)[0]
+    assert b["pixel_values"].shape == (7, 3, 16, 16)
+    assert b["pixel_values"].min() >= -1 and b["pixel_values"].max() <= 1
+
+
+def test_sdxl_size_conditioning(tmp_path):
+    d = _folder(tmp_path, 1, size=(48, 32))
+    cfg = DataConfig(train_data_dir=str(d), resolution=32, center_crop=True)
+    b = _batches(scan_dataset(cfg), cfg, PromptConfig(), 1, batch_size=1)[0]
+    assert b["original_size"].tolist() == [[32, 48]]
+    assert b["crop_top_left"].tolist() == [[0, 8]]
+    assert b["target_size"].tolist() == [[32, 32]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# buckets
+
+
+def test_make_and_select_buckets():
+    bs = make_buckets(64 * 64, 32, 128, 16)
+    assert (64, 64) in bs and all(w % 16 == 0 and h % 16 == 0 and w * h <= 64 * 64 for w, h in bs)
+    assert all(32 <= w <= 128 and 32 <= h <= 128 for w, h in bs)
+    assert select_bucket((200, 100), bs) == (96, 48) or select_bucket((200, 100), bs)[0] > select_bucket((200, 100), bs)[1]
+    w, h = select_bucket((100, 300), bs)
+    assert h > w
+    assert select_bucket((50, 50), bs) == (64, 64)
+    assert select_bucket((50, 40), bs, no_upscale=True, max_area=64 * 64, step=16) == (48, 32)
+    assert select_bucket((400, 400), bs, no_upscale=True, max_area=64 * 64, step=16) == (64, 64)
+
+
+def test_bucket_batches_single_bucket_and_table(tmp_path):
+    sizes = [(64, 32)] * 5 + [(32, 64)] * 3 + [(40, 40)] * 4
+    d = _folder(tmp_path, len(sizes), sizes=sizes)
+    cfg = DataConfig(train_data_dir=str(d), resolution=48, enable_buckets=True, min_bucket_reso=16,
+                     max_bucket_reso=96, bucket_reso_steps=16)
+    s = scan_dataset(cfg)
+    bucket_of = {e.index: e.bucket for e in s.examples}
+    assert len(s.bucket_counts) == 3 and sorted(s.bucket_counts.values()) == [3, 4, 5]
+    assert "buckets (w x h):" in s.describe() and "48x48: 4 images" in s.bucket_table()
+    for epoch in range(3):
+        batches = list(iter_batches(s, cfg, PromptConfig(), batch_size=2, epoch=epoch, seed=5))
+        assert len(batches) == steps_per_epoch(s, cfg, 2) == 6
+        for b in batches:
+            (bw, bh), = {bucket_of[i] for i in b["index"].tolist()}
+            assert b["pixel_values"].shape[-2:] == (bh, bw)
+            assert set(map(tuple, b["target_size"].tolist())) == {(bh, bw)}
+
+
+def test_epoch_plan_properties():
+    buckets = [(1, 1)] * 7 + [(2, 1)] * 5 + [(1, 2)] * 2
+    for G in (1, 2, 3, 4):
+        plan = epoch_plan(buckets, G, seed=3, epoch=1)
+        assert len(plan) == len(buckets) // G
+        assert all(len(b) == G and len({buckets[i] for i in b}) == 1 for b in plan)
+        assert plan == epoch_plan(buckets, G, seed=3, epoch=1)
+        assert plan != epoch_plan(buckets, G, seed=3, epoch=2) or G == len(buckets)
+    single = epoch_plan([(1, 1)] * 10, 3, 0, 0)
+    assert len({i for b in single for i in b}) == 9  # a partition minus the dropped remainder
+    rep = epoch_plan([(1, 1)] * 4, 2, 0, 0, repeats=3)
+    assert Counter(i for b in rep for i in b) == {0: 3, 1: 3, 2: 3, 3: 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sharding across ranks
+
+
+@pytest.mark.parametrize("n,batch,world", [(12, 2, 2), (3, 1, 2), (9, 1, 3)])
+def test_folder_ranks_disjoint_complete_and_equal_to_one_process(tmp_path, n, batch, world):
+    d = _folder(tmp_path, n, size=(24, 16))
+    cfg = DataConfig(train_data_dir=str(d), resolution=16, random_crop=True, flip_p=0.5)
+    pc = PromptConfig(placeholder="<t>", template_file="subject")
+    s = scan_dataset(cfg, pc)
+    steps = steps_per_epoch(s, cfg, batch, world)
+    per_rank = [list(iter_batches(s, cfg, pc, rank=r, world_size=world, batch_size=batch, epoch=1, seed=9))
+                for r in range(world)]
+    assert all(len(p) == steps for p in per_rank)
+    seen = [i for p in per_rank for b in p for i in b["index"].tolist()]
+    assert len(seen) == len(set(seen)) == steps * batch * world  # disjoint
+    if n % (batch * world) == 0:
+        assert sorted(seen) == list(range(n))  # complete
+    # N ranks x batch b == 1 rank x batch N*b, pixels (random crop + flip) and prompts included
+    single = list(iter_batches(s, cfg, pc, rank=0, world_size=1, batch_size=batch * world, epoch=1, seed=9))
+    for k, big in enumerate(single):
+        parts = [per_rank[r][k] for r in range(world)]
+        assert torch.equal(big["index"], torch.cat([p["index"] for p in parts]))
+        assert big["prompts"] == [q for p in parts for q in p["prompts"]]
+        assert torch.equal(big["pixel_values"], torch.cat([p["pixel_values"] for p in parts]))
+
+
+def _png_bytes(seed):
+    buf = io.BytesIO()
+    _img(16, 16, seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _collect_stream(cfg, world, pc=PromptConfig(caption_only=True)):
+    s = scan_dataset(cfg, pc)
+    parts = [[c for b in iter_batches(s, cfg, pc, rank=r, world_size=world, batch_size=1, seed=4) for c in b["captions"]]
+             for r in range(world)]
+    return s, parts
+
+
+def test_tar_source_two_ranks(tmp_path):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    k = 0
+    for shard in range(4):
+        with tarfile.open(tars / f"shard-{shard}.tar", "w") as t:
+            for i in range(3):
+                for ext, data in (("png", _png_bytes(k)), ("txt", f"item {k}".encode())):
+                    info = tarfile.TarInfo(f"{k:05d}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+                k += 1
+    s, parts = _collect_stream(DataConfig(dataset_name=str(tars), resolution=16), 2)
+    assert s.num_examples == 12 and s.image_column == "png" and s.caption_column == "txt"
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(f"item {i}" for i in range(12))
+
+
+@pytest.mark.parametrize("files", [1, 4])
+def test_parquet_source_many_and_few_shards(tmp_path, files):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    per = 8 // files
+    for f in range(files):
+        rows = range(f * per, (f + 1) * per)
+        pq.write_table(pa.table({"image": [{"bytes": _png_bytes(i), "path": None} for i in rows],
+                                 "text": [f"p{i}" for i in rows]}), d / f"part-{f}.parquet")
+    s, parts = _collect_stream(DataConfig(dataset_name=str(d), resolution=16), 2)
+    assert s.num_examples == 8
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(f"p{i}" for i in range(8))
+
+
+def test_imagefolder_metadata_source_and_prompts(tmp_path):
+    d = tmp_path / "imf"
+    d.mkdir()
+    for i in range(4):
+        _img(16, 16, i).save(d / f"{i}.png")
+    (d / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"t{i}"}) + "\n"
+                                              for i in range(4)))
+    cfg = DataConfig(dataset_name=str(d), resolution=16)
+    pc = PromptConfig(placeholder="<s>", learnable_property="style")
+    s = scan_dataset(cfg, pc)
+    b = next(iter(TrainLoader(s, cfg, pc, batch_size=2)))
+    assert b["pixel_values"].shape == (2, 3, 16, 16)
+    assert all(p.endswith("art by <s>") and any(f"t{i}" in p for i in range(4)) for p in b["prompts"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs_skipped_and_reported(tmp_path):
+    d = _folder(tmp_path, 3, size=(16, 16))
+    (d / "zero.png").write_bytes(b"")
+    (d / "text.png").write_text("not a png at all")
+    (d / "notes.doc").write_bytes(b"\x00\x01")
+    good = _png_bytes(1)
+    (d / "trunc.png").write_bytes(good[: len(good) // 2])
+    _img(16, 16).save(d / "latin1.png")
+    (d / "latin1.txt").write_bytes(b"caf\xe9 au lait")
+    report = tmp_path / "out" / "skipped.txt"
+    cfg = DataConfig(train_data_dir=str(d), resolution=16, verify_images=True)
+    s = scan_dataset(cfg, report_file=report)
+    assert s.num_examples == 3
+    reasons = {Path(k.path).name: k.reason for k in s.skipped}
+    assert reasons == {"zero.png": "empty file", "text.png": "not an image", "notes.doc": "not an image file",
+                       "trunc.png": reasons["trunc.png"], "latin1.png": "caption file is not UTF-8"}
+    assert "truncated" in reasons["trunc.png"] or "corrupt" in reasons["trunc.png"]
+    lines = report.read_text().splitlines()[1:]
+    assert sorted(Path(ln.split("\t")[0]).name for ln in lines) == sorted(reasons)
+
+
+def test_truncated_image_found_mid_run_is_replaced_and_reported(tmp_path):
+    d = _folder(tmp_path, 4, size=(16, 16))
+    good = _png_bytes(1)
+    (d / "trunc.png").write_bytes(good[: len(good) - 30])  # header intact: passes the cheap scan
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    report = tmp_path / "skipped.txt"
+    s = scan_dataset(cfg, report_file=report)
+    assert s.num_examples == 5
+    loader = TrainLoader(s, cfg, PromptConfig(), batch_size=5, report_file=report)
+    b = next(iter(loader))
+    assert b["pixel_values"].shape[0] == 5  # batch keeps its size
+    assert [Path(p).name for p, _ in b["skipped"]] == ["trunc.png"]
+    assert "trunc.png" in report.read_text()
+    trunc_idx = next(e.index for e in s.examples if e.path.endswith("trunc.png"))
+    assert trunc_idx not in b["index"].tolist()
+
+
+def test_no_usable_image_is_one_user_error(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"")
+    (d / "b.txt").write_text("caption")
+    with pytest.raises(UserError, match="no usable training image"):
+        scan_dataset(DataConfig(train_data_dir=str(d), resolution=16), report_file=tmp_path / "r.txt")
+    with pytest.raises(UserError, match="not a folder"):
+        scan_dataset(DataConfig(train_data_dir=str(tmp_path / "missing"), resolution=16))
+    with pytest.raises(UserError, match="multiple of 8"):
+        DataConfig(train_data_dir=str(d), resolution=30)
+    with pytest.raises(UserError, match="cannot open dataset"):
+        scan_dataset(DataConfig(dataset_name=str(tmp_path / "nothing-here"), resolution=16))
+
+
+def test_too_few_images_for_one_step(tmp_path):
+    d = _folder(tmp_path, 3, size=(16, 16))
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    s = scan_dataset(cfg)
+    with pytest.raises(UserError, match="do not fill one step"):
+        TrainLoader(s, cfg, PromptConfig(), batch_size=2, world_size=2)
+
+
+def test_caption_only_warning(tmp_path):
+    d = _folder(tmp_path, 2, size=(16, 16))
+    (d / "img000.txt").write_text("a photo of [name]")
+    (d / "img001.txt").write_text("a photo of a dog")
+    s = scan_dataset(DataConfig(train_data_dir=str(d), resolution=16), PromptConfig(caption_only=True, placeholder="<x>"))
+    assert any("1 caption(s)" in w for w in s.warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resume
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_loader_yields_what_uninterrupted_would(tmp_path, workers):
+    d = _folder(tmp_path, 10, size=(24, 16))
+    cfg = DataConfig(train_data_dir=str(d), resolution=16, random_crop=True, flip_p=0.5)
+    pc = PromptConfig(placeholder="<t>", shuffle_tags=True)
+    s = scan_dataset(cfg, pc)
+    kw = dict(batch_size=2, seed=11, num_workers=workers)
+    full = TrainLoader(s, cfg, pc, **kw)
+    expected = [b for _, b in zip(range(8), full)]  # epoch 0 has 5 steps: crosses into epoch 1
+    first = TrainLoader(s, cfg, pc, **kw)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 3)
+    resumed = TrainLoader(s, cfg, pc, **kw)
+    resumed.load_state_dict(state)
+    got = [b for _, b in zip(range(5), resumed)]
+    for a, b in zip(expected[3:], got):
+        assert torch.equal(a["index"], b["index"]) and a["prompts"] == b["prompts"]
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["position"] == 3
