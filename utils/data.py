@@ -102,6 +102,9 @@ class DataConfig:
     use_alpha_as_loss_weight: bool = False
     repeats: int = 1  # times each image is used per epoch (folder datasets)
     shuffle_buffer_size: int = 1000  # streams only
+    # Streams: shards feeding the shuffle buffer at once. >1 mixes better, but datasets 5.2 then reads parquet
+    # through threads and sleeps 5 s at the end of every pass (its workaround for apache/arrow#45214).
+    shuffle_buffer_shards: int = 1
     verify_images: bool = False  # scan decodes every image fully (finds truncated files before training)
 
     def __post_init__(self):
@@ -752,7 +755,8 @@ def _stream_gen(passes: list[int], ctx: _Ctx, rank: int, world_size: int):
     for p in passes:
         ds, _, _ = open_stream(ctx.cfg)
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        ds = ds.shuffle(seed=ctx.seed, buffer_size=ctx.cfg.shuffle_buffer_size)
+        ds = ds.shuffle(seed=ctx.seed, buffer_size=ctx.cfg.shuffle_buffer_size,
+                        max_buffer_input_shards=ctx.cfg.shuffle_buffer_shards)
         ds.set_epoch(p)
         for row in ds:
             yield _stream_process(row, ctx, p)
