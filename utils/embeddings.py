@@ -600,10 +600,18 @@ def _cmd_inspect(args) -> None:
 
 
 def _load_text_side(folder: Path, suffix: str = ""):
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """(tokenizer, token-embedding table) of a diffusers folder; ``suffix="_2"`` for SDXL's second encoder."""
+    import transformers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(folder / f"tokenizer{suffix}")
-    encoder = CLIPTextModel.from_pretrained(folder / f"text_encoder{suffix}")
+    transformers.logging.set_verbosity_error()  # load reports and progress bars are noise for a one-shot command
+    transformers.logging.disable_progress_bar()
+    model_cls = CLIPTextModelWithProjection if suffix else CLIPTextModel  # SDXL's text_encoder_2 has a projection
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder / f"tokenizer{suffix}")
+        encoder = model_cls.from_pretrained(folder / f"text_encoder{suffix}")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: cannot load tokenizer{suffix}/text_encoder{suffix} ({_first_line(e)})") from None
     return tokenizer, encoder.get_input_embeddings()
 
 
@@ -638,6 +646,9 @@ def _cmd_convert(args) -> None:
         raise UserError(f"{output}: output is the input file")
     if args.name:
         emb.name = sanitize_name(args.name)
+    elif output.suffix.lower() not in IMAGE_EXTENSIONS:
+        # A1111 names .pt/.bin/.safetensors after the file: store that name so the file agrees with its keyword.
+        emb.name = output.stem
     written = save_embedding(emb, output, args.format, overwrite=args.overwrite, token=args.token,
                              padding=args.padding)
     print(f"wrote {written} ({resolve_format(emb, output, args.format)}, {emb.num_vectors} vectors x {emb.width})")
@@ -685,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the pair is joined into one clip_l/clip_g embedding")
     p.add_argument("--format", choices=FORMATS,
                    help="output format when the extension allows several; diffusers-sdxl also writes <stem>_2")
-    p.add_argument("--name", help="store this name instead of the loaded one (the prompt keyword of PNG cards)")
+    p.add_argument("--name", help="name to store (default: the output file's stem, as A1111 names .pt/.bin/"
+                                  ".safetensors files; for PNG cards the loaded name, which becomes their keyword)")
     p.add_argument("--token", help="the key of diffusers files (default: the loaded token, else <name>)")
     p.add_argument("--padding", choices=("cyclic", "zero"), default="cyclic",
                    help="PNG card payload padding: cyclic (newest A1111, default) or zero (older A1111)")
