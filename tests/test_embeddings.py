@@ -178,7 +178,8 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     for i, payload in enumerate([
         {"string_to_param": {"*": _Evil(str(marker))}, "name": "x"},
-        {"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.ones(1, 4))}), "x": _Evil(str(marker))},
+        {"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.ones(1, 4))}),
+         "x": _Evil(str(marker))},
     ]):
         path = tmp_path / f"evil{i}.pt"
         torch.save(payload, path)

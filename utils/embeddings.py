@@ -138,7 +138,8 @@ def _str_or_none(value) -> str | None:
     return None if value is None else str(value)
 
 
-def embedding_from_data(data, name: str, path: str | os.PathLike = "<data>", metadata: Mapping | None = None) -> Embedding:
+def embedding_from_data(data, name: str, path: str | os.PathLike = "<data>",
+                        metadata: Mapping | None = None) -> Embedding:
     """Classify a loaded dict the way A1111 does (§1.3) and build an Embedding named ``name``.
 
     ``metadata`` supplies step/checkpoint fields when the data itself has none (safetensors header metadata).
@@ -164,8 +165,8 @@ def embedding_from_data(data, name: str, path: str | os.PathLike = "<data>", met
                                  f"{vectors['clip_g'].shape[0]}")
     elif data and isinstance(next(iter(data.values())), torch.Tensor):
         if len(data) != 1:
-            raise EmbeddingError(f"{path}: embedding file has {len(data)} tensors ({', '.join(map(str, list(data)[:4]))}"
-                                 f"{', ...' if len(data) > 4 else ''}); exactly one is needed")
+            keys = ", ".join(map(str, list(data)[:4])) + (", ..." if len(data) > 4 else "")
+            raise EmbeddingError(f"{path}: embedding file has {len(data)} tensors ({keys}); exactly one is needed")
         key, value = next(iter(data.items()))
         extra["format"] = "kohya" if key == KOHYA_KEY else "diffusers"
         if key != KOHYA_KEY:
@@ -284,7 +285,8 @@ def load_diffusers_sdxl_pair(path_l: str | os.PathLike, path_g: str | os.PathLik
     halves.sort(key=lambda e: e.width)  # the 768-wide half belongs to CLIP-L, the 1280-wide one to OpenCLIP-G
     small, big = halves
     if small.num_vectors != big.num_vectors:
-        raise EmbeddingError(f"{big.filename}: has {big.num_vectors} vectors but {small.filename} has {small.num_vectors}")
+        raise EmbeddingError(f"{big.filename}: has {big.num_vectors} vectors but {small.filename} has "
+                             f"{small.num_vectors}")
     if small.width == big.width:
         raise EmbeddingError(f"{path_l} and {path_g} are both {small.width} wide; an SDXL pair is 768 + 1280")
     token = small.extra.get("token") or big.extra.get("token")
@@ -379,7 +381,8 @@ def save_diffusers(emb: Embedding, path: str | os.PathLike, token: str | None = 
 
 def save_diffusers_sdxl(emb: Embedding, path: str | os.PathLike, path_2: str | os.PathLike | None = None,
                         token: str | None = None) -> tuple[Path, Path]:
-    """diffusers' SDXL layout: ``path`` holds the CLIP-L vectors, ``path_2`` (default ``<stem>_2<suffix>``) the G ones."""
+    """diffusers' SDXL layout: ``path`` holds the CLIP-L vectors, ``path_2`` (default ``<stem>_2<suffix>``) the
+    OpenCLIP-G ones, each as ``{token: [n, dim]}``."""
     if not emb.is_sdxl:
         raise EmbeddingError(f"{emb.name}: the diffusers SDXL layout needs an SDXL (clip_l + clip_g) embedding")
     path = Path(path)
@@ -621,7 +624,8 @@ def _cmd_create(args) -> None:
         raise UserError(f"{folder}: not a diffusers model folder (needs tokenizer/ and text_encoder/)")
     sdxl = (folder / "text_encoder_2").is_dir()
     name = sanitize_name(args.name)
-    output = Path(args.output) if args.output else Path(args.embeddings_dir) / f"{name}.{'safetensors' if sdxl else 'pt'}"
+    default_name = f"{name}.safetensors" if sdxl else f"{name}.pt"
+    output = Path(args.output) if args.output else Path(args.embeddings_dir) / default_name
     probe = Embedding(name, {"clip_l": torch.zeros(1), "clip_g": torch.zeros(1)} if sdxl else torch.zeros(1, 1))
     fmt = resolve_format(probe, output, args.format)  # fail on a bad --output before loading the model
     if output.exists() and not args.overwrite:
@@ -681,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_create)
 
     p = sub.add_parser("inspect", help="print name, vectors, width, step, checkpoint, hashes and format",
-                       description="Print what an embedding file holds. Files A1111 would ignore are reported as errors.")
+                       description="Print what an embedding file holds. Files A1111 would ignore are reported "
+                                   "as errors.")
     p.add_argument("files", nargs="+", help="embedding files (.pt, .bin, .safetensors, .png, .webp)")
     p.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
     p.set_defaults(func=_cmd_inspect)

@@ -2,10 +2,11 @@
 
 Two independent copies of the same payload live in one PNG:
 
-* a ``tEXt`` chunk ``sd-ti-embedding``: base64 of the JSON of the A1111 ``.pt`` dict, tensors as ``{"TORCHTENSOR": [...]}``;
+* a ``tEXt`` chunk ``sd-ti-embedding``: base64 of the JSON of the A1111 ``.pt`` dict, tensors written as
+  ``{"TORCHTENSOR": [...]}``;
 * the pixels: the zlib-compressed JSON split into low and high nibbles, each nibble array laid out as an RGB block
-  left and right of the card image (one black separator column each), its low nibble XOR-ed with a mod-255 LCG stream and
-  its high nibble carrying a decorative dot pattern.
+  left and right of the card image (one black separator column each), its low nibble XOR-ed with a mod-255 LCG
+  stream and its high nibble carrying a decorative dot pattern.
 
 This module only knows payload dicts (``{"string_to_param": {"*": tensor}, "name": ..., ...}``) and images; turning
 them into :class:`utils.embeddings.Embedding` objects is ``utils.embeddings``' job. Every decoder here is bounded
@@ -123,7 +124,8 @@ def encode_text_payload(data: dict) -> str:
 
 def decode_text_payload(text: str | bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> dict:
     if len(text) > limits.max_text_chars:
-        raise PayloadError(f"'{TEXT_KEY}' text is {len(text)} characters, more than the limit of {limits.max_text_chars}")
+        raise PayloadError(f"'{TEXT_KEY}' text is {len(text)} characters, "
+                           f"more than the limit of {limits.max_text_chars}")
     try:
         raw = base64.b64decode(text)
     except (binascii.Error, ValueError) as e:
