@@ -20,7 +20,9 @@ from utils.ldm_export import (
     unet_to_ldm,
     vae_to_ldm,
 )
-from utils.models import (
+from utils.models import (  # noqa: I001
+    _offline_tokenizers,
+    _switch_to,
     ARCHITECTURES,
     CONFIGS_DIR,
     ModelSource,
@@ -95,14 +97,19 @@ def test_folder_load(tiny_sd1):
     assert _processors(m.pipeline.vae) == {"AttnProcessor2_0"}
 
 
-def test_single_file_roundtrip_same_image_offline(tiny_sd1, sd1_file, sd1_reference):
+def test_single_file_roundtrip_same_image_offline(tiny_sd1, sd1_file, sd1_reference, tmp_path):
     keys = pipeline_to_ldm(sd1_reference).keys()
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys
     assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
 
-    single = load_pipeline(ModelSource(str(sd1_file), model_config=str(tiny_sd1)))
+    # like the shipped configs: JSON only, no weights and no tokenizer files (the tokenizer is built offline)
+    config_only = tmp_path / "config-only"
+    shutil.copytree(tiny_sd1, config_only, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer"))
+    single = load_pipeline(ModelSource(str(sd1_file), model_config=str(config_only)))
     assert (single.family, single.prediction_type) == ("sd1", "epsilon")
+    assert single.pipeline.tokenizer.pad_token == "<|endoftext|>"
+    assert single.pipeline.tokenizer("a photo of a tree").input_ids == [49406, 320, 1125, 539, 320, 2677, 49407]
     _assert_same_weights(sd1_reference, single.pipeline)
     assert _processors(single.pipeline.unet) == {"AttnProcessor2_0"}
     a, b = _image(sd1_reference), _image(single.pipeline)
@@ -311,6 +318,28 @@ def test_shipped_configs_are_the_released_architectures(arch):
     back = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict()).items()},
                                       vae.config)
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in vae.state_dict().items()}
+
+
+def test_offline_tokenizers_for_shipped_configs():
+    import json
+
+    pads = {}
+    for arch in ARCHITECTURES:
+        index = json.loads((CONFIGS_DIR / arch / "model_index.json").read_text())
+        pads[arch] = {k: t.pad_token for k, t in _offline_tokenizers(CONFIGS_DIR / arch, index).items()}
+    assert pads == {"sd1": {"tokenizer": "<|endoftext|>"}, "sd2-512": {"tokenizer": "!"}, "sd2-768": {"tokenizer": "!"},
+                    "sdxl": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}}
+
+
+def test_sd2_release_switch(tiny_sd1):
+    """What the loader does when an SD-2.x file turns out not to predict v: 512-base scheduler and sizes."""
+    pipe = load_pipeline(ModelSource(str(tiny_sd1))).pipeline
+    _switch_to(pipe, CONFIGS_DIR / "sd2-768")
+    assert (type(pipe.scheduler).__name__, pipe.scheduler.config.prediction_type) == ("DDIMScheduler", "v_prediction")
+    assert (pipe.unet.config.sample_size, pipe.vae.config.sample_size) == (96, 768)
+    _switch_to(pipe, CONFIGS_DIR / "sd2-512")
+    assert (type(pipe.scheduler).__name__, pipe.scheduler.config.prediction_type) == ("PNDMScheduler", "epsilon")
+    assert (pipe.unet.config.sample_size, pipe.vae.config.sample_size) == (64, 512)
 
 
 def test_unsupported_checkpoints_are_named():

@@ -1,7 +1,8 @@
-"""Write a diffusers SD-1.x / SD-2.x pipeline as one ``.safetensors`` in the original CompVis LDM key layout.
+"""Write a diffusers SD-1.x / SD-2.x / SDXL pipeline as one ``.safetensors`` in the original (LDM / sgm) key layout.
 
 That is the layout A1111 users have (``model.diffusion_model.*``, ``first_stage_model.*``,
-``cond_stage_model.transformer.*`` for CLIP, ``cond_stage_model.model.*`` for SD-2's OpenCLIP). The tests use it to
+``cond_stage_model.transformer.*`` for CLIP, ``cond_stage_model.model.*`` for SD-2's OpenCLIP,
+``conditioner.embedders.{0,1}.*`` for SDXL's two text encoders). The tests use it to
 prove that single-file checkpoints load offline and give the same images as the folder they came from.
 
     python -m utils.ldm_export --model DIFFUSERS_FOLDER --out model.safetensors
@@ -22,6 +23,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0."
+SDXL_CLIP_G_PREFIX = "conditioner.embedders.1."
 
 # Inside a ResNet block the two codebases name the same layers differently.
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -170,29 +173,43 @@ def openclip_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def pipeline_to_ldm(pipe, text_encoder_format: str | None = None) -> dict[str, torch.Tensor]:
-    """The whole SD-1.x / SD-2.x pipeline as one LDM state dict.
+    """The whole pipeline as one LDM state dict (SD-1.x, SD-2.x, or SDXL in the ``sgm`` layout).
 
-    ``text_encoder_format``: "clip" (SD-1) or "openclip" (SD-2); by default OpenCLIP when the text encoder uses
-    GELU (OpenCLIP) rather than CLIP's quick-GELU.
+    ``text_encoder_format`` (SD-1/2): "clip" (SD-1) or "openclip" (SD-2); by default OpenCLIP when the text
+    encoder uses GELU (OpenCLIP) rather than CLIP's quick-GELU.
     """
+    out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(pipe.unet.state_dict()).items()}
+    out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(pipe.vae.state_dict()).items()})
     if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError("SDXL pipelines are not supported by this exporter (SD-1.x / SD-2.x only)")
+        out.update(_sdxl_text_to_ldm(pipe.text_encoder.state_dict(), pipe.text_encoder_2.state_dict()))
+        return out
     if text_encoder_format is None:
         text_encoder_format = "clip" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "openclip"
     to_text = {"clip": clip_to_ldm, "openclip": openclip_to_ldm}[text_encoder_format]
-    out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(pipe.unet.state_dict()).items()}
-    out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(pipe.vae.state_dict()).items()})
     out.update(to_text(pipe.text_encoder.state_dict()))
+    return out
+
+
+def _sdxl_text_to_ldm(clip_l: dict[str, torch.Tensor], clip_g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SDXL's ``conditioner.embedders.0`` (CLIP-L, transformers names) and ``.1`` (OpenCLIP-G with its projection)."""
+    out = {k.replace("cond_stage_model.", SDXL_CLIP_L_PREFIX, 1): v for k, v in clip_to_ldm(clip_l).items()}
+    projection = clip_g.get("text_projection.weight")
+    clip_g = {k: v for k, v in clip_g.items() if k != "text_projection.weight"}
+    out.update({k.replace("cond_stage_model.", SDXL_CLIP_G_PREFIX, 1): v for k, v in openclip_to_ldm(clip_g).items()})
+    if projection is not None:
+        # open_clip multiplies x @ text_projection; a torch Linear stores the transpose
+        out[SDXL_CLIP_G_PREFIX + "model.text_projection"] = projection.T
     return out
 
 
 def export_single_file(pipeline_folder: str | os.PathLike, out_path: str | os.PathLike,
                        text_encoder_format: str | None = None) -> Path:
-    """Load a diffusers SD-1.x / SD-2.x folder and write it as one LDM-layout ``.safetensors`` (atomically)."""
-    from diffusers import StableDiffusionPipeline
+    """Load a diffusers pipeline folder and write it as one LDM-layout ``.safetensors`` (atomically)."""
     from safetensors.torch import save_file
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_folder, safety_checker=None, requires_safety_checker=False)
+    from utils.models import ModelSource, load_pipeline
+
+    pipe = load_pipeline(ModelSource(str(pipeline_folder))).pipeline
     state = {k: v.detach().contiguous().clone() for k, v in pipeline_to_ldm(pipe, text_encoder_format).items()}
     out = Path(out_path)
     with atomic_path(out) as tmp:
@@ -201,7 +218,7 @@ def export_single_file(pipeline_folder: str | os.PathLike, out_path: str | os.Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a diffusers SD-1.x/SD-2.x folder as one LDM-layout .safetensors.")
+    parser = argparse.ArgumentParser(description="Write a diffusers SD-1.x/SD-2.x/SDXL folder as one LDM-layout .safetensors.")
     parser.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json inside)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--text_encoder_format", choices=("clip", "openclip"), default=None,
