@@ -237,6 +237,15 @@ def test_names_match_as_token_sequences_case_insensitive(tokenizer):
     assert ch("a my-embroidery").embeddings == {}
 
 
+def test_name_ending_in_punctuation_matches_before_a_comma(tokenizer):
+    birb = Embedding("learned_embeds", torch.zeros(1, 32), extra={"token": "<birb-style>"})
+    ch = _chunker(tokenizer, {"learned_embeds": birb})
+    for prompt in ("a <birb-style> bird", "a <birb-style>, bird", "<birb-style>.", "learned_embeds, x"):
+        t = ch(prompt)
+        assert list(t.embeddings) == ["learned_embeds"], prompt
+    assert ch("a <birb-styles> bird").embeddings == {}
+
+
 # --- injection and encoding -------------------------------------------------------------------------------------
 
 def test_token_embedding_with_fixes_replaces_rows_after_offset():

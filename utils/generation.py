@@ -93,16 +93,71 @@ def _vae_multiple(pipeline) -> int:
     return int(getattr(pipeline, "vae_scale_factor", 8) or 8)
 
 
+class HypernetworkLibrary:
+    """Hypernetworks by name from folders (``<hypernet:NAME:MULT>`` in prompts), each file loaded once per version."""
+
+    def __init__(self, dirs: list):
+        self.dirs = list(dirs)
+        self._cache: dict[str, tuple[tuple, object]] = {}
+
+    def get(self, name: str):
+        import os
+
+        from utils.hypernetwork import list_hypernetworks, load_hypernetwork
+
+        found = list_hypernetworks(self.dirs)
+        if name not in found:
+            known = ", ".join(found) or "none"
+            raise UserError(f"hypernetwork {name!r} not found in {', '.join(map(str, self.dirs))} (available: {known})")
+        path = found[name]
+        st = os.stat(path)
+        stamp = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._cache.get(name)
+        if cached is None or cached[0] != stamp:
+            self._cache[name] = (stamp, load_hypernetwork(path))
+        return self._cache[name][1]
+
+
+@contextmanager
+def _hypernetworks(unet, pairs: list):
+    """Install ``[(Hypernetwork, multiplier)]`` for one generation; put back exactly the processors found."""
+    if not pairs:
+        yield
+        return
+    from utils.hypernetwork import install_hypernetworks
+
+    saved = dict(unet.attn_processors)
+    for hn, _ in pairs:
+        hn.to(device=unet.device, dtype=unet.dtype)
+    install_hypernetworks(unet, pairs)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def split_hypernet_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """(text for the text encoder, [(name, multiplier)]) — A1111's ``<hypernet:…>`` tags never reach CLIP."""
+    from utils.hypernetwork import parse_hypernet_tags
+
+    return parse_hypernet_tags(prompt)
+
+
 def generate(loaded_model, encoder: PromptEncoder, params: GenerationParams, refresh_embeddings: bool = True,
-             progress: bool = True) -> list[GeneratedImage]:
+             progress: bool = True, hypernetworks: HypernetworkLibrary | None = None) -> list[GeneratedImage]:
     """Render ``params.batch_size * params.n_iter`` images.
 
     ``loaded_model`` needs ``.pipeline`` and ``.identity`` (``name``, ``shorthash``) as utils.models' LoadedModel.
     ``refresh_embeddings``: re-check the embedding folders first (A1111 does before every generation; previews skip).
+    ``hypernetworks``: where ``<hypernet:NAME:MULT>`` tags in the prompt are looked up (tags stay in the infotext).
     """
     pipeline = loaded_model.pipeline
     validate(params, _vae_multiple(pipeline))
     sampler = resolve_sampler_name(params.sampler)
+    prompt_text, tags = split_hypernet_tags(params.prompt)
+    if tags and hypernetworks is None:
+        raise UserError(f"the prompt uses <hypernet:{tags[0][0]}> but no hypernetwork folder is set")
+    pairs = [(hypernetworks.get(name), mult) for name, mult in tags]
     if refresh_embeddings:
         encoder.refresh()
     seed = resolve_seed(params.seed)
@@ -111,8 +166,8 @@ def generate(loaded_model, encoder: PromptEncoder, params: GenerationParams, ref
     pipeline.set_progress_bar_config(disable=not progress)
 
     results: list[GeneratedImage] = []
-    with torch.no_grad(), _scheduler(pipeline, scheduler):
-        cond, uncond = encoder.encode_pair([params.prompt] * bs, [params.negative_prompt] * bs)
+    with torch.no_grad(), _scheduler(pipeline, scheduler), _hypernetworks(pipeline.unet, pairs):
+        cond, uncond = encoder.encode_pair([prompt_text] * bs, [params.negative_prompt] * bs)
         used = dict(encoder.used_embeddings)
         conditioning = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds}
         if cond.pooled is not None:
@@ -129,3 +184,35 @@ def generate(loaded_model, encoder: PromptEncoder, params: GenerationParams, ref
                                        infotext_params(params, sampler, s, loaded_model.identity, used))
                 results.append(GeneratedImage(image, s, info))
     return results
+
+
+def grid_rows(count: int) -> int:
+    """A1111's automatic grid rows: the largest divisor of ``count`` not above its square root."""
+    rows = max(1, int(count ** 0.5))
+    while count % rows:
+        rows -= 1
+    return rows
+
+
+def image_grid(images: list, rows: int | None = None):
+    """All ``images`` (same size) in one picture, row by row."""
+    from PIL import Image
+
+    rows = rows or grid_rows(len(images))
+    cols = -(-len(images) // rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def next_image_number(folder, prefix: str = "") -> int:
+    """A1111 numbering: one more than the largest leading number of ``<prefix>NNNNN…`` files in ``folder``."""
+    import os
+    import re
+
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)")
+    numbers = [int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+               if (m := pattern.match(name))]
+    return max(numbers, default=-1) + 1

@@ -271,9 +271,10 @@ class EmbeddingLookup:
         ids_per_key = _tokenize(tokenizer, [k for k, _ in keys]) if keys else []
         seen: set[tuple[int, ...]] = set()
         for (_, emb), ids in zip(keys, ids_per_key):
-            if ids and tuple(ids) not in seen:
-                seen.add(tuple(ids))
-                self.table.setdefault(ids[0], []).append((ids, emb))
+            for variant in (ids, _punctuation_followed(tokenizer, ids)):
+                if variant and tuple(variant) not in seen:
+                    seen.add(tuple(variant))
+                    self.table.setdefault(variant[0], []).append((variant, emb))
         for entries in self.table.values():
             entries.sort(key=lambda e: len(e[0]), reverse=True)
 
@@ -282,6 +283,24 @@ class EmbeddingLookup:
             if tokens[pos : pos + len(ids)] == ids:
                 return emb, len(ids)
         return None
+
+
+def _punctuation_followed(tokenizer, ids: list[int]) -> list[int] | None:
+    """The ids of a name ending in punctuation when more punctuation follows it ("<birb-style>,").
+
+    CLIP's pre-tokenizer keeps a run of punctuation together, so the final ``></w>`` of the name becomes a
+    mid-word ``>`` before a comma and a plain token-sequence match would miss it. Names ending in a letter or digit
+    never change this way, so this only widens matching for names that end in punctuation.
+    """
+    if not ids:
+        return None
+    last = tokenizer.convert_ids_to_tokens(ids[-1])
+    if not last.endswith("</w>") or any(c.isalnum() for c in last[:-4]):
+        return None
+    inner = tokenizer.convert_tokens_to_ids(last[:-4])
+    if inner is None or inner == tokenizer.unk_token_id:
+        return None
+    return ids[:-1] + [inner]
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:

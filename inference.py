@@ -1,0 +1,183 @@
+"""Generate images with Textual Inversion embeddings (and hypernetworks) used by name, as in A1111.
+
+    python inference.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+        --prompt "a photo of a cat, style of my-embedding" --negative_prompt "EasyNegative" --seed 42
+
+Embeddings are every file under --embeddings_dir (A1111 .pt, diffusers .bin/.safetensors, kohya, embedding PNGs),
+used by writing their name in the prompt; folders are re-checked before each prompt, so files added or replaced
+while a prompt file runs are picked up. Images are saved as ``NNNNN-<seed>.png`` with A1111's ``parameters`` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils.errors import UserError, exit_on_user_error
+from utils.generation import (GenerationParams, HypernetworkLibrary, generate, image_grid, next_image_number,
+                              resolve_seed, split_hypernet_tags)
+from utils.infotext import save_png
+from utils.models import ModelSource, load_pipeline, weight_dtype
+from utils.prompts import EmbeddingDatabase, PromptEncoder
+from utils.samplers import sampler_names
+
+DEFAULT_EMBEDDINGS_DIR = "embeddings"
+DEFAULT_HYPERNETWORK_DIR = "hypernetworks"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="Hub id, local diffusers folder, or single-file checkpoint (.safetensors/.ckpt).")
+    m.add_argument("--revision", help="Hub revision of the model.")
+    m.add_argument("--variant", help="Weight variant, e.g. fp16.")
+    m.add_argument("--vae", help="Replace the model's VAE (folder or single file).")
+    m.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="Run the model in this precision (fp16/bf16 need a GPU to be fast).")
+    m.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu. Default: cuda if available.")
+
+    e = p.add_argument_group("embeddings and hypernetworks")
+    e.add_argument("--embeddings_dir", action="append", default=None,
+                   help=f"Folder of embeddings, searched recursively; repeat for several. Default: "
+                        f"{DEFAULT_EMBEDDINGS_DIR}/ (if it exists).")
+    e.add_argument("--list_embeddings", action="store_true",
+                   help="Print the embeddings usable with this model (and those skipped, with the reason), then exit.")
+    e.add_argument("--hypernetwork", action="append", default=[], metavar="NAME[:MULT]",
+                   help="Apply a hypernetwork from --hypernetwork_dir to every prompt (same as adding "
+                        "<hypernet:NAME:MULT> to it); repeatable.")
+    e.add_argument("--hypernetwork_dir", action="append", default=None,
+                   help=f"Folder of hypernetwork .pt files for --hypernetwork and <hypernet:NAME:MULT> prompt tags; "
+                        f"repeatable. Default: {DEFAULT_HYPERNETWORK_DIR}/.")
+
+    g = p.add_argument_group("generation")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="The prompt. Embedding names and <hypernet:NAME:MULT> tags may appear in it; "
+                                      "(word:1.2) / [word] emphasis and BREAK work as in A1111.")
+    src.add_argument("--prompt_file", help="A text file with one prompt per line (blank lines skipped).")
+    g.add_argument("--negative_prompt", default="", help="The negative prompt (embeddings work here too).")
+    g.add_argument("--steps", type=int, default=20, help="Sampling steps.")
+    g.add_argument("--sampler", default="Euler a", help=f"A1111 sampler name: {', '.join(sampler_names())}.")
+    g.add_argument("--cfg_scale", type=float, default=7.0, help="Classifier-free guidance scale.")
+    g.add_argument("--seed", type=int, default=-1,
+                   help="Seed of the first image; image i of a prompt uses seed + i. -1: random (a new one per prompt "
+                        "line).")
+    g.add_argument("--width", type=int, default=512, help="Image width (multiple of 8).")
+    g.add_argument("--height", type=int, default=512, help="Image height (multiple of 8).")
+    g.add_argument("--batch_size", type=int, default=1, help="Images generated together.")
+    g.add_argument("--n_iter", type=int, default=1, help="Batches per prompt (A1111's batch count).")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--outdir", default="outputs/txt2img-images", help="Where images are written.")
+    o.add_argument("--grid", action="store_true", help="Also save all images of each prompt as grid-NNNN.png.")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompt_file is None:
+        raise UserError("give --prompt or --prompt_file (or --list_embeddings)")
+    try:
+        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserError(f"--prompt_file {args.prompt_file}: {e.strerror or e}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompt_file {args.prompt_file}: no prompts in it")
+    return prompts
+
+
+def embedding_dirs(args) -> list[Path]:
+    if args.embeddings_dir is None:
+        return [Path(DEFAULT_EMBEDDINGS_DIR)]  # optional: a missing default folder just means no embeddings
+    missing = [d for d in args.embeddings_dir if not Path(d).is_dir()]
+    if missing:
+        raise UserError(f"--embeddings_dir {missing[0]}: no such folder")
+    return [Path(d) for d in args.embeddings_dir]
+
+
+def hypernetwork_tags(values: list[str]) -> str:
+    """``--hypernetwork NAME[:MULT]`` flags as the prompt tags A1111 would write (so the infotext reproduces)."""
+    tags = []
+    for value in values:
+        name, _, mult = value.partition(":")
+        try:
+            mult = float(mult) if mult else 1.0
+        except ValueError:
+            raise UserError(f"--hypernetwork {value}: multiplier must be a number") from None
+        tags.append(f"<hypernet:{name}:{mult:g}>")
+    return "".join(tags)
+
+
+def print_embeddings(db: EmbeddingDatabase, width: int) -> None:
+    row = "  {:<28} {:>7} {:>6} {:>7}  {:<12}  {}"
+
+    def show(emb, extra: str = "") -> None:
+        print(row.format(emb.name, emb.num_vectors, emb.width, "-" if emb.step is None else emb.step,
+                         emb.shorthash or "-", extra).rstrip())
+
+    print(f"Loaded embeddings ({len(db.loaded)}), model text width {width}:")
+    print(row.format("name", "vectors", "width", "step", "hash", "").rstrip())
+    for emb in db.loaded.values():
+        show(emb)
+    print(f"Skipped embeddings ({len(db.skipped)}):")
+    for name, emb in db.skipped_embeddings.items():
+        show(emb, db.skipped[name])
+    if db.errors:
+        print(f"Not embeddings ({len(db.errors)}):")
+        for path, message in db.errors.items():
+            print(f"  {message if message.startswith(path) else f'{path}: {message}'}")
+
+
+def device_of(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error("inference.py"):
+        prompts = [] if args.list_embeddings else read_prompts(args)  # bad input fails before the model loads
+        source = ModelSource(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                             vae=args.vae)
+        model = load_pipeline(source, torch_dtype=weight_dtype(args.mixed_precision))
+        model.pipeline.to(device_of(args))
+        db = EmbeddingDatabase(embedding_dirs(args))
+        encoder = PromptEncoder(model.pipeline, db)
+
+        if args.list_embeddings:
+            encoder.refresh()
+            print_embeddings(db, encoder.expected_width)
+            return 0
+
+        hypernetworks = HypernetworkLibrary(args.hypernetwork_dir or [DEFAULT_HYPERNETWORK_DIR])
+        always_on = hypernetwork_tags(args.hypernetwork)
+        outdir = Path(args.outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        for prompt in prompts:
+            params = GenerationParams(
+                prompt=prompt + always_on, negative_prompt=args.negative_prompt, steps=args.steps,
+                sampler=args.sampler, cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=args.width,
+                height=args.height, batch_size=args.batch_size, n_iter=args.n_iter)
+            encoder.refresh()  # pick up embedding files changed since the last prompt
+            for label, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
+                used, limit = encoder.count_tokens(split_hypernet_tags(text)[0])
+                print(f"{label}: {used}/{limit} tokens", file=sys.stderr)
+            results = generate(model, encoder, params, refresh_embeddings=False, hypernetworks=hypernetworks)
+            for result in results:
+                path = outdir / f"{next_image_number(outdir):05}-{result.seed}.png"
+                save_png(result.image, path, result.infotext)
+                print(path)
+            if args.grid and results:
+                path = outdir / f"grid-{next_image_number(outdir, 'grid-'):04}.png"
+                save_png(image_grid([r.image for r in results]), path, results[0].infotext)
+                print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
