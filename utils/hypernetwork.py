@@ -115,10 +115,12 @@ class HypernetworkOptions:
 
     def resolved(self) -> "HypernetworkOptions":
         """A copy with ``dropout_structure`` filled in, as A1111 holds it after creating or loading."""
-        if self.dropout_structure is not None:
-            return replace(self, dropout_structure=list(self.dropout_structure))
-        ds = parse_dropout_structure(self.layer_structure, self.use_dropout, self.last_layer_dropout)
-        return replace(self, dropout_structure=ds)
+        if self.dropout_structure is None:
+            ds = parse_dropout_structure(self.layer_structure, self.use_dropout, self.last_layer_dropout)
+        else:
+            ds = list(self.dropout_structure)
+        # A non-zero structure means dropout is on (A1111 infers this on load; set it now so a round trip is exact).
+        return replace(self, dropout_structure=ds, use_dropout=bool(self.use_dropout or any(ds)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,9 +311,11 @@ def _load_pickle(path: Path, what: str):
         # weights_only: never run code from a file; A1111 files hold only plain data and tensors.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message is a multi-line how-to for trusting the file; keep only the line naming the culprit.
+        culprit = re.search(r"GLOBAL (\S+)", str(e))
         raise UserError(
-            f"{path}: refusing to load this {what}: it needs Python objects beyond tensors and plain data ({first})"
+            f"{path}: refusing to load this {what}: it needs Python objects beyond tensors and plain data"
+            + (f" (it asks for {culprit.group(1)})" if culprit else "")
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
