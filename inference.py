@@ -109,7 +109,7 @@ def hypernetwork_tags(values: list[str]) -> str:
         except ValueError:
             raise UserError(f"--hypernetwork {value}: multiplier must be a number") from None
         tags.append(f"<hypernet:{name}:{mult:g}>")
-    return "".join(tags)
+    return "".join(" " + t for t in tags)
 
 
 def print_embeddings(db: EmbeddingDatabase, width: int) -> None:

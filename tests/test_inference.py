@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -152,6 +150,12 @@ def test_hypernet_tag_applied_kept_in_infotext_and_removed_after(sd1_model, tmp_
         generate(sd1_model, enc, GenerationParams("a cat <hypernet:missing>", **params), hypernetworks=lib)
 
 
+def test_hypernetwork_flags_become_prompt_tags():
+    assert inference.hypernetwork_tags(["style", "face:0.5"]) == " <hypernet:style:1> <hypernet:face:0.5>"
+    with pytest.raises(Exception, match="multiplier must be a number"):
+        inference.hypernetwork_tags(["style:strong"])
+
+
 def test_grid_rows_like_a1111():
     assert [grid_rows(n) for n in (1, 2, 3, 4, 6, 8, 9, 12)] == [1, 1, 1, 2, 2, 2, 3, 3]
 
@@ -163,4 +167,3 @@ def test_help_mentions_every_flag(capsys):
     for flag in ("--embeddings_dir", "--prompt_file", "--negative_prompt", "--sampler", "--cfg_scale", "--n_iter",
                  "--grid", "--list_embeddings", "--hypernetwork", "--mixed_precision", "--device"):
         assert flag in text
-    assert isinstance(types.SimpleNamespace, type)
