@@ -4,7 +4,6 @@ variant/revision, the shipped architecture configs, and the precision/attention 
 from __future__ import annotations
 
 import hashlib
-import pickle
 import shutil
 
 import pytest
@@ -436,8 +435,3 @@ def test_set_tf32_round_trip():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 
-
-def test_picklable_source_and_result_types():
-    # configuration objects cross process boundaries (accelerate launchers); keep them plain
-    src = ModelSource("a/b", revision="r", variant="fp16", vae="v", model_config="sd1")
-    assert pickle.loads(pickle.dumps(src)) == src

@@ -69,7 +69,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def _file_variant(name: str) -> str | None:
-    """``model.fp16.safetensors`` -> "fp16"; ``model.fp16-00001-of-00002.safetensors`` -> "fp16"; ``model.bin`` -> None."""
+    """``model.fp16.safetensors`` and ``model.fp16-00001-of-00002.safetensors`` -> "fp16"; ``model.bin`` -> None."""
     parts = name.split(".")
     return parts[1].split("-")[0] if len(parts) > 2 else None
 
@@ -84,7 +84,8 @@ def folder_weight_files(folder: str | os.PathLike, variant: str | None = None) -
             groups.setdefault(f.parent, []).append(f)
     chosen: list[Path] = []
     for files in groups.values():
-        picked = [f for f in files if _file_variant(f.name) == variant] or [f for f in files if _file_variant(f.name) is None]
+        picked = ([f for f in files if _file_variant(f.name) == variant]
+                  or [f for f in files if _file_variant(f.name) is None])
         safetensors = [f for f in picked if f.suffix == ".safetensors"]
         chosen += safetensors or picked
     return sorted(chosen, key=lambda f: f.relative_to(folder).as_posix())

@@ -54,7 +54,7 @@ def _rename_resnet(rest: str) -> str:
 
 
 def unet_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """UNet2DConditionModel state dict -> LDM ``openaimodel.UNetModel`` names (without the ``model.diffusion_model.`` prefix).
+    """UNet2DConditionModel state dict -> LDM ``openaimodel.UNetModel`` names (no ``model.diffusion_model.`` prefix).
 
     LDM numbers the encoder as one flat list ``input_blocks`` (conv_in, then per level its ResNet(+attention) layers
     and a downsampler) and the decoder as ``output_blocks`` (per level its layers; the upsampler rides on the last one).
@@ -218,11 +218,13 @@ def export_single_file(pipeline_folder: str | os.PathLike, out_path: str | os.Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a diffusers SD-1.x/SD-2.x/SDXL folder as one LDM-layout .safetensors.")
+    parser = argparse.ArgumentParser(
+        description="Write a diffusers SD-1.x/SD-2.x/SDXL folder as one LDM-layout .safetensors.")
     parser.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json inside)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--text_encoder_format", choices=("clip", "openclip"), default=None,
-                        help="clip: SD-1.x layout; openclip: SD-2.x layout (default: from the text encoder's activation)")
+                        help="SD-1.x/2.x only. clip: SD-1.x layout; openclip: SD-2.x layout "
+                             "(default: from the text encoder's activation)")
     args = parser.parse_args(argv)
     print(export_single_file(args.model, args.out, args.text_encoder_format))
 

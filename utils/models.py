@@ -41,8 +41,9 @@ __all__ = [
 class ModelSource:
     """What the user asked for (``--pretrained_model_name_or_path``, ``--revision``, ``--variant``, ``--vae``).
 
-    ``model_config``: for single files, a diffusers config folder (or one of ``ARCHITECTURES``) to use instead of
-    detecting the architecture from the checkpoint's weights.
+    ``revision`` and ``variant`` apply to Hub ids (``variant`` also to local folders, e.g. "fp16"); ``vae`` is a
+    VAE folder or single file that replaces the pipeline's. ``model_config``: for single files, a diffusers config
+    folder (or one of ``ARCHITECTURES``) to use instead of detecting the architecture from the weights.
     """
 
     pretrained_model_name_or_path: str
@@ -153,7 +154,8 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], name: str = "checkp
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     if _UNET_IN not in shapes:
-        hint = " (it looks like one diffusers component; pass the pipeline folder)" if "conv_in.weight" in shapes else ""
+        component = "conv_in.weight" in shapes
+        hint = " (it looks like one diffusers component; pass the pipeline folder)" if component else ""
         raise UserError(f"{name}: not a Stable Diffusion checkpoint: no model.diffusion_model.* weights{hint}")
     # diffusers' own detector only looks at key names and shapes; meta tensors give it those without any data
     meta = {k: torch.empty(tuple(s), device="meta") for k, s in shapes.items()}
@@ -266,7 +268,8 @@ def _download(repo_id: str, source: ModelSource) -> Path:
     except Exception as e:  # hub errors come in many types (offline, missing repo, gated, bad revision)
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         why = "offline (HF_HUB_OFFLINE) and not in the local cache" if offline else _one_line(e)
-        raise UserError(f"model not found: {repo_id} is not a local file or folder and cannot be fetched from the Hub ({why})") from None
+        raise UserError(f"model not found: {repo_id} is not a local file or folder and cannot be fetched "
+                        f"from the Hub ({why})") from None
 
 
 def _one_line(e: Exception) -> str:
