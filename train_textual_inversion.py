@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Train a Textual Inversion embedding for Stable Diffusion 1.x / 2.x / SDXL, on one or many GPUs.
+
+    accelerate launch train_textual_inversion.py --pretrained_model_name_or_path MODEL \
+        --train_data_dir DATA --placeholder_token my-thing --initializer_token object --output_dir out
+    python train_textual_inversion.py --demo          # tiny built-in model and sample images, CPU, ~1 minute
+
+Writes <output_dir>/<name>.pt (A1111), learned_embeds.safetensors (diffusers), periodic copies in embeddings/,
+previews in images/, the loss log textual_inversion_loss.csv, resumable checkpoint-N/ folders and training_settings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils import cli
+from utils.errors import UserError, exit_on_user_error
+from utils.lr_schedule import validate_learning_rate
+from utils.training_setup import add_data_args
+
+PROG = "train_textual_inversion.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_config_arg(p)
+    p.add_argument("--demo", action="store_true",
+                   help="Train on the built-in tiny model and examples/sample_images (offline, CPU, about a minute); "
+                        "other flags still apply.")
+    cli.add_model_args(p)
+    g = p.add_argument_group("embedding")
+    g.add_argument("--placeholder_token", "--embedding_name", dest="placeholder_token",
+                   help="The embedding's name: the word you will write in prompts (and its file name).")
+    g.add_argument("--initializer_token", "--init_text", dest="initializer_token", default="*",
+                   help="Text whose token embeddings start the vectors (A1111's 'initialization text'; empty = zeros).")
+    g.add_argument("--num_vectors", type=int, default=1, help="Vectors per token, 1-75.")
+    g.add_argument("--resume_embedding", metavar="FILE",
+                   help="Continue training this embedding file (any supported format); its step counter continues.")
+    g.add_argument("--save_image_embeddings", action="store_true",
+                   help="Also save A1111 PNG cards with the embedding inside, in image_embeddings/.")
+    add_data_args(p, default_template=None)
+    cli.add_optim_args(p, default_lr="0.005", default_weight_decay=0.0)
+    cli.add_output_args(p)
+    cli.add_logging_args(p)
+    a = cli.parse_with_config(p, argv)
+    if a.demo:
+        apply_demo_defaults(a, argv or [])
+    return a
+
+
+def apply_demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
+    """The README's first command: everything local, small and quick. Flags given explicitly still win."""
+    from utils.tiny_models import tiny_model_path
+
+    given = {s.split("=")[0] for s in argv if s.startswith("--")}
+    defaults = {
+        "--pretrained_model_name_or_path": ("pretrained_model_name_or_path", str(tiny_model_path("sd1"))),
+        "--train_data_dir": ("train_data_dir", str(Path(__file__).resolve().parent / "examples" / "sample_images")),
+        "--placeholder_token": ("placeholder_token", "red-ball"),
+        "--initializer_token": ("initializer_token", "ball"),
+        "--num_vectors": ("num_vectors", 2),
+        "--resolution": ("resolution", 64),
+        "--train_batch_size": ("train_batch_size", 2),
+        "--max_train_steps": ("max_train_steps", 300),
+        "--output_dir": ("output_dir", "demo_output"),
+        "--preview_every": ("preview_every", 100),
+        "--preview_steps": ("preview_steps", 10),
+        "--save_every": ("save_every", 100),
+        "--checkpointing_steps": ("checkpointing_steps", 100),
+        "--save_image_embeddings": ("save_image_embeddings", True),
+    }
+    for flag, (dest, value) in defaults.items():
+        if flag not in given:
+            setattr(a, dest, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Everything that can be checked without a model is checked first.
+    validate_learning_rate(str(args.learning_rate))
+    cli.check_positive(args, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs")
+    if not args.placeholder_token and not args.resume_embedding:
+        raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
+
+    from utils import ti_outputs
+    from utils.data import scan_dataset
+    from utils.embeddings import load_embedding, sanitize_name
+    from utils.textual_inversion import TextualInversion
+    from utils.training import config_for_trackers, make_accelerator, train
+    from utils.training_setup import (ModelOptions, build_batch_source, data_options, limit_threads_per_rank,
+                                      load_model_for_training, model_source, resolve_max_steps,
+                                      training_noise_scheduler)
+
+    resumed = load_embedding(args.resume_embedding) if args.resume_embedding else None
+    if args.resume_embedding and resumed is None:
+        raise UserError(f"--resume_embedding {args.resume_embedding}: the file holds no embedding")
+    name = sanitize_name(args.placeholder_token or resumed.name)
+    source = model_source(args)
+    data_cfg, prompt_cfg, latent_cfg = data_options(args, placeholder=name)
+    out_dir = Path(args.output_dir)
+
+    accelerator = make_accelerator(out_dir, args.mixed_precision or "no", args.gradient_accumulation_steps,
+                                   args.report_to, args.seed)
+    limit_threads_per_rank(accelerator.num_processes)
+    summary = scan_dataset(data_cfg, prompt_cfg, report_file=out_dir / "skipped_images.txt"
+                           if accelerator.is_main_process else None)
+    accelerator.print(summary.describe())
+
+    loaded = load_model_for_training(source, ModelOptions(
+        accelerator.mixed_precision, args.gradient_checkpointing, args.enable_xformers_memory_efficient_attention,
+        args.allow_tf32, args.prediction_type), accelerator.device)
+    embedding = resumed if resumed is not None else ti_outputs.new_embedding(
+        loaded, name, args.initializer_token, args.num_vectors)
+    embedding.name = name
+    ti_outputs.check_width(embedding, loaded)
+    trainable = TextualInversion.build(loaded.pipeline, embedding)
+
+    batches = build_batch_source(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+                                 batch_size=args.train_batch_size, seed=args.seed,
+                                 num_workers=args.dataloader_num_workers, cache_latents=not args.no_cache_latents,
+                                 report_file=out_dir / "skipped_images.txt")
+    steps_per_epoch = batches.micro_batches_per_epoch // args.gradient_accumulation_steps
+    max_steps = resolve_max_steps(args.max_train_steps, args.num_train_epochs, max(1, steps_per_epoch))
+    settings = {**{k: v for k, v in vars(args).items() if k != "config"}, "embedding_name": name,
+                "max_train_steps": max_steps, "model_hash": loaded.identity.shorthash,
+                "model_name": loaded.identity.name, "num_of_dataset_images": summary.num_examples,
+                "world_size": accelerator.num_processes}
+    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
+    outputs = ti_outputs.TextualInversionOutputs(
+        accelerator, trainable, loaded, out_dir, ti_outputs.preview_options(args, batches, data_cfg),
+        save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
+        settings=settings).callbacks(previews=not args.no_previews)
+
+    result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"Done at step {result.step} ({result.stopped_by}). Outputs in {out_dir.resolve()}:")
+        for f in result.files[-4:]:
+            print(f"  {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    with exit_on_user_error(PROG):
+        sys.exit(main())

@@ -1,0 +1,139 @@
+"""What a textual-inversion run writes: the new embedding, periodic copies, PNG cards, previews, final files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from utils.embeddings import (
+    Embedding,
+    create_embedding,
+    create_embedding_sdxl,
+    save_a1111_pt,
+    save_diffusers,
+    save_embedding,
+    save_kohya,
+    save_png_card,
+)
+from utils.errors import UserError
+from utils.fileio import write_text_atomic
+from utils.models import LoadedModel
+from utils.training import Outputs
+from utils.training_setup import PreviewOptions
+
+EXPECTED_WIDTH = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}
+
+
+def new_embedding(loaded: LoadedModel, name: str, init_text: str, num_vectors: int) -> Embedding:
+    pipe = loaded.pipeline
+    if loaded.family == "sdxl":
+        return create_embedding_sdxl(name, init_text, num_vectors, [
+            (pipe.tokenizer, pipe.text_encoder.get_input_embeddings()),
+            (pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings())])
+    return create_embedding(name, init_text, num_vectors, pipe.tokenizer, pipe.text_encoder.get_input_embeddings())
+
+
+def model_text_width(loaded: LoadedModel) -> int:
+    pipe = loaded.pipeline
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
+    if loaded.family == "sdxl":
+        width += pipe.text_encoder_2.get_input_embeddings().embedding_dim
+    return width
+
+
+def check_width(embedding: Embedding, loaded: LoadedModel) -> None:
+    """An embedding made for another model family cannot be continued on this one."""
+    if embedding.is_sdxl != (loaded.family == "sdxl") or embedding.width != model_text_width(loaded):
+        raise UserError(f"embedding '{embedding.name}' is {embedding.width} wide ({'SDXL' if embedding.is_sdxl else 'SD'}"
+                        f"), but the model's text encoder(s) are {model_text_width(loaded)} wide ({loaded.family})")
+
+
+def preview_options(args, batches, data_cfg) -> PreviewOptions:
+    return PreviewOptions(prompt=args.preview_prompt, negative_prompt=args.preview_negative_prompt,
+                          steps=args.preview_steps, sampler=args.preview_sampler, cfg_scale=args.preview_cfg_scale,
+                          seed=args.preview_seed, num_images=args.num_preview_images, width=data_cfg.width,
+                          height=data_cfg.height)
+
+
+class TextualInversionOutputs:
+    """File layout (A1111 names): ``embeddings/<name>-<step>.pt|.safetensors``, ``image_embeddings/<name>-<step>.png``,
+    ``images/<name>-<step>-<k>.png``, and at the end ``<name>.pt``, ``learned_embeds.safetensors``,
+    ``training_settings.json``. Every file is written to a temp name and renamed."""
+
+    def __init__(self, accelerator, trainable, loaded: LoadedModel, out_dir: Path, preview: PreviewOptions, *,
+                 save_image_embeddings: bool, also_bin: bool, settings: dict):
+        self.accelerator = accelerator
+        self.trainable = trainable
+        self.loaded = loaded
+        self.out_dir = out_dir
+        self.preview_opts = preview
+        self.save_image_embeddings = save_image_embeddings
+        self.also_bin = also_bin
+        self.settings = settings
+        self.last_preview = None  # the newest preview picture, used as the PNG card's image
+        self._encoder = None
+
+    def callbacks(self, previews: bool = True) -> Outputs:
+        return Outputs(save=self.save, final=self.final, preview=self.preview if previews else None)
+
+    def _current(self, step: int, name: str | None = None) -> Embedding:
+        emb = self.trainable.current(step)
+        return replace(emb, name=name or emb.name, sd_checkpoint=self.loaded.identity.shorthash,
+                       sd_checkpoint_name=self.loaded.identity.name)
+
+    def _write(self, emb: Embedding, stem: Path) -> list[Path]:
+        if emb.is_sdxl:  # the one-file clip_l/clip_g layout A1111, ComfyUI and kohya read
+            return [save_kohya(emb, stem.with_suffix(".safetensors"))]
+        return [save_a1111_pt(emb, stem.with_suffix(".pt")), save_diffusers(emb, stem.with_suffix(".safetensors"))]
+
+    def save(self, step: int) -> list[Path]:
+        # Periodic copies store "<name>-<step>" as their name, as A1111's do (it is what a PNG card loads as).
+        emb = self._current(step, f"{self.trainable.name}-{step}")
+        files = self._write(emb, self.out_dir / "embeddings" / f"{self.trainable.name}-{step}")
+        if self.save_image_embeddings and not emb.is_sdxl:
+            files.append(save_png_card(emb, self.out_dir / "image_embeddings" / f"{self.trainable.name}-{step}.png",
+                                       self.last_preview))
+        return files
+
+    def final(self, step: int) -> list[Path]:
+        emb = self._current(step)
+        files = self._write(emb, self.out_dir / self.trainable.name)
+        files.append(save_embedding(emb, self.out_dir / "learned_embeds.safetensors", "diffusers-sdxl"
+                                    if emb.is_sdxl else "diffusers", token=emb.name))
+        if self.also_bin and not emb.is_sdxl:
+            files.append(save_embedding(emb, self.out_dir / "learned_embeds.bin", "diffusers", token=emb.name))
+        settings = self.out_dir / "training_settings.json"
+        write_text_atomic(settings, json.dumps({**self.settings, "final_step": step}, indent=4, default=str))
+        files.append(settings)
+        return files
+
+    def preview(self, step: int) -> list:
+        """Render preview images with the vectors as trained so far (main process; own generators only)."""
+        from utils.generation import GenerationParams, generate
+        from utils.infotext import save_png
+        from utils.prompts import EmbeddingDatabase, PromptEncoder
+
+        pipe = self.loaded.pipeline
+        if self._encoder is None:
+            self._encoder = PromptEncoder(pipe, EmbeddingDatabase([]))
+        self._encoder.db.register(self._current(step))
+        opts = self.preview_opts
+        prompt = opts.prompt or f"a photo of {self.trainable.name}"
+        vae_device = pipe.vae.device
+        pipe.vae.to(self.accelerator.device)
+        try:
+            images = generate(self.loaded, self._encoder, GenerationParams(
+                prompt=prompt, negative_prompt=opts.negative_prompt, steps=opts.steps, sampler=opts.sampler,
+                cfg_scale=opts.cfg_scale, seed=opts.seed, width=opts.width, height=opts.height,
+                batch_size=opts.num_images), refresh_embeddings=True, progress=False)
+        finally:
+            pipe.vae.to(vae_device)
+        out = []
+        for k, im in enumerate(images):
+            path = self.out_dir / "images" / f"{self.trainable.name}-{step}-{k}.png"
+            save_png(im.image, path, im.infotext)
+            out.append((im.image, f"step {step}: {prompt}"))
+        if out:
+            self.last_preview = out[0][0]
+        return out
