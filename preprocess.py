@@ -235,7 +235,7 @@ def _init_worker(job: Job) -> None:
 
 def _png(img) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)  # ~25% faster than the default 6 for ~8% more bytes
     return buf.getvalue()
 
 

@@ -181,9 +181,34 @@ def test_focal_debug_picture():
     assert tuple(np.asarray(fc.debug)[fc.box[1], fc.box[0] + 10]) == (255, 0, 0)  # crop rectangle drawn in red
 
 
+def drawn_face(size: int) -> Image.Image:
+    """A blurred cartoon face (oval, brows, eyes, nose, mouth) that OpenCV's frontal-face cascades detect."""
+    from PIL import ImageDraw, ImageFilter
+
+    im = Image.new("L", (size, size), 200)
+    d = ImageDraw.Draw(im)
+    box = lambda *f: tuple(v * size for v in f)  # noqa: E731
+    d.ellipse(box(0.15, 0.05, 0.85, 0.98), fill=170)
+    d.rectangle(box(0.25, 0.30, 0.45, 0.36), fill=60)
+    d.rectangle(box(0.55, 0.30, 0.75, 0.36), fill=60)
+    d.ellipse(box(0.28, 0.40, 0.42, 0.48), fill=30)
+    d.ellipse(box(0.58, 0.40, 0.72, 0.48), fill=30)
+    d.polygon([box(0.5, 0.45), box(0.44, 0.66), box(0.56, 0.66)], fill=140)
+    d.ellipse(box(0.36, 0.74, 0.64, 0.82), fill=80)
+    return im.filter(ImageFilter.GaussianBlur(size / 60)).convert("RGB")
+
+
 @pytest.mark.skipif(not haar_cascades_available(), reason="this OpenCV ships no Haar cascades (OpenCV 5)")
-def test_haar_cascades_run_on_a_faceless_picture():
+def test_haar_faces_pull_the_focal_crop():
     assert haar_face_points(Image.new("RGB", (96, 64), (40, 40, 40))) == []
+    # A face on the left, busy noise on the right: faces (0.9) outweigh entropy (0.15).
+    img = planted(800, 400, 560, 100, 200)
+    img.paste(drawn_face(240), (40, 80))
+    cfg = FocalConfig(face_weight=0.9, entropy_weight=0.15, edges_weight=0)
+    fc = focal_crop(img, 128, 128, cfg)
+    fx, fy = fc.centroids["faces"]  # in the 256x128 scaled picture, where the face spans x 13..90, y 26..102
+    assert 13 <= fx <= 90 and 26 <= fy <= 102
+    assert fc.box[0] <= 16
 
 
 # ---------------------------------------------------------------------------------------------------- recipe

@@ -255,7 +255,7 @@ def haar_face_points(img: Image.Image) -> list[tuple[float, float]]:
         size = max(1, int(short * min_frac))
         boxes = _haar(name).detectMultiScale(gray, scaleFactor=1.1, minNeighbors=7, minSize=(size, size))
         if len(boxes):
-            return [(x + w / 2, y + h / 2) for x, y, w, h in boxes]
+            return [(float(x + w / 2), float(y + h / 2)) for x, y, w, h in boxes]
     return []
 
 
