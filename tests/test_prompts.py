@@ -140,8 +140,6 @@ def test_replaced_in_place_with_exact_mtime_restored_is_seen(tmp_path, a1111_fix
     assert db.loaded["hands"].step == 1875
 
 
-@pytest.mark.xfail(strict=True, reason="utils/hashes.py caches sha256 by (path, size, mtime_ns) only; "
-                                        "needs st_ctime_ns/st_ino in the key")
 def test_replaced_in_place_with_exact_mtime_restored_gets_new_hash(tmp_path, a1111_fixtures):
     shutil.copy(a1111_fixtures / "bad-hands-5.pt", tmp_path / "hands.pt")
     db = EmbeddingDatabase([tmp_path])

@@ -28,10 +28,11 @@ def _load_cache() -> dict:
 
 
 def sha256_file(path: str | os.PathLike, use_cache: bool = True) -> str:
-    """Full SHA-256 hex of a file. Large files are cached on disk keyed by absolute path, size and mtime."""
+    """Full SHA-256 hex of a file. Large files are cached on disk keyed by absolute path, size, mtime, ctime and
+    inode: a file replaced in place (even with its mtime put back) changes ctime or inode, so it is hashed again."""
     path = Path(path)
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
     return _sha256_cached(key, str(path), use_cache and st.st_size >= 16 * _BLOCK)
 
 
