@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
@@ -66,7 +65,10 @@ def _randomise(hn: Hypernetwork, seed: int = 0) -> Hypernetwork:
     "kwargs, expected",
     [
         (dict(layer_structure=[1, 2, 1]), [(0, "Linear"), (1, "Linear")]),
-        (dict(layer_structure=[1, 2, 1], activation_func="linear", activate_output=True), [(0, "Linear"), (1, "Linear")]),
+        (
+            dict(layer_structure=[1, 2, 1], activation_func="linear", activate_output=True),
+            [(0, "Linear"), (1, "Linear")],
+        ),
         (dict(layer_structure=[1, 2, 1], activation_func="relu"), [(0, "Linear"), (1, "ReLU"), (2, "Linear")]),
         (
             dict(layer_structure=[1, 2, 1], activation_func="relu", add_layer_norm=True),
@@ -78,7 +80,8 @@ def _randomise(hn: Hypernetwork, seed: int = 0) -> Hypernetwork:
         ),
         (
             dict(layer_structure=[1, 2, 2, 1], activation_func="leakyrelu", dropout_structure=[0, 0.3, 0.3, 0]),
-            [(0, "Linear"), (1, "LeakyReLU"), (2, "Dropout"), (3, "Linear"), (4, "LeakyReLU"), (5, "Dropout"), (6, "Linear")],
+            [(0, "Linear"), (1, "LeakyReLU"), (2, "Dropout"), (3, "Linear"), (4, "LeakyReLU"), (5, "Dropout"),
+             (6, "Linear")],
         ),
     ],
 )
@@ -265,7 +268,8 @@ def test_saved_pt_has_current_a1111_layout(tmp_path):
     path = save_hypernetwork(hn, tmp_path / "style-42.pt")
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert list(raw) == [16, 8, "step", "name", "layer_structure", "activation_func", "is_layer_norm",
-                         "weight_initialization", "sd_checkpoint", "sd_checkpoint_name", "activate_output", "use_dropout",
+                         "weight_initialization", "sd_checkpoint", "sd_checkpoint_name", "activate_output",
+                         "use_dropout",
                          "dropout_structure", "last_layer_dropout", "optional_info"]
     assert isinstance(raw[16], tuple) and len(raw[16]) == 2
     assert isinstance(raw[16][0], OrderedDict)
@@ -324,8 +328,10 @@ def test_novelai_file_int_keys_only_legacy_names(tmp_path):
     hn = load_hypernetwork(path)
     assert (hn.name, hn.step, hn.sd_checkpoint, hn.sd_checkpoint_name) == ("anime_3", 0, None, None)
     o = hn.options
-    assert (o.layer_structure, o.activation_func, o.weight_initialization, o.is_layer_norm) == ([1, 2, 1], None, "Normal", False)
-    assert (o.activate_output, o.use_dropout, o.last_layer_dropout, o.dropout_structure) == (True, False, False, [0, 0, 0])
+    assert (o.layer_structure, o.activation_func, o.weight_initialization, o.is_layer_norm) == (
+        [1, 2, 1], None, "Normal", False)
+    assert (o.activate_output, o.use_dropout, o.last_layer_dropout, o.dropout_structure) == (
+        True, False, False, [0, 0, 0])
     for dim in dims:
         x = torch.randn(3, dim)
         for which in range(2):
@@ -358,7 +364,8 @@ def test_oct_2022_file(tmp_path):
     assert hn.options.activate_output is True and hn.options.use_dropout is True
     assert hn.options.dropout_structure == [0, 0.3, 0, 0]
     module = hn.layers[dim][1]
-    assert _layout(module) == [(0, "Linear"), (1, "ReLU"), (2, "Dropout"), (3, "Linear"), (4, "ReLU"), (5, "Linear"), (6, "ReLU")]
+    assert _layout(module) == [(0, "Linear"), (1, "ReLU"), (2, "Dropout"), (3, "Linear"), (4, "ReLU"), (5, "Linear"),
+                               (6, "ReLU")]
     x = torch.randn(4, dim)
     a, b, c = ref[1]
     with torch.no_grad():
@@ -378,7 +385,8 @@ def test_nov_2022_file(tmp_path):
     torch.save(raw, tmp_path / "nov.pt")
     hn = load_hypernetwork(tmp_path / "nov.pt")
     o = hn.options
-    assert (o.dropout_structure, o.use_dropout, o.activate_output, o.activation_func) == ([0, 0.3, 0.3, 0], True, False, "swish")
+    assert (o.dropout_structure, o.use_dropout, o.activate_output, o.activation_func) == (
+        [0, 0.3, 0.3, 0], True, False, "swish")
     assert (o.weight_initialization, o.optional_info) == ("XavierNormal", None)
     module = hn.layers[dim][0]
     assert _layout(module) == [(0, "Linear"), (1, "Hardswish"), (2, "Dropout"), (3, "Linear"), (4, "Hardswish"),
@@ -626,7 +634,8 @@ def test_only_hypernetwork_gets_gradients(unet):
 
 
 def test_parse_hypernet_tags():
-    text, found = parse_hypernet_tags("a photo <hypernet:anime_3:0.6> of <lora:x:1> a cat <hypernet:my net>, <hypernet:neg:-1.5>")
+    prompt = "a photo <hypernet:anime_3:0.6> of <lora:x:1> a cat <hypernet:my net>, <hypernet:neg:-1.5>"
+    text, found = parse_hypernet_tags(prompt)
     assert text == "a photo  of <lora:x:1> a cat , "
     assert found == [("anime_3", 0.6), ("my net", 1.0), ("neg", -1.5)]
     assert parse_hypernet_tags("plain prompt") == ("plain prompt", [])
@@ -685,8 +694,8 @@ def _ddp_worker(rank: int, world: int, port: int, unet_path: str, out_dir: str) 
         _ddp_step(DistributedDataParallel(HypernetworkTrainingModule(unet, [synced])), synced, [batch])
         install_hypernetworks(unet, [(loose, 1.0)])  # the trap: the hypernetwork outside the DDP-wrapped module
         _ddp_step(unet, loose, [batch])
-        torch.save({"synced": [p.detach() for p in synced.parameters()], "loose": [p.detach() for p in loose.parameters()]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        weights = {key: [p.detach() for p in hn.parameters()] for key, hn in (("synced", synced), ("loose", loose))}
+        torch.save(weights, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

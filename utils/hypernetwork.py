@@ -82,7 +82,8 @@ def parse_dropout_structure(
 def _check_layer_structure(layer_structure: Sequence[float]) -> None:
     if len(layer_structure) < 2 or layer_structure[0] != 1 or layer_structure[-1] != 1:
         raise UserError(
-            f"hypernetwork layer structure {list(layer_structure)} must have at least two entries and start and end with 1"
+            f"hypernetwork layer structure {list(layer_structure)} must have at least two entries "
+            "and start and end with 1"
         )
     if any(a <= 0 for a in layer_structure):
         raise UserError(f"hypernetwork layer structure {list(layer_structure)} must contain only positive numbers")
@@ -145,7 +146,8 @@ class HypernetworkModule(nn.Module):
         if dropout_structure is not None:
             _check_dropout_structure(dropout_structure, layer_structure)
         if weight_init not in WEIGHT_INITS:
-            raise UserError(f"unknown hypernetwork weight init {weight_init!r}; choose one of {', '.join(WEIGHT_INITS)}")
+            choices = ", ".join(WEIGHT_INITS)
+            raise UserError(f"unknown hypernetwork weight init {weight_init!r}; choose one of {choices}")
         self.dim = int(dim)
         self.multiplier = 1.0
         widths = [int(dim * a) for a in layer_structure]
@@ -473,7 +475,9 @@ def _read_safetensors(path: Path) -> dict:
     try:
         data: dict = json.loads(header[SAFETENSORS_METADATA_KEY])
     except (KeyError, ValueError):
-        raise UserError(f"{path}: not a hypernetwork safetensors file (no {SAFETENSORS_METADATA_KEY} metadata)") from None
+        raise UserError(
+            f"{path}: not a hypernetwork safetensors file (no {SAFETENSORS_METADATA_KEY} metadata)"
+        ) from None
     pairs: dict[int, tuple[OrderedDict, OrderedDict]] = {}
     for key, t in tensors.items():
         dim, tag, name = key.split(".", 2) if key.count(".") >= 2 else ("", "", key)
@@ -552,7 +556,9 @@ def apply_hypernetworks(
     return _apply_chain(hypernetworks, context, 0), _apply_chain(hypernetworks, context, 1)
 
 
-def _apply_chain(hypernetworks: Sequence[tuple[Hypernetwork, float]], context: torch.Tensor, which: int) -> torch.Tensor:
+def _apply_chain(
+    hypernetworks: Sequence[tuple[Hypernetwork, float]], context: torch.Tensor, which: int
+) -> torch.Tensor:
     for hn, multiplier in hypernetworks:
         pair = hn.layers.get(context.shape[-1])
         if pair is not None:
@@ -561,7 +567,7 @@ def _apply_chain(hypernetworks: Sequence[tuple[Hypernetwork, float]], context: t
 
 
 class _AttentionWithHypernetworks:
-    """What the wrapped processor sees as ``attn``: the real layer, except that ``to_k`` / ``to_v`` transform their input.
+    """What the wrapped processor sees as ``attn``: the real layer, but ``to_k`` / ``to_v`` transform their input.
 
     The processor passes ``to_k`` / ``to_v`` exactly the context A1111 hooks (the text for cross-attention, the
     normalised hidden states for self-attention), so wrapping them keeps diffusers' own attention code unchanged.
@@ -621,10 +627,16 @@ def install_hypernetworks(model: nn.Module, hypernetworks: Sequence[tuple[Hypern
     Installing again replaces the previous set; :func:`remove_hypernetworks` restores the original processors.
     """
     pairs = [(hn, float(m)) for hn, m in hypernetworks]
+    weight = next(model.parameters(), None)
+    if weight is not None:
+        for hn, _ in pairs:
+            hn.to(device=weight.device)  # dtype stays: the processor casts the context to the modules' precision
     layers = _attention_layers(model)
     for attn in layers:
         if getattr(attn, "fused_projections", False):
-            raise UserError("hypernetworks need separate to_k/to_v projections; unfuse the model's QKV projections first")
+            raise UserError(
+                "hypernetworks need separate to_k/to_v projections; unfuse the model's QKV projections first"
+            )
         original = attn.processor
         if isinstance(original, HypernetworkAttnProcessor):
             original = original.original
