@@ -113,3 +113,35 @@ def test_onnx_tagger_without_onnxruntime_says_what_to_install(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"")
     with pytest.raises(UserError, match="onnxruntime"):
         Captioner(CaptionerConfig(tagger=str(tmp_path / "model.onnx")))
+
+
+def test_onnx_tagger_wd14_layout(tmp_path):
+    """A WD14-style tagger built with onnx.helper: NHWC BGR 0-255 input, selected_tags.csv, ratings left out."""
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    # probs = sigmoid(mean_hw(pixels) @ W + b); only the blue channel (index 0 in BGR) feeds tag 3.
+    w = np.zeros((3, 5), dtype=np.float32)
+    w[0, 3] = 0.1
+    b = np.array([2.0, 0.0, -2.0, -20.0, 3.0], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input_1", "axes"], ["m"], keepdims=0),
+         helper.make_node("MatMul", ["m", "W"], ["z"]), helper.make_node("Add", ["z", "b"], ["l"]),
+         helper.make_node("Sigmoid", ["l"], ["probs"])],
+        "tagger",
+        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"), numpy_helper.from_array(w, "W"),
+         numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "model.onnx")
+    (tmp_path / "selected_tags.csv").write_text(
+        "tag_id,name,category,count\n1,long_hair,0,10\n2,smile_(happy),0,9\n3,outdoors,0,8\n4,blue_theme,0,7\n"
+        "5,general,9,100\n", encoding="utf-8")
+    tagger = Captioner(CaptionerConfig(tagger=str(tmp_path), tagger_threshold=0.3))
+    red, blue = Image.new("RGB", (40, 20), (255, 0, 0)), Image.new("RGB", (20, 40), (0, 0, 255))
+    # Padded to a white square: blue's mean B is 255 (logit 5.5, kept); red's is 127.5 from the padding (logit -7.25).
+    assert tagger([blue, red]) == ["blue theme, long hair, smile \\(happy\\)", "long hair, smile \\(happy\\)"]
