@@ -411,6 +411,12 @@ def test_current_file_dropout_structure_implies_use_dropout(tmp_path):
     data["name"] = None
     torch.save(data, tmp_path / "renamed.pt")
     assert load_hypernetwork(tmp_path / "renamed.pt").name == "renamed"
+    # The init name only matters for new weights: an unknown one (or None, as some 2022 files hold) still loads.
+    for init in (None, "Orthogonal"):
+        data["weight_initialization"] = init
+        torch.save(data, tmp_path / "init.pt")
+        loaded = load_hypernetwork(tmp_path / "init.pt")
+        _same_state(back, loaded)
 
 
 class _Evil:
@@ -445,8 +451,12 @@ def test_not_hypernetwork_files(tmp_path, a1111_fixtures):
         load_hypernetwork(a1111_fixtures / "bad-artist.pt")  # a textual-inversion embedding
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file at all")
-    with pytest.raises(UserError, match="junk.pt"):
+    with pytest.raises(UserError, match=r"junk.pt: not a readable hypernetwork file \(Unsupported operand"):
         load_hypernetwork(junk)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((a1111_fixtures / "bad-artist.pt").read_bytes()[:3000])
+    with pytest.raises(UserError, match=r"truncated.pt: not a readable hypernetwork file \(Pytorch"):
+        load_hypernetwork(truncated)
     with pytest.raises(UserError, match="not found"):
         load_hypernetwork(tmp_path / "missing.pt")
 

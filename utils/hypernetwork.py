@@ -258,13 +258,16 @@ class Hypernetwork:
         hn.eval()
         return hn
 
-    def new_module(self, dim: int) -> HypernetworkModule:
+    def new_module(self, dim: int, for_loading: bool = False) -> HypernetworkModule:
         o = self.options
+        init = o.weight_initialization
+        if for_loading and init not in WEIGHT_INITS:
+            init = "Normal"  # the file's weights replace the init anyway; A1111 never checks the name when loading
         return HypernetworkModule(
             dim,
             o.layer_structure,
             o.activation_func,
-            o.weight_initialization,
+            init,
             o.is_layer_norm,
             o.activate_output,
             o.dropout_structure,
@@ -312,16 +315,22 @@ def _load_pickle(path: Path, what: str):
     try:
         # weights_only: never run code from a file; A1111 files hold only plain data and tensors.
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message is a multi-line how-to for trusting the file; keep only the line naming the culprit.
-        culprit = re.search(r"GLOBAL (\S+)", str(e))
-        raise UserError(
-            f"{path}: refusing to load this {what}: it needs Python objects beyond tensors and plain data"
-            + (f" (it asks for {culprit.group(1)})" if culprit else "")
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable {what} ({first})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: {_load_failure(e, what)}") from None
+
+
+def _load_failure(error: Exception, what: str) -> str:
+    # torch's messages are multi-line how-tos; reduce them to what the user needs to know, on one line.
+    message = str(error)
+    culprit = re.search(r"GLOBAL (\S+)", message)
+    if culprit:
+        return f"refusing to load this {what}: it needs Python objects beyond tensors and plain data " \
+               f"(it asks for {culprit.group(1)})"
+    garbled = re.search(r"Unsupported operand \d+|invalid load key[^\n]*", message)
+    if isinstance(error, pickle.UnpicklingError) and not garbled:
+        return f"refusing to load this {what}: it needs Python objects beyond tensors and plain data"
+    detail = garbled.group(0) if garbled else (message.strip().splitlines() or [type(error).__name__])[0]
+    return f"not a readable {what} ({detail.split('. ')[0].rstrip('.')})"
 
 
 def _layer_keys(data: dict) -> list[int]:
@@ -375,7 +384,7 @@ def hypernetwork_from_a1111_dict(data: dict, path: str | os.PathLike) -> Hyperne
                 raise UserError(f"layers for width {dim} are not a (key, value) pair")
             modules = []
             for sd in pair:
-                module = hn.new_module(dim)
+                module = hn.new_module(dim, for_loading=True)
                 try:
                     module.load_a1111_state_dict(sd)
                 except (RuntimeError, AttributeError, TypeError) as e:
