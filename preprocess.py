@@ -259,7 +259,11 @@ def process_source(task: tuple[int, str]) -> SourceResult:
         caption = source.with_suffix(".txt")
         if caption.is_file():
             result.existing_caption = caption.read_text(encoding="utf-8", errors="replace")
-    out = make_outputs(loaded.rgb, _JOB.crop)
+    try:
+        out = make_outputs(loaded.rgb, _JOB.crop)
+    except Exception as e:  # one odd picture must not end a run over thousands; it is reported with the reason
+        result.skip_reason = f"processing failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        return result
     result.pngs = [_png(im) for im in out.images]
     result.debug_pngs = [_png(im) for im in out.debug_images]
     if not result.pngs:
@@ -389,10 +393,10 @@ def main(argv: list[str] | None = None) -> dict:
         fingerprints = {p.name: fingerprint(settings, i, p) for i, p in enumerate(sources)}
         tasks = [(i, str(p)) for i, p in enumerate(sources) if not is_done(dst, p.name, fingerprints[p.name])]
         done = len(sources) - len(tasks)
+        captioner = make_captioner(cap) if tasks else None
         dst.mkdir(parents=True, exist_ok=True)
 
         # 3. Crop in worker processes; caption in batches here; write each source's files, then its done-marker.
-        captioner = make_captioner(cap) if tasks else None
         writer = Writer(dst, args.existing_caption, args.caption_in_filename, fingerprints,
                         {p.name: p.stem for p in sources})
         skipped: list[dict] = []

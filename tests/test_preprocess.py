@@ -354,3 +354,14 @@ def test_output_is_a_training_set_the_data_loader_reads(tmp_path, tiny_blip, bli
     summary = scan_dataset(DataConfig(train_data_dir=str(old), width=64, height=64))
     expected = {caption_for_filename(c) for c in blip_captioner([Image.open(p) for p in sorted(old.glob("*.png"))])}
     assert {e.caption for e in summary.examples} == expected and not any(e.has_caption_file for e in summary.examples)
+
+
+def test_unloadable_caption_model_is_refused_before_writing(tmp_path, capsys):
+    src = make_src(tmp_path / "src", {"a.png": (64, 64)})
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(SystemExit) as e:
+        run(src, tmp_path / "dst", "--caption_model", str(tmp_path / "empty_model"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot load caption model" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "dst").exists()
