@@ -475,3 +475,28 @@ def test_resumed_loader_yields_what_uninterrupted_would(tmp_path, workers):
         assert torch.equal(a["index"], b["index"]) and a["prompts"] == b["prompts"]
         assert torch.equal(a["pixel_values"], b["pixel_values"])
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["position"] == 3
+
+
+def test_stream_resume_replays_exactly(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    for f in range(2):
+        rows = range(f * 5, (f + 1) * 5)
+        pq.write_table(pa.table({"image": [{"bytes": _png_bytes(i), "path": None} for i in rows],
+                                 "text": [f"a{i}, b{i}, c{i}" for i in rows]}), d / f"part-{f}.parquet")
+    cfg = DataConfig(dataset_name=str(d), resolution=16, flip_p=0.5)
+    pc = PromptConfig(placeholder="<t>", shuffle_tags=True)
+    s = scan_dataset(cfg, pc)
+    full = [b for _, b in zip(range(7), TrainLoader(s, cfg, pc, batch_size=2, seed=2))]  # 5 per epoch
+    first = TrainLoader(s, cfg, pc, batch_size=2, seed=2)
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    resumed = TrainLoader(s, cfg, pc, batch_size=2, seed=2)
+    resumed.load_state_dict(first.state_dict())
+    got = [b for _, b in zip(range(3), resumed)]
+    for a, b in zip(full[4:], got):
+        assert a["prompts"] == b["prompts"] and torch.equal(a["pixel_values"], b["pixel_values"])

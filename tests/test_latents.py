@@ -169,3 +169,32 @@ def test_alpha_weights_with_cached_latents(tmp_path, vae):
     b = next(iter(TrainLoader(summary, cfg, PromptConfig(), batch_size=1, latents=cached)))
     assert b["latents"].shape == (1, 4, 8, 16) and b["loss_weights"].shape == (1, 1, 8, 16)
     assert torch.all(b["loss_weights"][0, 0, :, :7] > 1) and torch.all(b["loss_weights"][0, 0, :, 9:] == 0)
+
+
+def test_stream_source_with_latent_cache(tmp_path, vae):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((64, 64, 3), 20 * i, np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": png(i), "path": None} for i in range(3)],
+                             "text": [f"c{i}" for i in range(3)]}), d / "a.parquet")
+    cfg = DataConfig(dataset_name=str(d), resolution=64)
+    summary = scan_dataset(cfg)
+    counting = CountingVAE(vae)
+    cached = prepare_latents(summary, cfg, counting, LatentConfig("deterministic", cache_dir=str(tmp_path / "c")),
+                             identity="v", progress=False)
+    assert counting.images == 3
+    loader = TrainLoader(summary, cfg, PromptConfig(caption_only=True), batch_size=1, latents=cached)
+    it = iter(loader)
+    got = [next(it) for _ in range(6)]  # two epochs, no VAE
+    assert counting.images == 3
+    assert sorted(c for b in got for c in b["captions"]) == ["c0", "c0", "c1", "c1", "c2", "c2"]
+    assert all(b["latents"].shape == (1, 4, 8, 8) for b in got)

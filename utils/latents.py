@@ -136,7 +136,10 @@ class LatentStore:
                 raise KeyError(f"latent {key} is not cached")
             from safetensors.torch import load_file
 
-            d = load_file(str(self._path(key)))
+            path = self._path(key)
+            if not path.is_file():
+                raise KeyError(f"latent {key} is not cached")
+            d = load_file(str(path))
             mean, std = d["mean"], d["std"]
             if self.sampling == "deterministic":
                 z = mean
@@ -160,46 +163,52 @@ class EncodeJob:
     meta: dict | None = None
 
 
-def build_cache(jobs: list[EncodeJob], vae, store: LatentStore, *, rank: int = 0, world_size: int = 1,
+def build_cache(jobs: Iterable[EncodeJob], vae, store: LatentStore, *, rank: int = 0, world_size: int = 1,
                 batch_size: int = 4, progress: bool = True, on_error: Callable[[EncodeJob, Exception], None] | None = None
                 ) -> int:
     """Encode the jobs not yet in ``store``; returns how many images went through the VAE.
 
-    With a cache directory the work is split across ranks (job j belongs to rank j % world_size, jobs in the given
-    order); the caller must then wait for all ranks (``accelerator.wait_for_everyone()``) before reading. Without a
-    directory each rank encodes every job into its own memory. A job whose ``load_pixels`` raises is reported through
-    ``on_error`` and skipped."""
-    if store.cache_dir is not None and world_size > 1:
-        jobs = jobs[rank::world_size]
-    todo = [j for j in jobs if not store.has(j.key)]
-    by_size: dict[tuple[int, int], list[EncodeJob]] = {}
-    for j in todo:
-        by_size.setdefault(j.size, []).append(j)
+    ``jobs`` may be a generator (streams): at most ``batch_size`` images per target size are held at once. With a
+    cache directory the work is split across ranks (job j of the sequence belongs to rank j % world_size); the caller
+    must then wait for all ranks (``accelerator.wait_for_everyone()``) before reading. Without a directory each rank
+    encodes every job into its own memory. A job whose ``load_pixels`` raises is reported through ``on_error`` (or
+    re-raised without one) and skipped."""
+    split = store.cache_dir is not None and world_size > 1
+    pending: dict[tuple[int, int], list[tuple[EncodeJob, torch.Tensor]]] = {}
     encoded = 0
     bar = None
-    if progress and todo:
+    if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"caching latents (rank {rank})", unit="img")
-    for size in sorted(by_size):
-        group = by_size[size]
-        for start in range(0, len(group), batch_size):
-            chunk, pixels = [], []
-            for j in group[start:start + batch_size]:
-                try:
-                    pixels.append(j.load_pixels())
-                    chunk.append(j)
-                except Exception as e:  # noqa: BLE001 - bad inputs are reported by the caller, never fatal here
-                    if on_error is None:
-                        raise
-                    on_error(j, e)
-            if chunk:
-                mean, std = encode_pixels(vae, torch.stack(pixels))
-                for j, m, s in zip(chunk, mean, std):
-                    store.put(j.key, m, s, j.meta)
-                encoded += len(chunk)
-            if bar is not None:
-                bar.update(len(group[start:start + batch_size]))
+        bar = tqdm(total=len(jobs) if hasattr(jobs, "__len__") else None, desc=f"caching latents (rank {rank})",
+                   unit="img")
+
+    def flush(size):
+        nonlocal encoded
+        group = pending.pop(size, [])
+        if group:
+            mean, std = encode_pixels(vae, torch.stack([px for _, px in group]))
+            for (job, _), m, s in zip(group, mean, std):
+                store.put(job.key, m, s, job.meta)
+            encoded += len(group)
+
+    for j, job in enumerate(jobs):
+        if bar is not None:
+            bar.update(1)
+        if (split and j % world_size != rank) or store.has(job.key):
+            continue
+        try:
+            pixels = job.load_pixels()
+        except Exception as e:  # noqa: BLE001 - bad inputs are reported by the caller, never fatal here
+            if on_error is None:
+                raise
+            on_error(job, e)
+            continue
+        pending.setdefault(job.size, []).append((job, pixels))
+        if len(pending[job.size]) >= batch_size:
+            flush(job.size)
+    for size in sorted(pending):
+        flush(size)
     if bar is not None:
         bar.close()
     return encoded
