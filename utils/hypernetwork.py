@@ -483,6 +483,8 @@ def _read_safetensors(path: Path) -> dict:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         data: dict = json.loads(header[SAFETENSORS_METADATA_KEY])
+        if not isinstance(data, dict):
+            raise ValueError
     except (KeyError, ValueError):
         raise UserError(
             f"{path}: not a hypernetwork safetensors file (no {SAFETENSORS_METADATA_KEY} metadata)"
