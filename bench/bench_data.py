@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=4, help="per-process batch size (default 4)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to time")
     ap.add_argument("--center_crop", action="store_true", help="center crop instead of A1111's stretch")
-    ap.add_argument("--vae", default=None, help="diffusers model folder whose vae/ to time (default: tiny offline SD-1)")
+    ap.add_argument("--vae", default=None,
+                    help="diffusers model folder whose vae/ to time (default: the tiny offline SD-1)")
     ap.add_argument("--encode_images", type=int, default=8, help="images to push through the VAE (default 8)")
     args = ap.parse_args()
 

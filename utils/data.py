@@ -37,12 +37,10 @@ consumed: exact, but it re-reads (and decodes) that part of the epoch.
 
 from __future__ import annotations
 
-import io
-import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -137,7 +135,8 @@ class DataConfig:
         return "center" if (self.center_crop or self.enable_buckets) else "none"
 
     def bucket_sizes(self) -> list[tuple[int, int]]:
-        return make_buckets(self.width * self.height, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps)
+        return make_buckets(self.width * self.height, self.min_bucket_reso, self.max_bucket_reso,
+                            self.bucket_reso_steps)
 
     def target_for(self, size: tuple[int, int], buckets: list[tuple[int, int]] | None = None) -> tuple[int, int]:
         """Training size (w, h) of an image of ``size``: its bucket, or (width, height) without buckets."""
@@ -150,7 +149,7 @@ class DataConfig:
 @dataclass
 class PromptConfig:
     placeholder: str = ""  # the text that replaces [name] (TI: the new token; HN: the hypernetwork name)
-    template_file: str | None = None  # a name in templates/ (with or without .txt) or a path; None: see resolve_template
+    template_file: str | None = None  # a name in templates/ (.txt optional) or a path; None: see resolve_template
     learnable_property: str = "object"  # object | style (diffusers' flag) -> subject*.txt | style*.txt
     caption_only: bool = False  # the prompt is the caption alone ([name] inside it is still replaced)
     shuffle_tags: bool = False  # shuffle the comma-separated tags of the caption, every use
@@ -377,7 +376,8 @@ def _prompt_warnings(summary: DatasetSummary, prompt: PromptConfig) -> list[str]
                        "those images cannot teach the new token")
     if not prompt.caption_only:
         path = resolve_template(prompt, summary.has_captions)
-        if path is not None and "[name]" not in path.read_text(encoding="utf-8", errors="replace") and prompt.placeholder:
+        text = path.read_text(encoding="utf-8", errors="replace") if path is not None else ""
+        if path is not None and "[name]" not in text and prompt.placeholder:
             out.append(f"template {path.name} has no [name]: the prompts never contain {prompt.placeholder!r}")
     return out
 
@@ -402,7 +402,8 @@ def open_stream(cfg: DataConfig):
         if p.is_file():
             builder = _BUILDER_BY_SUFFIX.get(p.suffix.lower())
             if builder is None:
-                raise UserError(f"--dataset_name {name}: unknown file type (use parquet, arrow, tar, jsonl or a folder)")
+                raise UserError(f"--dataset_name {name}: unknown file type "
+                                "(use parquet, arrow, tar, jsonl, csv or a folder)")
             ds = load_dataset(builder, data_files=[str(p)], split=cfg.dataset_split, streaming=True)
         else:
             ds = load_dataset(name, cfg.dataset_config_name, split=cfg.dataset_split, streaming=True)
@@ -649,7 +650,8 @@ def _folder_microbatch(ctx: _Ctx, shard: dict) -> dict:
     for pos, idx in zip(shard["positions"], shard["indices"]):
         ex = ctx.examples[idx]
         pool = ctx.bucket_members[ex.bucket]
-        candidates = [idx] + [pool[j] for j in item_rng(ctx.seed, epoch, pos, 1).permutation(len(pool)) if pool[j] != idx]
+        order = item_rng(ctx.seed, epoch, pos, 1).permutation(len(pool))
+        candidates = [idx] + [pool[j] for j in order if pool[j] != idx]
         for cand in candidates:
             try:
                 items.append(_folder_item(ctx, ctx.examples[cand], epoch, pos))
@@ -751,17 +753,18 @@ def _stream_process(row: dict, ctx: _Ctx, epoch: int) -> dict:
         return {"item": None, "bad": (name, str(e) if not isinstance(e, KeyError) else "latent not cached")}
 
 
-def _stream_gen(passes: list[int], ctx: _Ctx, rank: int, world_size: int):
+def _stream_pass(ctx: _Ctx, rank: int, world_size: int, p: int, num_workers: int):
+    """One pass over this rank's part of the stream, decoded (in DataLoader workers when num_workers > 0)."""
     from datasets.distributed import split_dataset_by_node
 
-    for p in passes:
-        ds, _, _ = open_stream(ctx.cfg)
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        ds = ds.shuffle(seed=ctx.seed, buffer_size=ctx.cfg.shuffle_buffer_size,
-                        max_buffer_input_shards=ctx.cfg.shuffle_buffer_shards)
-        ds.set_epoch(p)
-        for row in ds:
-            yield _stream_process(row, ctx, p)
+    ds, _, _ = open_stream(ctx.cfg)
+    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    ds = ds.shuffle(seed=ctx.seed, buffer_size=ctx.cfg.shuffle_buffer_size,
+                    max_buffer_input_shards=ctx.cfg.shuffle_buffer_shards)
+    ds.set_epoch(p)
+    ds = ds.map(_stream_process, fn_kwargs={"ctx": ctx, "epoch": p}, remove_columns=ds.column_names)
+    for row in _loader(ds, min(num_workers, ds.num_shards)):
+        yield row
 
 
 def _stream_batches(ctx: _Ctx, summary, rank, world_size, batch_size, epoch, start, spe, num_workers):
@@ -772,17 +775,17 @@ def _stream_batches(ctx: _Ctx, summary, rank, world_size, batch_size, epoch, sta
     p = epoch
     while True:
         dry = True
-        # One pass at a time; the reader runs in this process (datasets already streams and buffers).
-        for out in _stream_gen([p], ctx, rank, world_size):
+        for out in _stream_pass(ctx, rank, world_size, p, num_workers):
             if out["bad"] is not None:
-                skipped.append(out["bad"])
+                skipped.append(tuple(out["bad"]))
                 continue
             dry = False
             item = out["item"]
-            group = pending.setdefault(tuple(item["bucket"]), [])
+            bucket = tuple(item["bucket"])
+            group = pending.setdefault(bucket, [])
             group.append(item)
             if len(group) == batch_size:
-                del pending[tuple(item["bucket"])]
+                del pending[bucket]
                 if produced >= start:
                     yield _collate(group, skipped)
                     skipped = []

@@ -114,9 +114,9 @@ def plan_geometry(source: tuple[int, int], target: tuple[int, int], crop: str = 
                   flip: bool = False) -> Geometry:
     """Plan the resize/crop from ``source`` (w, h) to ``target`` (w, h).
 
-    ``crop="none"`` stretches to exactly the target like A1111 (aspect ratio not kept). ``"center"``/``"random"`` scale the
-    image so it covers the target (aspect kept) and cut the target out of the middle or at a place drawn from ``rng``
-    (a ``numpy.random.Generator``)."""
+    ``crop="none"`` stretches to exactly the target like A1111 (aspect ratio not kept). ``"center"``/``"random"``
+    scale the image so it covers the target (aspect kept) and cut the target out of the middle or at a place drawn
+    from ``rng`` (a ``numpy.random.Generator``)."""
     sw, sh = source
     tw, th = target
     if crop == "none":

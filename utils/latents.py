@@ -6,9 +6,10 @@ A1111's ``latent_sampling_method`` (a1111-compat §3.4):
 * ``deterministic`` the mean of the distribution, ``mean·scale``;
 * ``random``        the distribution is kept and a fresh sample is drawn every time the image is used.
 
-On disk every entry stores the distribution (``mean`` and ``std``), so one cache serves all three modes. For ``once`` the
-single sample is drawn with a generator seeded from the entry's key, so it is the same on every rank, every epoch and
-every rerun — exactly "one sample taken once". In memory only what the mode needs is kept (a sample, the mean, or both).
+On disk every entry stores the distribution (``mean`` and ``std``), so one cache serves all three modes. For
+``once`` the single sample is drawn with a generator seeded from the entry's key, so it is the same on every rank,
+every epoch and every rerun: "one sample taken once". In memory only what the mode needs is kept (a sample, the
+mean, or both).
 
 Keys hash the image's content (SHA-256 of the file bytes), the planned geometry (source size, resize, crop, target,
 flip) and a VAE identity string, so a rerun or another rank reuses entries and any change of image, size, crop or VAE
@@ -164,8 +165,8 @@ class EncodeJob:
 
 
 def build_cache(jobs: Iterable[EncodeJob], vae, store: LatentStore, *, rank: int = 0, world_size: int = 1,
-                batch_size: int = 4, progress: bool = True, on_error: Callable[[EncodeJob, Exception], None] | None = None
-                ) -> int:
+                batch_size: int = 4, progress: bool = True,
+                on_error: Callable[[EncodeJob, Exception], None] | None = None) -> int:
     """Encode the jobs not yet in ``store``; returns how many images went through the VAE.
 
     ``jobs`` may be a generator (streams): at most ``batch_size`` images per target size are held at once. With a
