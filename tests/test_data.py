@@ -521,3 +521,12 @@ def test_stream_with_workers_gives_the_same_examples(tmp_path):
     caps = {w: sorted(c for b in iter_batches(s, cfg, pc, batch_size=2, num_workers=w) for c in b["captions"])
             for w in (0, 2)}
     assert caps[0] == caps[2] == sorted(f"item {k}" for k in range(8))
+
+
+def test_custom_template_without_name_warns(tmp_path):
+    d = _folder(tmp_path, 1, size=(16, 16))
+    t = tmp_path / "t.txt"
+    t.write_text("a picture of [filewords]\n")
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    assert any("has no [name]" in w for w in scan_dataset(cfg, PromptConfig(template_file=str(t), placeholder="x")).warnings)
+    assert not scan_dataset(cfg, PromptConfig(template_file="hypernetwork", placeholder="x")).warnings

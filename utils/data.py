@@ -377,7 +377,9 @@ def _prompt_warnings(summary: DatasetSummary, prompt: PromptConfig) -> list[str]
     if not prompt.caption_only:
         path = resolve_template(prompt, summary.has_captions)
         text = path.read_text(encoding="utf-8", errors="replace") if path is not None else ""
-        if path is not None and "[name]" not in text and prompt.placeholder:
+        # hypernetwork.txt / none.txt leave [name] out on purpose (the HN is not named in its prompts)
+        if path is not None and "[name]" not in text and prompt.placeholder and \
+                path.resolve().parent != TEMPLATES_DIR.resolve():
             out.append(f"template {path.name} has no [name]: the prompts never contain {prompt.placeholder!r}")
     return out
 
