@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg, prompt_cfg, latent_cfg = data_options(args, placeholder=name)
     out_dir = Path(args.output_dir)
 
-    accelerator = make_accelerator(out_dir, args.mixed_precision or "no", args.gradient_accumulation_steps,
+    accelerator = make_accelerator(out_dir, args.mixed_precision, args.gradient_accumulation_steps,
                                    args.report_to, args.seed)
     limit_threads_per_rank(accelerator.num_processes)
     summary = scan_dataset(data_cfg, prompt_cfg, report_file=out_dir / "skipped_images.txt"

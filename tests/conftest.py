@@ -15,6 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# One thread: the tiny models' ops are overhead-bound, and several processes share the 2 cores.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 A1111_FIXTURES = SHARED / "fixtures" / "a1111"
@@ -61,3 +66,16 @@ def tiny_sd2() -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl() -> Path:
     return _tiny("sdxl")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; tests that run several trainings in one process need it reset."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

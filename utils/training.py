@@ -448,6 +448,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
             stopped_by = "schedule" if state.step < cfg.max_train_steps else "max_steps"
 
     progress.close()
+    check_ranks_agree(accelerator, trainable)
     if stopped_by == "signal":
         accelerator.print(f"Stopped by signal {stop.signum} at step {state.step}; checkpoint and files saved.")
     if accelerator.is_main_process:
@@ -462,6 +463,20 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
 
 class TrainingDiverged(UserError):
     pass
+
+
+def check_ranks_agree(accelerator: Accelerator, trainable: Trainable) -> None:
+    """Every rank must hold bit-identical trained weights; a silent DDP sync failure (field notes) is caught here."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().double().flatten() for p in trainable.parameters()])
+    digest = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(1, flat.numel() + 1,
+                          dtype=torch.float64, device=flat.device)).sum()]).to(accelerator.device)
+    gathered = accelerator.gather(digest[None])
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError(f"the {accelerator.num_processes} processes hold different trained weights "
+                           f"({gathered.tolist()}); gradients were not synchronised")
+    accelerator.print(f"Checked: all {accelerator.num_processes} processes hold identical trained weights.")
 
 
 def _preview(accelerator: Accelerator, trainable: Trainable, outputs: Outputs, step: int) -> None:
