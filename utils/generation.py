@@ -128,7 +128,7 @@ def _hypernetworks(unet, pairs: list):
 
     saved = dict(unet.attn_processors)
     for hn, _ in pairs:
-        hn.to(device=unet.device, dtype=unet.dtype)
+        hn.to(device=unet.device)  # stays float32 as in A1111; the processor casts
     install_hypernetworks(unet, pairs)
     try:
         yield

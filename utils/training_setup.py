@@ -197,7 +197,8 @@ def build_batch_source(accelerator, summary, data_cfg: DataConfig, prompt_cfg: P
         vae.to("cpu")  # no longer needed on the GPU until previews
     loader = TrainLoader(summary, data_cfg, prompt_cfg, batch_size=batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, seed=seed, num_workers=num_workers, latents=cached,
-                         report_file=report_file if accelerator.is_main_process else None)
+                         report_file=report_file if accelerator.is_main_process else
+                         report_file.with_name(f"{report_file.stem}.rank{accelerator.process_index}{report_file.suffix}"))
     return LoaderSource(loader, vae, seed, loaded.family == "sdxl")
 
 
