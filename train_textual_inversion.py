@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = ti_outputs.TextualInversionOutputs(
         accelerator, trainable, loaded, out_dir, ti_outputs.preview_options(args, batches, data_cfg),
         save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
-        settings=settings).callbacks(previews=not args.no_previews)
+        settings=settings, save_optimizer_state=args.save_optimizer_state).callbacks(previews=not args.no_previews)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs)
     accelerator.end_training()

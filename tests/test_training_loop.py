@@ -57,7 +57,7 @@ def _setup(model_dir, out_dir, steps, *, lr="0.01", batch=2, accum=1, resume=Non
 
 def _run(model_dir, out_dir, steps, **kw):
     pipe, ti, acc, cfg, src, sched = _setup(model_dir, out_dir, steps, **kw)
-    summary = train(acc, ti, src, sched, cfg, Outputs(save=lambda s: [], final=lambda s: []))
+    summary = train(acc, ti, src, sched, cfg, Outputs(save=lambda s: [], final=lambda s, o: []))
     return summary, ti.state_dict()["vectors.0"], pipe
 
 
@@ -119,7 +119,7 @@ def test_nan_stops_with_a_clear_error_and_saves_nothing(tiny_sd1, tmp_path):
     saved = []
     with pytest.raises(TrainingDiverged, match="diverged at step 4"):
         train(acc, ti, SynthSource(poison_at=4), sched, cfg,
-              Outputs(save=lambda s: saved.append(s) or [], final=lambda s: saved.append(("final", s)) or []))
+              Outputs(save=lambda s: saved.append(s) or [], final=lambda s, o: saved.append(("final", s)) or []))
     assert [s for s, _ in list_checkpoints(tmp_path / "o")] == [2]
     assert ("final", 3) not in saved and not any(isinstance(s, tuple) for s in saved)
 

@@ -89,6 +89,8 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' or a checkpoint folder; 'latest' with no checkpoint starts fresh.")
+    g.add_argument("--save_optimizer_state", action="store_true",
+                   help="Also write A1111's <file>.pt.optim optimizer sidecar next to the final file.")
     g.add_argument("--no_safe_serialization", action="store_true",
                    help="Also write the diffusers learned_embeds as .bin (pickle) next to the .safetensors.")
 

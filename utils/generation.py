@@ -175,15 +175,35 @@ def generate(loaded_model, encoder: PromptEncoder, params: GenerationParams, ref
         for iteration in range(params.n_iter):
             seeds = [seed + iteration * bs + i for i in range(bs)]
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            images = pipeline(
+            latents = pipeline(
                 num_inference_steps=params.steps, guidance_scale=params.cfg_scale, width=params.width,
-                height=params.height, generator=generators, output_type="pil", **conditioning,
+                height=params.height, generator=generators, output_type="latent", **conditioning,
             ).images
+            images = decode_latents(pipeline, latents)
             for image, s in zip(images, seeds):
                 info = format_infotext(params.prompt, params.negative_prompt,
                                        infotext_params(params, sampler, s, loaded_model.identity, used))
                 results.append(GeneratedImage(image, s, info))
     return results
+
+
+def decode_latents(pipeline, latents: torch.Tensor) -> list:
+    """Latents -> PIL images with the VAE in its own dtype and device.
+
+    Training keeps the VAE in float32 (fp16 VAEs overflow) while the UNet may run in fp16, and the pipelines'
+    own decode step assumes both share a dtype; decoding here works for any combination."""
+    vae = pipeline.vae
+    cfg = vae.config
+    latents = latents.to(device=vae.device, dtype=vae.dtype)
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / cfg.scaling_factor + mean
+    else:
+        latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    pixels = vae.decode(latents, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def grid_rows(count: int) -> int:

@@ -56,13 +56,26 @@ def preview_options(args, batches, data_cfg) -> PreviewOptions:
                           height=data_cfg.height)
 
 
+def save_optimizer_sidecar(pt_path: Path, emb: Embedding, optimizer) -> Path:
+    """A1111's ``<file>.pt.optim``: the optimizer state, tagged with the embedding's value checksum (§1.7)."""
+    import torch
+
+    from utils.embeddings import checksum
+    from utils.fileio import atomic_path
+
+    path = Path(f"{pt_path}.optim")
+    with atomic_path(path) as tmp:
+        torch.save({"hash": checksum(emb), "optimizer_state_dict": optimizer.state_dict()}, tmp)
+    return path
+
+
 class TextualInversionOutputs:
     """File layout (A1111 names): ``embeddings/<name>-<step>.pt|.safetensors``, ``image_embeddings/<name>-<step>.png``,
     ``images/<name>-<step>-<k>.png``, and at the end ``<name>.pt``, ``learned_embeds.safetensors``,
     ``training_settings.json``. Every file is written to a temp name and renamed."""
 
     def __init__(self, accelerator, trainable, loaded: LoadedModel, out_dir: Path, preview: PreviewOptions, *,
-                 save_image_embeddings: bool, also_bin: bool, settings: dict):
+                 save_image_embeddings: bool, also_bin: bool, settings: dict, save_optimizer_state: bool = False):
         self.accelerator = accelerator
         self.trainable = trainable
         self.loaded = loaded
@@ -70,6 +83,7 @@ class TextualInversionOutputs:
         self.preview_opts = preview
         self.save_image_embeddings = save_image_embeddings
         self.also_bin = also_bin
+        self.save_optimizer_state = save_optimizer_state
         self.settings = settings
         self.last_preview = None  # the newest preview picture, used as the PNG card's image
         self._encoder = None
@@ -96,9 +110,11 @@ class TextualInversionOutputs:
                                        self.last_preview))
         return files
 
-    def final(self, step: int) -> list[Path]:
+    def final(self, step: int, optimizer=None) -> list[Path]:
         emb = self._current(step)
         files = self._write(emb, self.out_dir / self.trainable.name)
+        if self.save_optimizer_state and optimizer is not None and not emb.is_sdxl:
+            files.append(save_optimizer_sidecar(files[0], emb, optimizer))
         files.append(save_embedding(emb, self.out_dir / "learned_embeds.safetensors", "diffusers-sdxl"
                                     if emb.is_sdxl else "diffusers", token=emb.name))
         if self.also_bin and not emb.is_sdxl:

@@ -110,7 +110,7 @@ class Outputs:
     """Callbacks the script gives the loop for its user-facing files (called on the main process only)."""
 
     save: Callable[[int], list[Path]]  # periodic copy at a step
-    final: Callable[[int], list[Path]]  # the final files
+    final: Callable[[int, object], list[Path]]  # the final files, given the step and the optimizer
     preview: Callable[[int], list] | None = None  # -> list of (PIL image, caption) at a step
 
 
@@ -229,13 +229,21 @@ class LossLog:
 
 
 def _tracker_init_kwargs(cfg: LoopConfig, run_id: str | None) -> dict:
+    """W&B: a resumed or requeued run continues the same run (its id is saved in every checkpoint) under a stable
+    name (default: the output folder's name), grouped per Slurm job unless WANDB_RUN_GROUP says otherwise, tagged
+    with --wandb_tags (carried in the tracker config) and 'slurm' inside Slurm jobs."""
+    from utils.cluster import slurm_job, wandb_tags
+
     kwargs: dict = {}
     if cfg.report_to in ("wandb", "all"):
-        wandb_kwargs = {"name": cfg.run_name, "resume": "allow", "dir": str(cfg.output_dir)}
+        job = slurm_job()
+        wandb_kwargs = {"name": cfg.run_name or Path(cfg.output_dir).resolve().name, "resume": "allow",
+                        "dir": str(cfg.output_dir), "job_type": "train",
+                        "tags": wandb_tags(cfg.tracker_config, job) or None}
         if run_id:
             wandb_kwargs["id"] = run_id
-        if os.environ.get("SLURM_JOB_ID"):
-            wandb_kwargs["group"] = f"slurm-{os.environ['SLURM_JOB_ID']}"
+        if job and not os.environ.get("WANDB_RUN_GROUP"):
+            wandb_kwargs["group"] = job.group
         kwargs["wandb"] = {k: v for k, v in wandb_kwargs.items() if v is not None}
     return kwargs
 
@@ -452,7 +460,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     if stopped_by == "signal":
         accelerator.print(f"Stopped by signal {stop.signum} at step {state.step}; checkpoint and files saved.")
     if accelerator.is_main_process:
-        files += outputs.final(state.step)
+        files += outputs.final(state.step, optimizer)
         if log:
             log.flush()
     if outputs.preview and stopped_by != "signal":
@@ -492,17 +500,27 @@ def _preview(accelerator: Accelerator, trainable: Trainable, outputs: Outputs, s
 
 
 def make_accelerator(output_dir: Path, mixed_precision: str, gradient_accumulation_steps: int, report_to: str,
-                     seed: int, cpu: bool = False) -> Accelerator:
-    from accelerate.utils import ProjectConfiguration
+                     seed: int, cpu: bool = False, ddp_timeout: float | None = None) -> Accelerator:
+    """``ddp_timeout`` (seconds): how long a rank waits in a collective before failing, so a dead or stuck rank
+    ends the others with an error instead of a hang (None: the backend's default)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    from utils.cluster import check_world_size, cpu_only_multiprocess_launch
 
     log_with = None if report_to == "none" else (["wandb", "tensorboard"] if report_to == "all" else report_to)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=ddp_timeout))] if ddp_timeout else []
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
-        cpu=cpu,
+        # Several launched processes on a GPU-less machine: without cpu=True accelerate would run each one alone.
+        cpu=cpu or cpu_only_multiprocess_launch(),
+        kwargs_handlers=handlers,
     )
+    check_world_size(accelerator.num_processes)
     set_seed(seed)
     return accelerator
 

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Train an A1111-compatible hypernetwork for Stable Diffusion, on one or many GPUs.
+
+    accelerate launch train_hypernetwork.py --pretrained_model_name_or_path MODEL --train_data_dir DATA \
+        --hypernetwork_name my-style --layer_structure "1, 2, 1" --output_dir out
+
+Uses the same loop, data, checkpoints, resume, signals, trackers and previews as train_textual_inversion.py. Writes
+<output_dir>/<name>.pt (A1111 layout) and <name>.safetensors, periodic copies in hypernetworks/, previews in images/,
+the loss log hypernetwork_loss.csv, resumable checkpoint-N/ folders and training_settings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils import cli
+from utils.errors import UserError, exit_on_user_error
+from utils.lr_schedule import validate_learning_rate
+from utils.training_setup import add_data_args
+
+PROG = "train_hypernetwork.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_config_arg(p)
+    cli.add_model_args(p)
+    g = p.add_argument_group("hypernetwork")
+    g.add_argument("--hypernetwork_name", help="Name of the new hypernetwork (file name, <hypernet:NAME> tag).")
+    g.add_argument("--resume_hypernetwork", metavar="FILE",
+                   help="Continue training this hypernetwork file (.pt of any A1111 era, or our .safetensors); "
+                        "its step counter continues and its architecture options are kept.")
+    g.add_argument("--layer_structure", default="1, 2, 1",
+                   help="Relative layer widths, starting and ending with 1 (A1111's 'Modules layer structure').")
+    g.add_argument("--activation_func", default="linear",
+                   help="linear, relu, leakyrelu, elu, swish (= Hardswish, as A1111), tanh, sigmoid, or any "
+                        "torch.nn activation name in lower case (gelu, silu, mish, ...).")
+    g.add_argument("--weight_init", default="Normal",
+                   choices=["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"])
+    g.add_argument("--layer_norm", action="store_true", help="LayerNorm after each layer.")
+    g.add_argument("--use_dropout", action="store_true", help="Dropout (training only).")
+    g.add_argument("--dropout_structure", default="",
+                   help="Dropout probability per layer, e.g. '0, 0.05, 0' (implies --use_dropout).")
+    g.add_argument("--last_layer_dropout", action="store_true", help="Dropout before the last layer too.")
+    g.add_argument("--activate_output", action="store_true", help="Apply the activation after the last layer.")
+    g.add_argument("--sizes", default=None,
+                   help="Context widths that get modules, e.g. '768, 320, 640, 1280' (A1111's SD-1 default). "
+                        "Default: the model's text width and its UNet attention widths.")
+    g.add_argument("--offload_text_encoder", action="store_true",
+                   help="Keep the text encoder on the CPU: prompts are encoded once and cached (saves its memory).")
+    g.add_argument("--embeddings_dir", action="append", default=[],
+                   help="Embedding folders usable in training prompts (repeatable).")
+    add_data_args(p, default_template="hypernetwork")
+    cli.add_optim_args(p, default_lr="0.00001", default_weight_decay=0.01)
+    cli.add_output_args(p)
+    cli.add_logging_args(p)
+    return cli.parse_with_config(p, argv)
+
+
+def hypernetwork_options(a: argparse.Namespace):
+    from utils.hypernetwork import HypernetworkOptions, parse_layer_structure
+
+    dropout = [float(x) for x in a.dropout_structure.split(",") if x.strip()] if a.dropout_structure else None
+    return HypernetworkOptions(
+        layer_structure=parse_layer_structure(a.layer_structure), activation_func=a.activation_func.lower(),
+        is_layer_norm=a.layer_norm, weight_initialization=a.weight_init, activate_output=a.activate_output,
+        use_dropout=a.use_dropout or bool(dropout), dropout_structure=dropout,
+        last_layer_dropout=a.last_layer_dropout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    validate_learning_rate(str(args.learning_rate))
+    cli.check_positive(args, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs")
+    if not args.hypernetwork_name and not args.resume_hypernetwork:
+        raise UserError("give --hypernetwork_name or --resume_hypernetwork FILE")
+
+    from accelerate.utils import set_seed
+
+    from utils.data import scan_dataset
+    from utils.embeddings import sanitize_name
+    from utils.hypernetwork import Hypernetwork, attention_context_widths, load_hypernetwork
+    from utils.hypernetwork_training import HypernetworkOutputs, HypernetworkTrainable
+    from utils.ti_outputs import preview_options
+    from utils.training import config_for_trackers, make_accelerator, train
+    from utils.training_setup import (ModelOptions, build_batch_source, data_options, limit_threads_per_rank,
+                                      load_model_for_training, model_source, resolve_max_steps,
+                                      training_noise_scheduler)
+
+    options = hypernetwork_options(args)  # validates the architecture flags before any model loads
+    resumed = load_hypernetwork(args.resume_hypernetwork) if args.resume_hypernetwork else None
+    name = sanitize_name(args.hypernetwork_name or resumed.name)
+    source = model_source(args)
+    data_cfg, prompt_cfg, latent_cfg = data_options(args, placeholder=name)
+    out_dir = Path(args.output_dir)
+
+    accelerator = make_accelerator(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
+                                   args.seed)
+    limit_threads_per_rank(accelerator.num_processes)
+    summary = scan_dataset(data_cfg, prompt_cfg, report_file=out_dir / "skipped_images.txt"
+                           if accelerator.is_main_process else None)
+    accelerator.print(summary.describe())
+
+    loaded = load_model_for_training(source, ModelOptions(
+        accelerator.mixed_precision, args.gradient_checkpointing, args.enable_xformers_memory_efficient_attention,
+        args.allow_tf32, args.prediction_type), accelerator.device)
+    if resumed is not None:
+        hn = resumed
+        hn.name = name
+    else:
+        text_width = loaded.pipeline.unet.config.cross_attention_dim
+        sizes = ([int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes
+                 else sorted(attention_context_widths(loaded.pipeline.unet) | {text_width}))
+        set_seed(args.seed)  # the new modules' initial weights are the same on every rank
+        hn = Hypernetwork.create(name, sizes, options)
+    trainable = HypernetworkTrainable.build(loaded, hn, accelerator.device, args.offload_text_encoder,
+                                            embeddings_dirs=args.embeddings_dir)
+
+    batches = build_batch_source(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+                                 batch_size=args.train_batch_size, seed=args.seed,
+                                 num_workers=args.dataloader_num_workers, cache_latents=not args.no_cache_latents,
+                                 report_file=out_dir / "skipped_images.txt")
+    steps_per_epoch = batches.micro_batches_per_epoch // args.gradient_accumulation_steps
+    max_steps = resolve_max_steps(args.max_train_steps, args.num_train_epochs, max(1, steps_per_epoch))
+    settings = {**{k: v for k, v in vars(args).items() if k != "config"}, "hypernetwork_name": name,
+                "max_train_steps": max_steps, "model_hash": loaded.identity.shorthash,
+                "model_name": loaded.identity.name, "num_of_dataset_images": summary.num_examples,
+                "sizes": sorted(hn.layers), "world_size": accelerator.num_processes}
+    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
+    outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, preview_options(args, batches, data_cfg),
+                                  settings=settings, save_optimizer_state=args.save_optimizer_state)
+
+    result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,
+                   outputs.callbacks(previews=not args.no_previews))
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"Done at step {result.step} ({result.stopped_by}). Outputs in {out_dir.resolve()}:")
+        for f in result.files[-4:]:
+            print(f"  {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    with exit_on_user_error(PROG):
+        sys.exit(main())
