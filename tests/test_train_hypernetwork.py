@@ -112,7 +112,7 @@ def test_two_processes_match_one_process(tiny_sd1, data_dir, tmp_path):
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     a, b = _weights(tmp_path / "one" / "hn.pt"), _weights(tmp_path / "two" / "hn.pt")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
 
 def test_bad_layer_structure_is_one_line(tiny_sd1, data_dir, tmp_path):
