@@ -98,21 +98,22 @@ def test_trained_file_changes_the_image(tiny_sd1, data_dir, tmp_path):
 
 
 def test_two_processes_match_one_process(tiny_sd1, data_dir, tmp_path):
-    # Without LayerNorm: A1111 initialises LayerNorm weights near 0, where gradients are so small that Adam's
-    # sign-like first steps turn float summation-order noise into lr-sized differences; that is not a sync question.
-    extra = ["--activation_func", "linear"]
-    assert thn.main(_args(tiny_sd1, data_dir, tmp_path / "one")[:-3] + extra) == 0
+    # A larger Adam epsilon keeps the update proportional to the gradient. With the default 1e-8, Adam's sign-like
+    # first steps turn float summation-order noise in near-zero gradients into lr-sized differences (measured:
+    # 1.3e-4 at lr 1e-3), which says nothing about whether the gradients were synchronised.
+    extra = ["--adam_epsilon", "1e-4"]
+    assert thn.main(_args(tiny_sd1, data_dir, tmp_path / "one", *extra)) == 0
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train_hypernetwork.py"), *_args(tiny_sd1, data_dir, tmp_path / "two")[:-3], *extra,
+           str(ROOT / "train_hypernetwork.py"), *_args(tiny_sd1, data_dir, tmp_path / "two", *extra),
            "--train_batch_size", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     a, b = _weights(tmp_path / "one" / "hn.pt"), _weights(tmp_path / "two" / "hn.pt")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
 def test_bad_layer_structure_is_one_line(tiny_sd1, data_dir, tmp_path):
