@@ -81,7 +81,8 @@ def slurm_job(environ: Mapping[str, str] | None = None) -> SlurmJob | None:
 
     return SlurmJob(
         job_id=job_id, array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None, node_id=_int("SLURM_NODEID", 0),
-        num_nodes=_int("SLURM_NNODES", None) or _int("SLURM_JOB_NUM_NODES", 1), nodelist=env.get("SLURM_JOB_NODELIST", ""),
+        num_nodes=_int("SLURM_NNODES", None) or _int("SLURM_JOB_NUM_NODES", 1),
+        nodelist=env.get("SLURM_JOB_NODELIST", ""),
         restart_count=_int("SLURM_RESTART_COUNT", 0),
         gpus_on_node=_int("SLURM_GPUS_ON_NODE", None) or parse_gpu_count(env.get("SLURM_GPUS_PER_NODE")),
         cpus_per_task=_int("SLURM_CPUS_PER_TASK", None))
@@ -205,7 +206,8 @@ class RunPlan:
         ]
         if self.slurm:
             s = self.slurm
-            lines.append(f"  slurm         job {s.job_id}, node {s.node_id} of {s.num_nodes}, restart {s.restart_count}")
+            lines.append(
+                f"  slurm         job {s.job_id}, node {s.node_id} of {s.num_nodes}, restart {s.restart_count}")
         return "\n".join(lines)
 
 
