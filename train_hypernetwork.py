@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from utils import cli
+from utils.cluster import add_cluster_args
 from utils.errors import UserError, exit_on_user_error
 from utils.lr_schedule import validate_learning_rate
-from utils.training_setup import add_data_args
 
 PROG = "train_hypernetwork.py"
 
@@ -52,10 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Keep the text encoder on the CPU: prompts are encoded once and cached (saves its memory).")
     g.add_argument("--embeddings_dir", action="append", default=[],
                    help="Embedding folders usable in training prompts (repeatable).")
-    add_data_args(p, default_template="hypernetwork")
+    cli.add_data_args(p, default_template="hypernetwork")
     cli.add_optim_args(p, default_lr="0.00001", default_weight_decay=0.01)
     cli.add_output_args(p)
     cli.add_logging_args(p)
+    add_cluster_args(p)
     return cli.parse_with_config(p, argv)
 
 
@@ -79,33 +80,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate.utils import set_seed
 
-    from utils.data import scan_dataset
     from utils.embeddings import sanitize_name
     from utils.hypernetwork import Hypernetwork, attention_context_widths, load_hypernetwork
     from utils.hypernetwork_training import HypernetworkOutputs, HypernetworkTrainable
     from utils.ti_outputs import preview_options
-    from utils.training import config_for_trackers, make_accelerator, train
-    from utils.training_setup import (ModelOptions, build_batch_source, data_options, limit_threads_per_rank,
-                                      load_model_for_training, model_source, resolve_max_steps,
-                                      training_noise_scheduler)
+    from utils.training import config_for_trackers, train
+    from utils.training_setup import (build_batch_source, finish_run, load_model_for_training, print_run_plan,
+                                      resolve_max_steps, start_run, training_noise_scheduler)
 
     options = hypernetwork_options(args)  # validates the architecture flags before any model loads
     resumed = load_hypernetwork(args.resume_hypernetwork) if args.resume_hypernetwork else None
     name = sanitize_name(args.hypernetwork_name or resumed.name)
-    source = model_source(args)
-    data_cfg, prompt_cfg, latent_cfg = data_options(args, placeholder=name)
+    source = cli.model_source(args)
+    data_cfg, prompt_cfg, latent_cfg = cli.data_options(args, placeholder=name)
     out_dir = Path(args.output_dir)
+    accelerator, summary = start_run(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
+                                     args.seed, args.ddp_timeout, data_cfg, prompt_cfg)
 
-    accelerator = make_accelerator(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
-                                   args.seed)
-    limit_threads_per_rank(accelerator.num_processes)
-    summary = scan_dataset(data_cfg, prompt_cfg, report_file=out_dir / "skipped_images.txt"
-                           if accelerator.is_main_process else None)
-    accelerator.print(summary.describe())
-
-    loaded = load_model_for_training(source, ModelOptions(
-        accelerator.mixed_precision, args.gradient_checkpointing, args.enable_xformers_memory_efficient_attention,
-        args.allow_tf32, args.prediction_type), accelerator.device)
+    loaded = load_model_for_training(source, cli.model_options(args, accelerator.mixed_precision), accelerator.device)
     if resumed is not None:
         hn = resumed
         hn.name = name
@@ -122,23 +114,23 @@ def main(argv: list[str] | None = None) -> int:
                                  batch_size=args.train_batch_size, seed=args.seed,
                                  num_workers=args.dataloader_num_workers, cache_latents=not args.no_cache_latents,
                                  report_file=out_dir / "skipped_images.txt")
-    steps_per_epoch = batches.micro_batches_per_epoch // args.gradient_accumulation_steps
-    max_steps = resolve_max_steps(args.max_train_steps, args.num_train_epochs, max(1, steps_per_epoch))
+    steps_per_epoch = max(1, batches.micro_batches_per_epoch // args.gradient_accumulation_steps)
+    max_steps = resolve_max_steps(args.max_train_steps, args.num_train_epochs, steps_per_epoch)
+    print_run_plan(accelerator, loaded, summary, out_dir, batch_size=args.train_batch_size,
+                   accumulation=args.gradient_accumulation_steps, max_steps=max_steps,
+                   steps_per_epoch=steps_per_epoch, num_workers=args.dataloader_num_workers,
+                   report_to=args.report_to, ddp_timeout=args.ddp_timeout)
     settings = {**{k: v for k, v in vars(args).items() if k != "config"}, "hypernetwork_name": name,
                 "max_train_steps": max_steps, "model_hash": loaded.identity.shorthash,
                 "model_name": loaded.identity.name, "num_of_dataset_images": summary.num_examples,
                 "sizes": sorted(hn.layers), "world_size": accelerator.num_processes}
     loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
-    outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, preview_options(args, batches, data_cfg),
+    outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, preview_options(args, data_cfg),
                                   settings=settings, save_optimizer_state=args.save_optimizer_state)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,
                    outputs.callbacks(previews=not args.no_previews))
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(f"Done at step {result.step} ({result.stopped_by}). Outputs in {out_dir.resolve()}:")
-        for f in result.files[-4:]:
-            print(f"  {f}")
+    finish_run(accelerator, result, name, "hypernetwork", out_dir)
     return 0
 
 

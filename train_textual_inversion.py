@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from utils import cli
+from utils.cluster import add_cluster_args
 from utils.errors import UserError, exit_on_user_error
 from utils.lr_schedule import validate_learning_rate
-from utils.training_setup import add_data_args
 
 PROG = "train_textual_inversion.py"
 
@@ -40,13 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Continue training this embedding file (any supported format); its step counter continues.")
     g.add_argument("--save_image_embeddings", action="store_true",
                    help="Also save A1111 PNG cards with the embedding inside, in image_embeddings/.")
-    add_data_args(p, default_template=None)
+    cli.add_data_args(p, default_template=None)
     cli.add_optim_args(p, default_lr="0.005", default_weight_decay=0.0)
     cli.add_output_args(p)
     cli.add_logging_args(p)
+    add_cluster_args(p)
     a = cli.parse_with_config(p, argv)
     if a.demo:
-        apply_demo_defaults(a, argv or [])
+        apply_demo_defaults(a, sys.argv[1:] if argv is None else argv)
     return a
 
 
@@ -85,32 +86,23 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
 
     from utils import ti_outputs
-    from utils.data import scan_dataset
     from utils.embeddings import load_embedding, sanitize_name
     from utils.textual_inversion import TextualInversion
-    from utils.training import config_for_trackers, make_accelerator, train
-    from utils.training_setup import (ModelOptions, build_batch_source, data_options, limit_threads_per_rank,
-                                      load_model_for_training, model_source, resolve_max_steps,
-                                      training_noise_scheduler)
+    from utils.training import config_for_trackers, train
+    from utils.training_setup import (build_batch_source, finish_run, load_model_for_training, print_run_plan,
+                                      resolve_max_steps, start_run, training_noise_scheduler)
 
     resumed = load_embedding(args.resume_embedding) if args.resume_embedding else None
     if args.resume_embedding and resumed is None:
         raise UserError(f"--resume_embedding {args.resume_embedding}: the file holds no embedding")
     name = sanitize_name(args.placeholder_token or resumed.name)
-    source = model_source(args)
-    data_cfg, prompt_cfg, latent_cfg = data_options(args, placeholder=name)
+    source = cli.model_source(args)
+    data_cfg, prompt_cfg, latent_cfg = cli.data_options(args, placeholder=name)
     out_dir = Path(args.output_dir)
+    accelerator, summary = start_run(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
+                                     args.seed, args.ddp_timeout, data_cfg, prompt_cfg)
 
-    accelerator = make_accelerator(out_dir, args.mixed_precision, args.gradient_accumulation_steps,
-                                   args.report_to, args.seed)
-    limit_threads_per_rank(accelerator.num_processes)
-    summary = scan_dataset(data_cfg, prompt_cfg, report_file=out_dir / "skipped_images.txt"
-                           if accelerator.is_main_process else None)
-    accelerator.print(summary.describe())
-
-    loaded = load_model_for_training(source, ModelOptions(
-        accelerator.mixed_precision, args.gradient_checkpointing, args.enable_xformers_memory_efficient_attention,
-        args.allow_tf32, args.prediction_type), accelerator.device)
+    loaded = load_model_for_training(source, cli.model_options(args, accelerator.mixed_precision), accelerator.device)
     embedding = resumed if resumed is not None else ti_outputs.new_embedding(
         loaded, name, args.initializer_token, args.num_vectors)
     embedding.name = name
@@ -121,24 +113,24 @@ def main(argv: list[str] | None = None) -> int:
                                  batch_size=args.train_batch_size, seed=args.seed,
                                  num_workers=args.dataloader_num_workers, cache_latents=not args.no_cache_latents,
                                  report_file=out_dir / "skipped_images.txt")
-    steps_per_epoch = batches.micro_batches_per_epoch // args.gradient_accumulation_steps
-    max_steps = resolve_max_steps(args.max_train_steps, args.num_train_epochs, max(1, steps_per_epoch))
+    steps_per_epoch = max(1, batches.micro_batches_per_epoch // args.gradient_accumulation_steps)
+    max_steps = resolve_max_steps(args.max_train_steps, args.num_train_epochs, steps_per_epoch)
+    print_run_plan(accelerator, loaded, summary, out_dir, batch_size=args.train_batch_size,
+                   accumulation=args.gradient_accumulation_steps, max_steps=max_steps,
+                   steps_per_epoch=steps_per_epoch, num_workers=args.dataloader_num_workers,
+                   report_to=args.report_to, ddp_timeout=args.ddp_timeout)
     settings = {**{k: v for k, v in vars(args).items() if k != "config"}, "embedding_name": name,
                 "max_train_steps": max_steps, "model_hash": loaded.identity.shorthash,
                 "model_name": loaded.identity.name, "num_of_dataset_images": summary.num_examples,
                 "world_size": accelerator.num_processes}
     loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
     outputs = ti_outputs.TextualInversionOutputs(
-        accelerator, trainable, loaded, out_dir, ti_outputs.preview_options(args, batches, data_cfg),
+        accelerator, trainable, loaded, out_dir, ti_outputs.preview_options(args, data_cfg),
         save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
         settings=settings, save_optimizer_state=args.save_optimizer_state).callbacks(previews=not args.no_previews)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs)
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(f"Done at step {result.step} ({result.stopped_by}). Outputs in {out_dir.resolve()}:")
-        for f in result.files[-4:]:
-            print(f"  {f}")
+    finish_run(accelerator, result, name, "embedding", out_dir)
     return 0
 
 

@@ -11,19 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
+from utils.data import DataConfig, PromptConfig
 from utils.errors import UserError
+from utils.latents import LatentConfig
+from utils.models import ModelSource
 from utils.training import LoopConfig, OptimConfig
-
-PREVIEW_DEFAULT_NEGATIVE = ""
-
-
-def _str2bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -174,3 +166,81 @@ def check_positive(a: argparse.Namespace, *names: str) -> None:
         v = getattr(a, n)
         if v is not None and v <= 0:
             raise UserError(f"--{n} must be > 0 (got {v})")
+
+
+def add_data_args(p: argparse.ArgumentParser, default_template: str | None) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--train_data_dir", help="Folder of training images, with optional <stem>.txt captions beside them.")
+    g.add_argument("--recursive", action="store_true", help="Include images in sub-folders of --train_data_dir.")
+    g.add_argument("--dataset_name", help="Hub dataset id (online) or a local parquet/arrow/imagefolder/WebDataset "
+                                          "path, read as a stream.")
+    g.add_argument("--dataset_config_name", help="Dataset configuration name (Hub datasets).")
+    g.add_argument("--image_column", help="Image column of --dataset_name (default: detected).")
+    g.add_argument("--caption_column", help="Caption column of --dataset_name (default: detected).")
+    g.add_argument("--filename_word_regex", default="",
+                   help="Caption from file name: join the matches of this regex (A1111's dataset_filename_word_regex).")
+    g.add_argument("--filename_join_string", default=" ", help="Joins the --filename_word_regex matches.")
+    g.add_argument("--resolution", type=int, default=512, help="Training width = height (multiple of 8).")
+    g.add_argument("--width", type=int, default=None, help="Training width (overrides --resolution).")
+    g.add_argument("--height", type=int, default=None, help="Training height (overrides --resolution).")
+    g.add_argument("--center_crop", action="store_true",
+                   help="Keep the aspect ratio: scale to cover and cut the middle (default: A1111's stretch).")
+    g.add_argument("--random_crop", action="store_true", help="Like --center_crop but at a random place each use "
+                                                              "(latents are then encoded every step).")
+    g.add_argument("--enable_buckets", action="store_true", help="Aspect-ratio buckets; every batch from one bucket.")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--bucket_reso_steps", type=int, default=64)
+    g.add_argument("--bucket_no_upscale", action="store_true", help="Never put an image in a bigger bucket.")
+    g.add_argument("--flip_p", type=float, default=0.0, help="Probability of a left-right mirror per use.")
+    g.add_argument("--use_alpha_as_loss_weight", action="store_true",
+                   help="PNG alpha channel becomes a per-pixel loss weight (A1111's 'use PNG alpha').")
+    g.add_argument("--repeats", type=int, default=1, help="Uses of each image per epoch.")
+    g.add_argument("--verify_images", action="store_true", help="Decode every image during the start-up scan.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes per rank.")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--template_file", default=default_template,
+                   help="Prompt template: a name in templates/ (style, style_filewords, subject, subject_filewords, "
+                        "hypernetwork, none) or a path. [name] and [filewords] are replaced.")
+    g.add_argument("--learnable_property", choices=["object", "style"], default="object",
+                   help="Without --template_file: subject or style templates (diffusers' flag).")
+    g.add_argument("--caption_only", action="store_true", help="Use each image's caption as the prompt, no template.")
+    g.add_argument("--shuffle_tags", action="store_true", help="Shuffle comma-separated caption tags each use.")
+    g.add_argument("--tag_dropout", type=float, default=0.0, help="Drop each caption tag with this probability.")
+    g = p.add_argument_group("latents")
+    g.add_argument("--latent_sampling", choices=["once", "deterministic", "random"], default="once",
+                   help="A1111's latent sampling: one stored sample, the mean, or a fresh sample per use.")
+    g.add_argument("--cache_latents_to_disk", default=None, metavar="DIR",
+                   help="Keep encoded latents in DIR (reused by reruns and shared by ranks).")
+    g.add_argument("--no_cache_latents", action="store_true", help="Encode with the VAE every step.")
+
+
+def data_options(a: argparse.Namespace, placeholder: str) -> tuple[DataConfig, PromptConfig, LatentConfig]:
+    width = a.width or a.resolution
+    height = a.height or a.resolution
+    data = DataConfig(
+        train_data_dir=a.train_data_dir, dataset_name=a.dataset_name, dataset_config_name=a.dataset_config_name,
+        image_column=a.image_column, caption_column=a.caption_column, recursive=a.recursive,
+        filename_word_regex=a.filename_word_regex, filename_join_string=a.filename_join_string, width=width,
+        height=height, center_crop=a.center_crop, random_crop=a.random_crop, enable_buckets=a.enable_buckets,
+        min_bucket_reso=a.min_bucket_reso, max_bucket_reso=a.max_bucket_reso, bucket_reso_steps=a.bucket_reso_steps,
+        bucket_no_upscale=a.bucket_no_upscale, flip_p=a.flip_p, use_alpha_as_loss_weight=a.use_alpha_as_loss_weight,
+        repeats=a.repeats, verify_images=a.verify_images)
+    prompt = PromptConfig(placeholder=placeholder, template_file=a.template_file,
+                          learnable_property=a.learnable_property, caption_only=a.caption_only,
+                          shuffle_tags=a.shuffle_tags, tag_dropout=a.tag_dropout)
+    latents = LatentConfig(latent_sampling=a.latent_sampling, cache_dir=a.cache_latents_to_disk)
+    return data, prompt, latents
+
+
+def model_source(a: argparse.Namespace) -> ModelSource:
+    if not a.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required (or --demo for the built-in tiny model)")
+    return ModelSource(a.pretrained_model_name_or_path, a.revision, a.variant, a.vae, a.model_config)
+
+
+def model_options(a: argparse.Namespace, mixed_precision: str):
+    from utils.training_setup import ModelOptions
+
+    return ModelOptions(mixed_precision, a.gradient_checkpointing, a.enable_xformers_memory_efficient_attention,
+                        a.allow_tf32, a.prediction_type)

@@ -454,6 +454,9 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
             epoch += 1
         if stopped_by != "signal":
             stopped_by = "schedule" if state.step < cfg.max_train_steps else "max_steps"
+            # A final checkpoint, so a job requeued after this point resumes at the end instead of redoing steps.
+            if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps and state.step > (resumed_step or 0):
+                checkpoint(state.step)
 
     progress.close()
     check_ranks_agree(accelerator, trainable)
@@ -527,10 +530,11 @@ def make_accelerator(output_dir: Path, mixed_precision: str, gradient_accumulati
 
 def config_for_trackers(obj) -> dict:
     """A flat, JSON-safe config without secrets, for trackers and the settings file."""
+    secret = re.compile(r"(^|_)(hub_token|api_key|secret|password|auth_token|wandb_key)($|_)", re.IGNORECASE)
     raw = asdict(obj) if hasattr(obj, "__dataclass_fields__") else dict(obj)
     out = {}
     for k, v in raw.items():
-        if any(s in k.lower() for s in ("token", "secret", "password", "api_key")) and k != "placeholder_token":
+        if secret.search(k):
             continue
         out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
     return out
