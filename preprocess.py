@@ -45,7 +45,7 @@ DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
 MARKER_VERSION = 1
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="folder of source pictures (not recursive; never modified)")
     p.add_argument("--dst", required=True, help="output folder (must differ from --src); created if missing")
@@ -104,7 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="old A1111 layout: put the caption in the file name (00000-0-<caption>.png), no .txt files")
     g.add_argument("--device", default=None, help="device for caption models (default: cuda when present, else cpu)")
     p.add_argument("--workers", type=int, default=1, help="processes cropping pictures in parallel (default 1)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from utils.lr_schedule import validate_learning_rate
 PROG = "train_hypernetwork.py"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_config_arg(p)
     cli.add_model_args(p)
@@ -57,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_output_args(p)
     cli.add_logging_args(p)
     add_cluster_args(p)
-    return cli.parse_with_config(p, argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return cli.parse_with_config(build_parser(), argv)
 
 
 def hypernetwork_options(a: argparse.Namespace):

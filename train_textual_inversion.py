@@ -23,7 +23,7 @@ from utils.lr_schedule import validate_learning_rate
 PROG = "train_textual_inversion.py"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_config_arg(p)
     p.add_argument("--demo", action="store_true",
@@ -45,7 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_output_args(p)
     cli.add_logging_args(p)
     add_cluster_args(p)
-    a = cli.parse_with_config(p, argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    a = cli.parse_with_config(build_parser(), argv)
     if a.demo:
         apply_demo_defaults(a, sys.argv[1:] if argv is None else argv)
     return a
