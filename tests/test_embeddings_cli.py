@@ -89,7 +89,7 @@ def test_create_bad_inputs(tiny_sd1, tmp_path, capsys):
         code, _, err = _run_main(base + extra, capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
     code, _, err = _run_main(["create", "--pretrained_model_name_or_path", tmp_path, "--name", "x"], capsys)
-    assert code == 2 and "not a diffusers model folder" in err
+    assert code == 2 and "not a diffusers pipeline" in err
     assert list(tmp_path.iterdir()) == []
 
 

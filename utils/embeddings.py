@@ -618,25 +618,43 @@ def _load_text_side(folder: Path, suffix: str = ""):
     return tokenizer, encoder.get_input_embeddings()
 
 
+def _text_sides(where: str) -> list[tuple[object, torch.nn.Embedding]]:
+    """(tokenizer, token-embedding table) per text encoder: read straight from a diffusers folder (fast), or through
+    the project's model loader for single-file checkpoints and Hub ids."""
+    folder = Path(where)
+    if folder.is_dir() and (folder / "tokenizer").is_dir() and (folder / "text_encoder").is_dir():
+        sides = [_load_text_side(folder)]
+        if (folder / "text_encoder_2").is_dir():
+            sides.append(_load_text_side(folder, "_2"))
+        return sides
+    from utils.models import ModelSource, load_pipeline
+
+    pipe = load_pipeline(ModelSource(where)).pipeline
+    sides = [(pipe.tokenizer, pipe.text_encoder.get_input_embeddings())]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        sides.append((pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings()))
+    return sides
+
+
 def _cmd_create(args) -> None:
-    folder = Path(args.pretrained_model_name_or_path)
-    if not (folder / "tokenizer").is_dir() or not (folder / "text_encoder").is_dir():
-        raise UserError(f"{folder}: not a diffusers model folder (needs tokenizer/ and text_encoder/)")
-    sdxl = (folder / "text_encoder_2").is_dir()
     name = sanitize_name(args.name)
-    default_name = f"{name}.safetensors" if sdxl else f"{name}.pt"
-    output = Path(args.output) if args.output else Path(args.embeddings_dir) / default_name
-    probe = Embedding(name, {"clip_l": torch.zeros(1), "clip_g": torch.zeros(1)} if sdxl else torch.zeros(1, 1))
-    fmt = resolve_format(probe, output, args.format)  # fail on a bad --output before loading the model
+    if args.output:
+        output = Path(args.output)
+        fmt = resolve_format(Embedding(name, torch.zeros(1, 1)), output, args.format) if output.suffix != \
+            ".safetensors" else args.format
+        if output.exists() and not args.overwrite:
+            raise UserError(f"{output} already exists (pass --overwrite to replace it)")
+    sides = _text_sides(args.pretrained_model_name_or_path)
+    sdxl = len(sides) == 2
+    output = Path(args.output) if args.output else Path(args.embeddings_dir) / (
+        f"{name}.safetensors" if sdxl else f"{name}.pt")
     if output.exists() and not args.overwrite:
         raise UserError(f"{output} already exists (pass --overwrite to replace it)")
     if sdxl:
-        emb = create_embedding_sdxl(name, args.init_text, args.num_vectors,
-                                    [_load_text_side(folder), _load_text_side(folder, "_2")])
+        emb = create_embedding_sdxl(name, args.init_text, args.num_vectors, sides)
     else:
-        tokenizer, table = _load_text_side(folder)
-        emb = create_embedding(name, args.init_text, args.num_vectors, tokenizer, table)
-    written = save_embedding(emb, output, fmt, overwrite=args.overwrite)
+        emb = create_embedding(name, args.init_text, args.num_vectors, *sides[0])
+    written = save_embedding(emb, output, resolve_format(emb, output, args.format), overwrite=args.overwrite)
     print(f"created {written} ({emb.num_vectors} vectors x {emb.width})")
 
 
