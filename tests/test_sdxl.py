@@ -34,7 +34,8 @@ def data_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
     rng = torch.Generator().manual_seed(0)
     for i in range(4):
-        arr = (torch.rand(64, 64, 3, generator=rng) * 255).byte().numpy()
+        size = 96 if i == 3 else 64  # one larger picture: its original_size reaches SDXL's add_time_ids
+        arr = (torch.rand(size, size, 3, generator=rng) * 255).byte().numpy()
         Image.fromarray(arr).save(d / f"{i:02d}.png")
         (d / f"{i:02d}.txt").write_text(f"a picture number {i}")
     return d
@@ -55,12 +56,15 @@ class TrainSpy:
     def __init__(self, real):
         self.real = real
         self.trainable = None
+        self.data = None
+        self.result = None
         self.before: dict[str, torch.Tensor] = {}
 
-    def __call__(self, accelerator, trainable, *args, **kwargs):
-        self.trainable = trainable
+    def __call__(self, accelerator, trainable, data, *args, **kwargs):
+        self.trainable, self.data = trainable, data
         self.before = frozen_state(trainable)
-        return self.real(accelerator, trainable, *args, **kwargs)
+        self.result = self.real(accelerator, trainable, data, *args, **kwargs)
+        return self.result
 
 
 def frozen_state(trainable) -> dict[str, torch.Tensor]:
@@ -152,6 +156,13 @@ def test_bf16_keeps_both_vector_sets_float32_and_weights_frozen(tiny_sdxl, data_
         assert not torch.equal(emb.vectors[key], spy.trainable.embedding.vectors[key])
 
 
+def test_size_conditioning_comes_from_the_data(run):
+    _, spy = run
+    rows = sorted(tuple(r) for b in spy.data.iter_epoch(0, 0) for r in b["add_time_ids"].int().tolist())
+    # (original h, w), (crop top, left), (target h, w): the 96 px picture was scaled down to 64, not cropped.
+    assert rows == [(64, 64, 0, 0, 64, 64)] * 3 + [(96, 96, 0, 0, 64, 64)]
+
+
 def test_exact_resume_matches_uninterrupted(run, tiny_sdxl, data_dir, tmp_path):
     full, _ = run
     _train(_args(tiny_sdxl, data_dir, tmp_path / "cut", "--max_train_steps", "2"))
@@ -200,6 +211,8 @@ def test_output_file_round_trips(run, tmp_path):
     assert final.vectors["clip_l"].shape == (2, 768) and final.vectors["clip_g"].shape == (2, 1280)
     trained = spy.trainable.current(4).vectors
     assert torch.equal(final.vectors["clip_l"], trained["clip_l"]) and torch.equal(final.vectors["clip_g"], trained["clip_g"])
+    written = {Path(f).name for f in spy.result.files}
+    assert {"my-emb.safetensors", "learned_embeds.safetensors", "learned_embeds_2.safetensors"} <= written
     raw = load_file(out / "my-emb.safetensors")
     assert set(raw) == {"clip_l", "clip_g"} and all(v.dtype == torch.float32 for v in raw.values())
     copy2 = load_embedding(out / "embeddings" / "my-emb-2.safetensors")
