@@ -70,6 +70,7 @@ class Settings:
     steps: int = 150
     warmup: int = 20
     seed: int = 0
+    paired: bool = True  # a bare step before each step of the 'ours' modes, timed apart (see TimedSource)
 
 
 @dataclass
@@ -289,22 +290,34 @@ class MemoryLoader:
 
 
 class TimedSource:
-    """Wraps the loop's BatchSource: the moment the loop asks for batch k is the moment step k-1 ended."""
+    """Wraps the loop's BatchSource: the moment the loop asks for batch k is the moment step k-1 ended.
 
-    def __init__(self, inner):
+    With ``bare`` (a BareStep on the same model), one bare forward/backward runs right there, before the batch is
+    fetched, and its time is taken out of the step's: the loop's step and the floor are then measured alternately
+    under the same load, which makes their ratio trustworthy on a shared machine."""
+
+    def __init__(self, inner, bare: "BareStep | None" = None):
         self.inner = inner
+        self.bare = bare
         self.micro_batches_per_epoch = inner.micro_batches_per_epoch
         self.marks: list[float] = []
+        self.bare_times: list[float] = []
+        self.excluded: list[float] = []  # bare time inside the interval that starts at each mark
 
     def iter_epoch(self, epoch: int, skip: int):
         it = self.inner.iter_epoch(epoch, skip)
         while True:
             asked = time.perf_counter()
+            spent = self.bare() if self.bare is not None else 0.0
             try:
                 batch = next(it)
             except StopIteration:
+                if self.excluded:  # a bare step run as the epoch ran out lies inside the last step's interval
+                    self.excluded[-1] += spent
                 return
             self.marks.append(asked)
+            self.bare_times.append(spent)
+            self.excluded.append(spent)
             yield batch
 
 
@@ -312,7 +325,9 @@ class TimedSource:
 # Modes through the real loop: ours, ours-uncached, hypernetwork(-offload)
 
 
-def run_real_loop(session: Session, settings: Settings, case: Case, trainable, cached: bool, optim) -> list[float]:
+def run_real_loop(session: Session, settings: Settings, case: Case, trainable, cached: bool, optim,
+                  bare: "BareStep | None" = None) -> tuple[list[float], list[float]]:
+    """Step times of utils.training.train after the warm-up, and of the paired bare steps (empty without)."""
     from utils.training import LoopConfig, Outputs, train
     from utils.training_setup import LoaderSource
 
@@ -322,7 +337,7 @@ def run_real_loop(session: Session, settings: Settings, case: Case, trainable, c
     if cached:
         pipe.vae.to("cpu")  # as build_batch_source does once latents are cached
     source = TimedSource(LoaderSource(MemoryLoader(pixels, latents, prompts, case.batch_size, cached), pipe.vae,
-                                      settings.seed, sdxl=False))
+                                      settings.seed, sdxl=False), bare)
     total = settings.warmup + settings.steps
     end = []
     outputs = Outputs(save=lambda step: [], final=lambda step, opt: end.append(time.perf_counter()) or [])
@@ -334,17 +349,20 @@ def run_real_loop(session: Session, settings: Settings, case: Case, trainable, c
         raise RuntimeError(f"{case.mode}: the loop ran {summary.step} steps / {len(source.marks)} batches, "
                            f"expected {total}")
     marks = source.marks + end
-    return [b - a for a, b in zip(marks[settings.warmup:], marks[settings.warmup + 1:])]
+    w = settings.warmup
+    steps = [b - a - spent for a, b, spent in zip(marks[w:], marks[w + 1:], source.excluded[w:])]
+    return steps, (source.bare_times[w:] if bare is not None else [])
 
 
-def mode_ours(session: Session, settings: Settings, case: Case, cached: bool) -> list[float]:
+def mode_ours(session: Session, settings: Settings, case: Case, cached: bool, paired: bool):
     from utils.textual_inversion import TextualInversion
     from utils.ti_outputs import new_embedding
     from utils.training import OptimConfig
 
     embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
     trainable = TextualInversion.build(session.pipe, embedding)
-    return run_real_loop(session, settings, case, trainable, cached, OptimConfig(learning_rate="0.005"))
+    bare = BareStep(session, settings, case, trainable) if paired else None
+    return run_real_loop(session, settings, case, trainable, cached, OptimConfig(learning_rate="0.005"), bare)
 
 
 def mode_hypernetwork(session: Session, settings: Settings, case: Case, offload: bool) -> list[float]:
@@ -360,7 +378,7 @@ def mode_hypernetwork(session: Session, settings: Settings, case: Case, offload:
     hn = Hypernetwork.create("benchhn", sizes, HypernetworkOptions(layer_structure=[1.0, 2.0, 1.0]))
     trainable = HypernetworkTrainable.build(session.loaded, hn, session.device, offload)
     return run_real_loop(session, settings, case, trainable, True,
-                         OptimConfig(learning_rate="0.00001", adam_weight_decay=0.01))
+                         OptimConfig(learning_rate="0.00001", adam_weight_decay=0.01))[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -451,44 +469,60 @@ def mode_diffusers_example(session: Session, settings: Settings, case: Case) -> 
 # The floor: forward + backward through the spliced text encoder and the UNet, inputs prepared beforehand
 
 
-def mode_bare(session: Session, settings: Settings, case: Case) -> list[float]:
-    import torch
-    import torch.nn.functional as F
+class BareStep:
+    """One forward + backward through the spliced text encoder and the UNet on inputs prepared beforehand (noisy
+    latents, timesteps, token ids), gradients reaching the vectors and then dropped: no data, noise drawing,
+    tokenizing, optimizer or bookkeeping. Calling it runs one step and returns its time in seconds."""
 
-    from utils.textual_inversion import TextualInversion, tokenize_with_placeholder
-    from utils.ti_outputs import new_embedding
+    def __init__(self, session: Session, settings: Settings, case: Case, trainable):
+        import torch
 
-    acc, pipe, device = session.accelerator, session.pipe, session.device
-    embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
-    trainable = TextualInversion.build(pipe, embedding)
-    model = trainable.model.to(device)
-    pipe.vae.to("cpu")
-    n = max(8, 4 * case.batch_size)
-    _, latents, prompts = make_samples(pipe, settings, n, settings.seed)
-    sched = session.noise_scheduler
-    g = torch.Generator().manual_seed(settings.seed)
-    batches = []
-    for k in range(n // case.batch_size):
-        sl = slice(k * case.batch_size, (k + 1) * case.batch_size)
-        lat = latents[sl].to(device)
-        noise = torch.randn(lat.shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(device)
-        ids = tokenize_with_placeholder(pipe.tokenizer, prompts[sl], PLACEHOLDER, NUM_VECTORS).to(device)
-        batches.append((sched.add_noise(lat, noise, t), t, ids, noise))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for step in range(settings.warmup + settings.steps):
-        noisy, t, ids, target = batches[step % len(batches)]
-        sync()
+        from utils.textual_inversion import tokenize_with_placeholder
+
+        self.acc, self.device = session.accelerator, session.device
+        self.model, self.vectors = trainable.model, list(trainable.parameters())
+        pipe, sched = session.pipe, session.noise_scheduler
+        n = max(8, 4 * case.batch_size)
+        _, latents, prompts = make_samples(pipe, settings, n, settings.seed + 1)
+        g = torch.Generator().manual_seed(settings.seed + 1)
+        self.batches = []
+        for k in range(n // case.batch_size):
+            sl = slice(k * case.batch_size, (k + 1) * case.batch_size)
+            lat = latents[sl].to(self.device)
+            noise = torch.randn(lat.shape, generator=g).to(self.device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(self.device)
+            ids = tokenize_with_placeholder(pipe.tokenizer, prompts[sl], PLACEHOLDER, NUM_VECTORS).to(self.device)
+            self.batches.append((sched.add_noise(lat, noise, t), t, ids, noise))
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.count = 0
+
+    def __call__(self) -> float:
+        import torch.nn.functional as F
+
+        noisy, t, ids, target = self.batches[self.count % len(self.batches)]
+        self.count += 1
+        self.sync()
         t0 = time.perf_counter()
-        with acc.autocast():
-            pred = model(noisy, t, input_ids=[ids])
+        with self.acc.autocast():
+            pred = self.model(noisy, t, input_ids=[ids])
         loss = F.mse_loss(pred.float(), target.float())
         loss.backward()
-        for p in model.vectors:
+        for p in self.vectors:
             p.grad = None
-        sync()
-        times.append(time.perf_counter() - t0)
+        self.sync()
+        return time.perf_counter() - t0
+
+
+def mode_bare(session: Session, settings: Settings, case: Case) -> list[float]:
+    from utils.textual_inversion import TextualInversion
+    from utils.ti_outputs import new_embedding
+
+    embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
+    trainable = TextualInversion.build(session.pipe, embedding)
+    trainable.model.to(session.device)
+    session.pipe.vae.to("cpu")
+    step = BareStep(session, settings, case, trainable)
+    times = [step() for _ in range(settings.warmup + settings.steps)]
     return times[settings.warmup:]
 
 
@@ -507,7 +541,11 @@ def run_case(settings: Settings, case: Case) -> Result:
         notes = {}
         with MemoryMeter(settings.device) as mem:
             if case.mode in ("ours", "ours-uncached"):
-                times = mode_ours(session, settings, case, cached=case.mode == "ours")
+                times, bare = mode_ours(session, settings, case, cached=case.mode == "ours", paired=settings.paired)
+                if bare:
+                    # total step time over total bare time in the same window: each pair shares its moment's load
+                    notes["paired_bare_steps_per_s"] = 1 / statistics.median(bare)
+                    notes["paired_over_bare_pct"] = 100 * (sum(times) / sum(bare) - 1)
             elif case.mode in ("hypernetwork", "hypernetwork-offload"):
                 times = mode_hypernetwork(session, settings, case, offload=case.mode.endswith("offload"))
             elif case.mode == "diffusers-example":
@@ -573,6 +611,8 @@ def aggregate(results: list[Result]) -> list[dict]:
             "images_per_s": rate * key[2], "ms_per_step": 1000 / rate,
             "peak_mem_mb": max(peaks) if peaks else None,
             "added_mem_mb": max(p - b for p, b in zip(peaks, bases)) if peaks and bases else None,
+            "paired_over_bare_pct_runs": [r.notes["paired_over_bare_pct"] for r in rs
+                                          if "paired_over_bare_pct" in r.notes],
         })
     by = {(r["attention"], r["gradient_checkpointing"], r["batch_size"], r["mode"]): r for r in rows}
     for r in rows:
@@ -580,6 +620,8 @@ def aggregate(results: list[Result]) -> list[dict]:
         base, bare = by.get(k + ("diffusers-example",)), by.get(k + ("bare",))
         r["x_vs_diffusers_example"] = r["steps_per_s"] / base["steps_per_s"] if base else None
         r["step_time_over_bare_pct"] = 100 * (bare["steps_per_s"] / r["steps_per_s"] - 1) if bare else None
+        paired = r["paired_over_bare_pct_runs"]
+        r["paired_over_bare_pct"] = statistics.median(paired) if paired else None
     order = {m: i for i, m in enumerate(MODES)}
     rows.sort(key=lambda r: (r["attention"], r["gradient_checkpointing"], r["batch_size"], order.get(r["mode"], 99)))
     return rows
@@ -589,9 +631,14 @@ def markdown_table(rows: list[dict], mem_kind: str) -> str:
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
 
+    def pct(v, runs):
+        if v is None:
+            return "–"
+        return f"{v:+.1f}% ({' / '.join(f'{x:+.1f}' for x in runs)})"
+
     head = ("| mode | attn | ckpt | batch | steps/s (runs) | spread | images/s | ms/step | peak mem MB | added MB "
-            "| x diffusers-example | step vs bare |")
-    lines = [head, "|" + "---|" * 12]
+            "| x diffusers-example | step vs bare | step vs bare, paired (runs) |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         runs = " / ".join(f"{x:.1f}" for x in r["steps_per_s_runs"])
         lines.append(
@@ -599,10 +646,13 @@ def markdown_table(rows: list[dict], mem_kind: str) -> str:
             f"| {r['steps_per_s']:.1f} ({runs}) | {r['spread_pct']:.0f}% | {r['images_per_s']:.1f} "
             f"| {r['ms_per_step']:.1f} | {f(r['peak_mem_mb'], '.0f')} | {f(r['added_mem_mb'], '.0f')} "
             f"| {f(r['x_vs_diffusers_example'], '.2f')} "
-            f"| {'–' if r['step_time_over_bare_pct'] is None else format(r['step_time_over_bare_pct'], '+.0f') + '%'} |")
+            f"| {'–' if r['step_time_over_bare_pct'] is None else format(r['step_time_over_bare_pct'], '+.0f') + '%'} "
+            f"| {pct(r['paired_over_bare_pct'], r['paired_over_bare_pct_runs'])} |")
     lines.append("")
     lines.append(f"steps/s = 1 / median step time; memory: {mem_kind}; 'added' = peak minus the memory at the start "
-                 f"of the mode (model loaded); 'step vs bare' = extra step time over the bare forward/backward.")
+                 f"of the mode (model loaded); 'step vs bare' = extra step time over the bare forward/backward row; "
+                 f"'paired' = the same, measured with a bare step run before every training step in the same "
+                 f"process (total step time / total bare time; robust to load from other processes).")
     return "\n".join(lines)
 
 
@@ -634,6 +684,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads per process (sets OMP_NUM_THREADS for the children too). Default: as the "
                         "trainers (utils.cluster.threads_per_rank). On a CPU shared with other busy processes use 1: "
                         "multi-threaded torch ops slow down badly when the cores are oversubscribed.")
+    p.add_argument("--no_pairing", action="store_true",
+                   help="Do not run a bare step next to every step of the 'ours' modes (pairing makes the "
+                        "'within X%% of bare' figure robust on a shared machine, and doubles those modes' run time).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="Also write every run and the summary rows as JSON here.")
     p.add_argument("--_child", help=argparse.SUPPRESS)
@@ -654,7 +707,8 @@ def main(argv=None) -> int:
         sys.exit("bench_train.py: --device cuda but no CUDA device is available")
     settings = Settings(model=args.model, device=device,
                         resolution=args.resolution or (512 if args.model == "sd15" else 64),
-                        mixed_precision=args.mixed_precision, steps=args.steps, warmup=args.warmup, seed=args.seed)
+                        mixed_precision=args.mixed_precision, steps=args.steps, warmup=args.warmup, seed=args.seed,
+                        paired=not args.no_pairing)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
