@@ -82,6 +82,9 @@ def frozen_state(trainable) -> dict[str, torch.Tensor]:
 
 def _train(argv, spy: TrainSpy | None = None):
     with pytest.MonkeyPatch.context() as mp:
+        # The trainer sets torch's threads from OMP_NUM_THREADS, else every core; on the shared 2 cores, 2 threads ran
+        # SDXL steps up to 40x slower than 1 (spin-waiting threads descheduled) and stayed set for later tests.
+        mp.setenv("OMP_NUM_THREADS", "1")
         if spy is not None:
             mp.setattr(utils.training, "train", spy)
         assert tti.main(argv) == 0
@@ -174,9 +177,23 @@ def test_exact_resume_matches_uninterrupted(run, tiny_sdxl, data_dir, tmp_path):
     assert (full / "textual_inversion_loss.csv").read_text() == (tmp_path / "cut" / "textual_inversion_loss.csv").read_text()
 
 
+def _prompt_encoder(trainable):
+    """Our inference-side encoder over the trained models, with the embedding as trained registered by name."""
+    from utils.prompts import EmbeddingDatabase, PromptEncoder
+
+    class Pipe:  # PromptEncoder needs only the tokenizers and text encoders
+        tokenizer, tokenizer_2 = trainable.tokenizers
+        text_encoder, text_encoder_2 = trainable.model.text_encoders
+
+    db = EmbeddingDatabase([])
+    db.register(trainable.current(4))
+    enc = PromptEncoder(Pipe(), db)
+    enc.refresh()
+    return enc
+
+
 def test_training_conditioning_equals_inference_conditioning(run):
     """What the UNet saw in training is what inference feeds it for the same prompt (both encoders, pooled too)."""
-    from utils.prompts import EmbeddingDatabase, PromptEncoder
     from utils.textual_inversion import tokenize_with_placeholder
 
     _, spy = run
@@ -185,19 +202,24 @@ def test_training_conditioning_equals_inference_conditioning(run):
     with torch.no_grad():
         ids = [tokenize_with_placeholder(tok, prompts, t.name, 2) for tok in t.tokenizers]
         hidden, pooled = t.model.encode(ids)
-
-        class Pipe:  # PromptEncoder needs only the tokenizers and text encoders
-            tokenizer, tokenizer_2 = t.tokenizers
-            text_encoder, text_encoder_2 = t.model.text_encoders
-
-        db = EmbeddingDatabase([])
-        db.register(t.current(4))
-        enc = PromptEncoder(Pipe(), db)
-        enc.refresh()
-        cond = enc.encode(prompts)
+        cond = _prompt_encoder(t).encode(prompts)
     assert hidden.shape == cond.embeds.shape == (2, 77, 2048) and pooled.shape == cond.pooled.shape == (2, 1280)
     torch.testing.assert_close(cond.embeds, hidden, rtol=0, atol=1e-5)
     torch.testing.assert_close(cond.pooled, pooled, rtol=0, atol=1e-5)
+
+
+def test_long_prompts_are_chunked_per_encoder_with_the_embedding(run):
+    _, spy = run
+    enc = _prompt_encoder(spy.trainable)
+    first, second = "word " * 75, "a photo of my-emb"
+    with torch.no_grad():
+        long = enc.encode([f"{first} BREAK {second}"])
+        assert long.embeds.shape == (1, 154, 2048) and enc.used_embeddings.keys() == {"my-emb"}
+        a, b = enc.encode([first]), enc.encode([second])
+    torch.testing.assert_close(long.embeds[:, :77], a.embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(long.embeds[:, 77:], b.embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(long.pooled, a.pooled, rtol=0, atol=1e-6)  # pooled from the first chunk, as A1111
+    assert not torch.allclose(b.embeds, enc.encode(["a photo of"]).embeds)
 
 
 # ---------------------------------------------------------------------------------------------------------------
