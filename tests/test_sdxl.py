@@ -159,6 +159,23 @@ def test_bf16_keeps_both_vector_sets_float32_and_weights_frozen(tiny_sdxl, data_
         assert not torch.equal(emb.vectors[key], spy.trainable.embedding.vectors[key])
 
 
+def test_single_file_checkpoint_trains_the_same_vectors(tiny_sdxl, data_dir, tmp_path):
+    """An SDXL single file (sgm key layout, as A1111 users have it) is detected and trains exactly as its folder.
+
+    Latents are the VAE means here: the default "once" sample is seeded from the model file's hash, which differs."""
+    from utils.ldm_export import main as export
+
+    single = tmp_path / "tiny_sdxl.safetensors"
+    export(["--model", str(tiny_sdxl), "--out", str(single)])
+    extra = ("--max_train_steps", "2", "--checkpointing_steps", "100", "--latent_sampling", "deterministic")
+    _train(_args(tiny_sdxl, data_dir, tmp_path / "folder", *extra))
+    _train(_args(single, data_dir, tmp_path / "file", "--model_config", tiny_sdxl, *extra))
+    a = load_embedding(tmp_path / "folder" / "my-emb.safetensors")
+    b = load_embedding(tmp_path / "file" / "my-emb.safetensors")
+    assert a.step == b.step == 2 and a.width == b.width == 2048
+    assert torch.equal(a.vectors["clip_l"], b.vectors["clip_l"]) and torch.equal(a.vectors["clip_g"], b.vectors["clip_g"])
+
+
 def test_size_conditioning_comes_from_the_data(run):
     _, spy = run
     rows = sorted(tuple(r) for b in spy.data.iter_epoch(0, 0) for r in b["add_time_ids"].int().tolist())
