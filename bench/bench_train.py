@@ -22,6 +22,7 @@ time after --warmup steps (robust to interference); the mean-based rate is in th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -70,7 +71,7 @@ class Settings:
     steps: int = 150
     warmup: int = 20
     seed: int = 0
-    paired: bool = True  # a bare step before each step of the 'ours' modes, timed apart (see TimedSource)
+    paired: bool = False  # a bare step before each step, timed apart (see TimedSource, bare_on_a_copy)
 
 
 @dataclass
@@ -155,6 +156,17 @@ class MemoryMeter:
 
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return False
+
+
+def current_mem_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        return _proc_status_kb("VmRSS") / 1024
+    except OSError:
+        return 0.0
 
 
 def _proc_status_kb(key: str) -> int:
@@ -365,7 +377,7 @@ def mode_ours(session: Session, settings: Settings, case: Case, cached: bool, pa
     return run_real_loop(session, settings, case, trainable, cached, OptimConfig(learning_rate="0.005"), bare)
 
 
-def mode_hypernetwork(session: Session, settings: Settings, case: Case, offload: bool) -> list[float]:
+def mode_hypernetwork(session: Session, settings: Settings, case: Case, offload: bool, bare: "BareStep | None"):
     from utils.hypernetwork import Hypernetwork, HypernetworkOptions, attention_context_widths
     from utils.hypernetwork_training import HypernetworkTrainable
     from utils.training import OptimConfig
@@ -378,14 +390,14 @@ def mode_hypernetwork(session: Session, settings: Settings, case: Case, offload:
     hn = Hypernetwork.create("benchhn", sizes, HypernetworkOptions(layer_structure=[1.0, 2.0, 1.0]))
     trainable = HypernetworkTrainable.build(session.loaded, hn, session.device, offload)
     return run_real_loop(session, settings, case, trainable, True,
-                         OptimConfig(learning_rate="0.00001", adam_weight_decay=0.01))[0]
+                         OptimConfig(learning_rate="0.00001", adam_weight_decay=0.01), bare)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The diffusers example's step, re-implemented (examples/textual_inversion/textual_inversion.py, per-step work only)
 
 
-def mode_diffusers_example(session: Session, settings: Settings, case: Case) -> list[float]:
+def mode_diffusers_example(session: Session, settings: Settings, case: Case, bare: "BareStep | None"):
     import torch
     import torch.nn.functional as F
     from diffusers.optimization import get_scheduler
@@ -435,9 +447,11 @@ def mode_diffusers_example(session: Session, settings: Settings, case: Case) -> 
                            for p in prompts[sl]])
         return {"pixel_values": pixels[sl], "input_ids": ids}
 
-    times = []
+    times, bare_times = [], []
     total = settings.warmup + settings.steps
     for step in range(total):
+        if bare is not None:
+            bare_times.append(bare())
         t0 = time.perf_counter()
         batch = batch_at(step)
         with acc.accumulate(text_encoder):
@@ -462,7 +476,7 @@ def mode_diffusers_example(session: Session, settings: Settings, case: Case) -> 
         if acc.sync_gradients:
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}  # noqa: F841 (a sync/step)
         times.append(time.perf_counter() - t0)
-    return times[settings.warmup:]
+    return times[settings.warmup:], bare_times[settings.warmup:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,6 +527,22 @@ class BareStep:
         return time.perf_counter() - t0
 
 
+def bare_on_a_copy(session: Session, settings: Settings, case: Case) -> BareStep:
+    """A BareStep on copies of the pristine text encoder and UNet, for pairing with modes that change the model
+    (added tokens, hypernetwork processors). Made before the mode's memory is measured (its 'added' MB excludes it)."""
+    import copy
+    from types import SimpleNamespace
+
+    from utils.textual_inversion import TextualInversion
+    from utils.ti_outputs import new_embedding
+
+    pipe = session.pipe
+    twin = SimpleNamespace(text_encoder=copy.deepcopy(pipe.text_encoder), unet=copy.deepcopy(pipe.unet),
+                           tokenizer=copy.deepcopy(pipe.tokenizer))
+    embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
+    return BareStep(session, settings, case, TextualInversion.build(twin, embedding))
+
+
 def mode_bare(session: Session, settings: Settings, case: Case) -> list[float]:
     from utils.textual_inversion import TextualInversion
     from utils.ti_outputs import new_embedding
@@ -539,21 +569,34 @@ def run_case(settings: Settings, case: Case) -> Result:
     with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
         session = Session(settings, case, Path(tmp))
         notes = {}
+        pair = None
+        if settings.paired and case.mode in ("diffusers-example", "hypernetwork", "hypernetwork-offload"):
+            before = current_mem_mb(settings.device)
+            pair = bare_on_a_copy(session, settings, case)
+            notes["pairing_copy_mb"] = current_mem_mb(settings.device) - before
+        bare = []
         with MemoryMeter(settings.device) as mem:
             if case.mode in ("ours", "ours-uncached"):
                 times, bare = mode_ours(session, settings, case, cached=case.mode == "ours", paired=settings.paired)
-                if bare:
-                    # total step time over total bare time in the same window: each pair shares its moment's load
-                    notes["paired_bare_steps_per_s"] = 1 / statistics.median(bare)
-                    notes["paired_over_bare_pct"] = 100 * (sum(times) / sum(bare) - 1)
             elif case.mode in ("hypernetwork", "hypernetwork-offload"):
-                times = mode_hypernetwork(session, settings, case, offload=case.mode.endswith("offload"))
+                times, bare = mode_hypernetwork(session, settings, case, case.mode.endswith("offload"), pair)
             elif case.mode == "diffusers-example":
-                times = mode_diffusers_example(session, settings, case)
+                times, bare = mode_diffusers_example(session, settings, case, pair)
             elif case.mode == "bare":
                 times = mode_bare(session, settings, case)
             else:
                 raise ValueError(f"unknown mode {case.mode}")
+        if bare:
+            # total step time over total bare time in the same window: each pair shares its moment's load
+            notes["paired_bare_steps_per_s"] = 1 / statistics.median(bare)
+            notes["paired_over_bare_pct"] = 100 * (sum(times) / sum(bare) - 1)
+        del session, pair
+        gc.collect()
+    copy_mb = notes.get("pairing_copy_mb", 0.0)  # the twin models are not part of the mode's memory
+    if mem.peak_mb is not None:
+        mem.peak_mb -= copy_mb
+    if mem.base_mb is not None:
+        mem.base_mb -= copy_mb
     med = statistics.median(times)
     mean_rate = len(times) / sum(times)
     return Result(case=case, steps_timed=len(times), step_times_s=[round(t, 6) for t in times],
@@ -622,6 +665,15 @@ def aggregate(results: list[Result]) -> list[dict]:
         r["step_time_over_bare_pct"] = 100 * (bare["steps_per_s"] / r["steps_per_s"] - 1) if bare else None
         paired = r["paired_over_bare_pct_runs"]
         r["paired_over_bare_pct"] = statistics.median(paired) if paired else None
+        if r["mode"] == "bare":
+            r["paired_over_bare_pct"] = 0.0
+    for r in rows:
+        # Both step times in units of the bare step measured beside them: the ratio survives the machine's load
+        # changing between the two modes' runs.
+        base = by.get((r["attention"], r["gradient_checkpointing"], r["batch_size"], "diffusers-example"))
+        ok = base and base["paired_over_bare_pct"] is not None and r["paired_over_bare_pct"] is not None
+        r["x_vs_diffusers_example_paired"] = ((1 + base["paired_over_bare_pct"] / 100) /
+                                              (1 + r["paired_over_bare_pct"] / 100)) if ok else None
     order = {m: i for i, m in enumerate(MODES)}
     rows.sort(key=lambda r: (r["attention"], r["gradient_checkpointing"], r["batch_size"], order.get(r["mode"], 99)))
     return rows
@@ -634,11 +686,11 @@ def markdown_table(rows: list[dict], mem_kind: str) -> str:
     def pct(v, runs):
         if v is None:
             return "–"
-        return f"{v:+.1f}% ({' / '.join(f'{x:+.1f}' for x in runs)})"
+        return f"{v:+.1f}%" + (f" ({' / '.join(f'{x:+.1f}' for x in runs)})" if runs else "")
 
     head = ("| mode | attn | ckpt | batch | steps/s (runs) | spread | images/s | ms/step | peak mem MB | added MB "
-            "| x diffusers-example | step vs bare | step vs bare, paired (runs) |")
-    lines = [head, "|" + "---|" * 13]
+            "| x diffusers-example | step vs bare | step vs bare, paired (runs) | x diffusers-example, paired |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         runs = " / ".join(f"{x:.1f}" for x in r["steps_per_s_runs"])
         lines.append(
@@ -647,13 +699,33 @@ def markdown_table(rows: list[dict], mem_kind: str) -> str:
             f"| {r['ms_per_step']:.1f} | {f(r['peak_mem_mb'], '.0f')} | {f(r['added_mem_mb'], '.0f')} "
             f"| {f(r['x_vs_diffusers_example'], '.2f')} "
             f"| {'–' if r['step_time_over_bare_pct'] is None else format(r['step_time_over_bare_pct'], '+.0f') + '%'} "
-            f"| {pct(r['paired_over_bare_pct'], r['paired_over_bare_pct_runs'])} |")
+            f"| {pct(r['paired_over_bare_pct'], r['paired_over_bare_pct_runs'])} "
+            f"| {f(r['x_vs_diffusers_example_paired'], '.2f')} |")
     lines.append("")
     lines.append(f"steps/s = 1 / median step time; memory: {mem_kind}; 'added' = peak minus the memory at the start "
                  f"of the mode (model loaded); 'step vs bare' = extra step time over the bare forward/backward row; "
                  f"'paired' = the same, measured with a bare step run before every training step in the same "
-                 f"process (total step time / total bare time; robust to load from other processes).")
+                 f"process (total step time / total bare time; robust to load from other processes); "
+                 f"'x diffusers-example, paired' compares the two modes' paired step times.")
     return "\n".join(lines)
+
+
+def target_lines(rows: list[dict]) -> str:
+    """The issue's targets, per batch size: ours >= 1.5x the diffusers example, and within 15% of bare."""
+    out = []
+    for r in rows:
+        if r["mode"] != "ours":
+            continue
+        x = r["x_vs_diffusers_example_paired"] or r["x_vs_diffusers_example"]
+        over = r["paired_over_bare_pct"] if r["paired_over_bare_pct"] is not None else r["step_time_over_bare_pct"]
+        if x is None and over is None:
+            continue
+        where = (f"attn={r['attention']} ckpt={'on' if r['gradient_checkpointing'] else 'off'} "
+                 f"batch {r['batch_size']}")
+        speed = "–" if x is None else f"{x:.2f}x diffusers-example ({'meets' if x >= 1.5 else 'MISSES'} >= 1.5x)"
+        floor = "–" if over is None else f"{over:+.1f}% over bare ({'meets' if over <= 15 else 'MISSES'} <= 15%)"
+        out.append(f"- {where}: {speed}; {floor}")
+    return "\n".join(out)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -684,9 +756,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads per process (sets OMP_NUM_THREADS for the children too). Default: as the "
                         "trainers (utils.cluster.threads_per_rank). On a CPU shared with other busy processes use 1: "
                         "multi-threaded torch ops slow down badly when the cores are oversubscribed.")
-    p.add_argument("--no_pairing", action="store_true",
-                   help="Do not run a bare step next to every step of the 'ours' modes (pairing makes the "
-                        "'within X%% of bare' figure robust on a shared machine, and doubles those modes' run time).")
+    p.add_argument("--pairing", dest="pairing", action="store_true", default=None,
+                   help="Run a bare forward/backward before every training step, timed apart, and report each mode "
+                        "in units of it: ratios that survive load from other processes on a shared machine. Modes "
+                        "that change the model pair with a copy of it (subtracted from their memory). Doubles the "
+                        "run time. Default on for CPU, off for CUDA.")
+    p.add_argument("--no_pairing", dest="pairing", action="store_false", help="See --pairing.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="Also write every run and the summary rows as JSON here.")
     p.add_argument("--_child", help=argparse.SUPPRESS)
@@ -708,7 +783,7 @@ def main(argv=None) -> int:
     settings = Settings(model=args.model, device=device,
                         resolution=args.resolution or (512 if args.model == "sd15" else 64),
                         mixed_precision=args.mixed_precision, steps=args.steps, warmup=args.warmup, seed=args.seed,
-                        paired=not args.no_pairing)
+                        paired=(device == "cpu") if args.pairing is None else args.pairing)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -738,6 +813,9 @@ def main(argv=None) -> int:
           f"{settings.warmup} warm-up, {args.repeats} run(s) per case, {'isolated' if isolate else 'in-process'}, "
           f"{time.perf_counter() - t0:.0f} s in all.\n")
     print(markdown_table(rows, mem_kind))
+    targets = target_lines(rows)
+    if targets:
+        print("\nTargets (issue 5), from the paired figures where measured:\n" + targets)
     if args.json:
         from utils.fileio import write_text_atomic
 
