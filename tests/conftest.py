@@ -14,6 +14,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The trainers set torch's threads from OMP_NUM_THREADS (utils.cluster.threads_per_rank); one thread per process keeps
+# tests that share the 2 cores (and multi-process runs) from slowing each other down.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # One thread: the tiny models' ops are overhead-bound, and several processes share the 2 cores.
 import torch  # noqa: E402

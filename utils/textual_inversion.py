@@ -31,10 +31,18 @@ class TextualInversionModel(nn.Module):
         self.unet = unet
         self.vectors = nn.ParameterList([nn.Parameter(v.detach().clone().float()) for v in vectors])
         self.sdxl = sdxl
+        self._splice()
+
+    def _splice(self) -> None:
+        # The encoders get a view of each vector Parameter, never the Parameter itself: registered inside an encoder
+        # it would make transformers report that encoder's dtype as float32 under bf16/fp16, and the pipelines used
+        # for previews then cast the conditioning to float32 and fail in the bf16/fp16 UNet. A fresh view per
+        # forward keeps the gradient flowing to the Parameter this module owns (and DDP syncs).
         for te, vec in zip(self.text_encoders, self.vectors):
-            splice_into(te, vec)
+            splice_into(te, vec.view_as(vec))
 
     def encode(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._splice()
         if not self.sdxl:
             return self.text_encoders[0](input_ids[0]).last_hidden_state, None
         # SDXL: penultimate hidden states of both encoders side by side; pooled output of the second.

@@ -12,6 +12,7 @@ from utils.embeddings import (
     create_embedding_sdxl,
     save_a1111_pt,
     save_diffusers,
+    save_diffusers_sdxl,
     save_embedding,
     save_kohya,
     save_png_card,
@@ -115,8 +116,10 @@ class TextualInversionOutputs:
         files = self._write(emb, self.out_dir / self.trainable.name)
         if self.save_optimizer_state and optimizer is not None and not emb.is_sdxl:
             files.append(save_optimizer_sidecar(files[0], emb, optimizer))
-        files.append(save_embedding(emb, self.out_dir / "learned_embeds.safetensors", "diffusers-sdxl"
-                                    if emb.is_sdxl else "diffusers", token=emb.name))
+        if emb.is_sdxl:  # diffusers' two files, learned_embeds(_2).safetensors: both belong in the run's file list
+            files += save_diffusers_sdxl(emb, self.out_dir / "learned_embeds.safetensors", token=emb.name)
+        else:
+            files.append(save_embedding(emb, self.out_dir / "learned_embeds.safetensors", "diffusers", token=emb.name))
         if self.also_bin and not emb.is_sdxl:
             files.append(save_embedding(emb, self.out_dir / "learned_embeds.bin", "diffusers", token=emb.name))
         settings = self.out_dir / "training_settings.json"
