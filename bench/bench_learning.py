@@ -154,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--every", type=int, default=25)
     p.add_argument("--samples", type=int, default=16, help="generated images per measurement")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (on 2 shared cores, 2 threads beside other busy processes ran 5-10x slower)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data and embeddings here (default: a temp dir)")
     args = p.parse_args(argv)
     if not (TINYWORLD / "model_index.json").is_file():
         print(f"tiny-world model not found at {TINYWORLD}", file=sys.stderr)
         return 1
+    import torch
+
+    torch.set_num_threads(args.threads)
     concepts = [tuple(c.split(":")) for c in args.concepts]
     tw_data = _module(TINYWORLD / "data.py", "tinyworld_data")
     classify = _module(TINYWORLD / "classify.py", "tinyworld_classify").classify

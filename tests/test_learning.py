@@ -28,12 +28,25 @@ ROOT = Path(__file__).resolve().parent.parent
 COLOUR, SHAPE = "blue", "triangle"
 NAME = "tw-concept"
 INIT_WORD = "object"
-STEPS = 120  # the plain loop reaches 100% by step 100 at batch 4 (see bench/bench_learning.py)
+STEPS = 150  # 100% from step 100 on at batch 4 for two concepts, 19-75% at 75 (bench/bench_learning.py)
 BATCH = 4
 N_SAMPLES = 32
 GEN = dict(steps=20, sampler="DDIM", cfg_scale=2.0, seed=1000, width=64, height=64)
 MIN_CONCEPT, MAX_BASELINE = 0.8, 0.4
 SUBPROCESS_TIMEOUT = 420
+
+
+# One thread everywhere (this process and the scripts it starts): on the 2 shared cores a 2-thread run next to other
+# busy processes spins in OpenMP barriers and ran 5-10x slower (bench/bench_learning.py sets the same).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _module(path: Path, name: str):
@@ -135,8 +148,8 @@ def reference_run(tinyworld, concept_images, tmp_path_factory) -> Path:
 
 
 def run_script(argv: list[str], env: dict | None = None, timeout: int = SUBPROCESS_TIMEOUT):
-    proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **ONE_THREAD, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, f"{argv[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -185,7 +198,6 @@ def test_command_line_train_then_inference(tinyworld, concept_images, tmp_path, 
     assert concept_rate(baseline) <= MAX_BASELINE, describe(baseline)
 
 
-@pytest.mark.slow
 def test_two_processes_learn_the_same(tinyworld, concept_images, tmp_path, scorer, reference_run):
     """DDP over gloo on CPU: 2 processes x batch 2 see the same global batches as 1 x 4 and must learn the same."""
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -196,18 +208,17 @@ def test_two_processes_learn_the_same(tinyworld, concept_images, tmp_path, score
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
          "no", "--dynamo_backend", "no", "train_textual_inversion.py",
          *train_argv(tinyworld, concept_images, out, batch=BATCH // 2)],
-        env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+        env={"ACCELERATE_USE_CPU": "true"})
     assert "2 process(es), global batch 4" in proc.stdout + proc.stderr
     assert "all 2 processes hold identical trained weights" in proc.stdout + proc.stderr
 
     vectors, reference = trained_vectors(out), trained_vectors(reference_run)
-    # same samples, noise and timesteps; only the gradient all-reduce's rounding differs from one process
-    assert torch.nn.functional.cosine_similarity(vectors, reference).min() > 0.99
+    # same samples, noise and timesteps: only float rounding (the all-reduce) differs: 9e-8 measured
+    torch.testing.assert_close(vectors, reference, rtol=0, atol=1e-5)
     preds = scorer.predictions(f"a photo of a {NAME}", out)
     assert concept_rate(preds) >= MIN_CONCEPT, describe(preds)
 
 
-@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical(tinyworld, concept_images, tmp_path, scorer, reference_run):
     """Stop a command-line run with SIGINT part-way (it checkpoints where it stops), resume with
     --resume_from_checkpoint latest: the result is the uninterrupted run's, bit for bit."""
@@ -217,7 +228,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tinyworld, concept_images,
     out = tmp_path / "cut"
     argv = train_argv(tinyworld, concept_images, out, "--checkpointing_steps", "20")
     proc = subprocess.Popen([sys.executable, "train_textual_inversion.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT
         while not (out / "checkpoint-20").is_dir() and proc.poll() is None and time.monotonic() < deadline:
