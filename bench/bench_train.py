@@ -612,7 +612,8 @@ def run_isolated(settings: Settings, cases: list[Case]) -> list[Result]:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or len(lines) != len(cases):
-        raise RuntimeError(f"{cases[0].mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
+        raise RuntimeError(f"child exited {proc.returncode}: {last[0].strip()}")
     results = []
     for line in lines:
         data = json.loads(line[len("RESULT "):])
@@ -665,8 +666,8 @@ def aggregate(results: list[Result]) -> list[dict]:
         r["step_time_over_bare_pct"] = 100 * (bare["steps_per_s"] / r["steps_per_s"] - 1) if bare else None
         paired = r["paired_over_bare_pct_runs"]
         r["paired_over_bare_pct"] = statistics.median(paired) if paired else None
-        if r["mode"] == "bare":
-            r["paired_over_bare_pct"] = 0.0
+        if r["mode"] == "bare" and any(x["paired_over_bare_pct_runs"] for x in rows):
+            r["paired_over_bare_pct"] = 0.0  # the unit the paired figures are in
     for r in rows:
         # Both step times in units of the bare step measured beside them: the ratio survives the machine's load
         # changing between the two modes' runs.
@@ -794,12 +795,20 @@ def main(argv=None) -> int:
     isolate = (device == "cpu") if args.isolate is None else args.isolate
     model_path(settings)  # build/cache the model once, before children race to do it
     # Repeats outermost and modes interleaved, so a burst of load from other processes hits every mode alike.
-    groups = [[Case(m, b, a, c, rep) for a in attentions for c in ckpts for b in batch_sizes]
-              for rep in range(args.repeats) for m in modes]
+    # One group per child; a backend that cannot run (xformers missing) fails only its own group.
+    groups = [[Case(m, b, a, c, rep) for c in ckpts for b in batch_sizes]
+              for rep in range(args.repeats) for m in modes for a in attentions]
     results = []
     t0 = time.perf_counter()
+    errors = []
     for i, group in enumerate(groups, 1):
-        done = run_isolated(settings, group) if isolate else [run_case(settings, c) for c in group]
+        try:
+            done = run_isolated(settings, group) if isolate else [run_case(settings, c) for c in group]
+        except Exception as e:  # e.g. xformers missing: report it and measure the rest
+            first = group[0]
+            errors.append({"mode": first.mode, "repeat": first.repeat, "error": " ".join(str(e).split())[-800:]})
+            print(f"[{i}/{len(groups)}] {first.mode}: FAILED: {errors[-1]['error']}", file=sys.stderr, flush=True)
+            continue
         results += done
         for r in done:
             case = r.case
@@ -813,6 +822,8 @@ def main(argv=None) -> int:
           f"{settings.warmup} warm-up, {args.repeats} run(s) per case, {'isolated' if isolate else 'in-process'}, "
           f"{time.perf_counter() - t0:.0f} s in all.\n")
     print(markdown_table(rows, mem_kind))
+    for err in errors:
+        print(f"\nFAILED {err['mode']} (run {err['repeat'] + 1}): {err['error']}")
     targets = target_lines(rows)
     if targets:
         print("\nTargets (issue 5), from the paired figures where measured:\n" + targets)
@@ -820,7 +831,7 @@ def main(argv=None) -> int:
         from utils.fileio import write_text_atomic
 
         payload = {"settings": asdict(settings), "command": sys.argv, "torch": torch.__version__,
-                   "isolated": isolate, "rows": rows, "runs": [asdict(r) for r in results]}
+                   "isolated": isolate, "rows": rows, "runs": [asdict(r) for r in results], "errors": errors}
         write_text_atomic(Path(args.json), json.dumps(payload, indent=1))
         print(f"\nwrote {args.json}")
     return 0
