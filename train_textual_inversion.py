@@ -12,6 +12,7 @@ previews in images/, the loss log textual_inversion_loss.csv, resumable checkpoi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def apply_demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
     from utils.tiny_models import tiny_model_path
 
     given = {s.split("=")[0] for s in argv if s.startswith("--")}
+    # The tiny model's ops are overhead-bound: one thread is as fast, and far faster beside other busy processes.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     defaults = {
         "--pretrained_model_name_or_path": ("pretrained_model_name_or_path", str(tiny_model_path("sd1"))),
         "--train_data_dir": ("train_data_dir", str(Path(__file__).resolve().parent / "examples" / "sample_images")),

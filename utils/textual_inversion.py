@@ -6,7 +6,7 @@ The loop in utils/training.py sees only the small Trainable interface implemente
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,8 @@ class TextualInversionModel(nn.Module):
         self.unet = unet
         self.vectors = nn.ParameterList([nn.Parameter(v.detach().clone().float()) for v in vectors])
         self.sdxl = sdxl
+        # Read once: diffusers' .dtype walks every submodule (about 1 ms per call on a small UNet).
+        self.unet_dtype = next(unet.parameters()).dtype
         self._splice()
 
     def _splice(self) -> None:
@@ -55,10 +57,10 @@ class TextualInversionModel(nn.Module):
 
     def forward(self, noisy_latents, timesteps, input_ids: list[torch.Tensor], add_time_ids=None):
         hidden, pooled = self.encode(input_ids)
-        hidden = hidden.to(self.unet.dtype)
+        hidden = hidden.to(self.unet_dtype)
         added = None
         if self.sdxl:
-            added = {"text_embeds": pooled.to(self.unet.dtype), "time_ids": add_time_ids.to(self.unet.dtype)}
+            added = {"text_embeds": pooled.to(self.unet_dtype), "time_ids": add_time_ids.to(self.unet_dtype)}
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
 
@@ -102,6 +104,7 @@ class TextualInversion:
     model: TextualInversionModel
     csv_name: str = "textual_inversion_loss.csv"
     kind: str = "textual inversion"
+    _ids_cache: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, pipeline, embedding: Embedding) -> "TextualInversion":
@@ -134,16 +137,23 @@ class TextualInversion:
     def eval(self) -> None:
         pass
 
+    def _token_ids(self, k: int, prompt: str) -> torch.Tensor:
+        # Templates give a bounded set of prompts; tokenizing each once saves ~0.4 ms per step.
+        key = (k, prompt)
+        ids = self._ids_cache.get(key)
+        if ids is None:
+            ids = tokenize_with_placeholder(self.tokenizers[k], [prompt], self.name, self.embedding.num_vectors)[0]
+            if len(self._ids_cache) < 100_000:
+                self._ids_cache[key] = ids
+        return ids
+
     def model_inputs(self, batch: dict, device) -> dict:
-        ids = [tokenize_with_placeholder(tok, batch["prompts"], self.name, self.embedding.num_vectors).to(device)
-               for tok in self.tokenizers]
+        ids = [torch.stack([self._token_ids(k, p) for p in batch["prompts"]]).to(device)
+               for k in range(len(self.tokenizers))]
         inputs = {"input_ids": ids}
         if self.model.sdxl:
             inputs["add_time_ids"] = batch["add_time_ids"].to(device)
         return inputs
-
-    def vectors_are_finite(self) -> bool:
-        return all(bool(torch.isfinite(v).all()) for v in self.model.vectors)
 
     def vector_norm(self) -> float:
         return float(sum(v.detach().float().norm() ** 2 for v in self.model.vectors) ** 0.5)

@@ -91,7 +91,6 @@ class Trainable(Protocol):
     def train(self) -> None: ...
     def eval(self) -> None: ...
     def model_inputs(self, batch: dict, device) -> dict: ...
-    def vectors_are_finite(self) -> bool: ...
     def vector_norm(self) -> float: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -306,6 +305,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
                                   weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon)
     model, optimizer = accelerator.prepare(trainable.model, optimizer)
+    params = trainable.parameters()
 
     # Checkpoints hold only what is trained (a few KB for an embedding), never the frozen models.
     def save_hook(models, weights, ckpt_dir):
@@ -400,9 +400,9 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:
                         # accelerate unscales fp16 gradients before clipping (unlike A1111, which clips scaled ones)
                         if cfg.optim.clip_grad_mode == "value":
-                            accelerator.clip_grad_value_(trainable.parameters(), cfg.optim.max_grad_norm)
+                            accelerator.clip_grad_value_(params, cfg.optim.max_grad_norm)
                         else:
-                            grad_norm = accelerator.clip_grad_norm_(trainable.parameters(), cfg.optim.max_grad_norm)
+                            grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 accum_loss += loss.detach() / A
@@ -410,12 +410,15 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                 if not accelerator.sync_gradients:
                     continue
 
-                # One small all-reduce per optimizer step: the mean loss, and whether any rank was asked to stop.
-                loss_mean = accelerator.reduce(accum_loss.reshape(1), "mean")
-                flags = accelerator.reduce(torch.tensor([float(stop.signum is not None)], device=device), "sum")
+                # One small all-reduce and one host sync per optimizer step: the summed loss, whether any rank was
+                # asked to stop, and whether any rank's trained weights stopped being finite.
+                finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+                status = torch.stack([accum_loss.float(), torch.tensor(float(stop.signum is not None), device=device),
+                                      (~finite).float()])
+                loss_sum, stop_votes, nonfinite = accelerator.reduce(status, "sum").tolist()
                 accum_loss = torch.zeros((), device=device)
-                step_loss = float(loss_mean)
-                if not math.isfinite(step_loss) or not trainable.vectors_are_finite():
+                step_loss = loss_sum / world
+                if not math.isfinite(step_loss) or nonfinite:
                     progress.close()
                     raise TrainingDiverged(
                         f"{trainable.kind} training diverged at step {state.step + 1}: the loss or the trained "
@@ -424,7 +427,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                 state.step += 1
                 rate = lr.rate(state.step - 1)
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{rate:.2g}", epoch=epoch)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{rate:.2g}", epoch=epoch, refresh=False)
                 if log:
                     log.add(state.step, (state.step - 1) // steps_per_epoch, (state.step - 1) % steps_per_epoch,
                             step_loss, rate)
@@ -437,7 +440,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     accelerator.log(metrics, step=state.step)
 
                 finished = state.step >= end_step or lr.finished(state.step)
-                stopping = bool(flags.item() > 0)
+                stopping = stop_votes > 0
                 if cfg.save_every and state.step % cfg.save_every == 0 and not finished:
                     if accelerator.is_main_process:
                         files += outputs.save(state.step)
