@@ -37,7 +37,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="Override the model's prediction type (read from its scheduler config).")
 
 
-def add_optim_args(p: argparse.ArgumentParser, default_lr: str, default_weight_decay: float) -> None:
+def add_optim_args(p: argparse.ArgumentParser, default_lr: str, default_weight_decay: float,
+                   default_batch_size: int = 1) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", default=default_lr,
                    help="A number, or an A1111 schedule such as '0.005:100, 1e-3:1000, 1e-5' (rate:until-step, ..., "
@@ -61,7 +62,8 @@ def add_optim_args(p: argparse.ArgumentParser, default_lr: str, default_weight_d
     g.add_argument("--clip_grad_mode", choices=["norm", "value"], default="norm",
                    help="How --max_grad_norm clips: total norm or per-element value (A1111's two modes).")
     g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is common).")
-    g.add_argument("--train_batch_size", type=int, default=1, help="Images per process per micro-batch.")
+    g.add_argument("--train_batch_size", type=int, default=default_batch_size,
+                   help=f"Images per process per micro-batch (default {default_batch_size}).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None,
                    help="Optimizer steps to train to (counts from the embedding's stored step). Default 3000, "
