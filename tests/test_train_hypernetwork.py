@@ -27,10 +27,11 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _args(model, data, out, *extra):
+def _args(model, data, out, *extra, previews=False):
     return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
             "--hypernetwork_name", "hn", "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "0.001",
-            "--max_train_steps", "6", "--save_every", "3", "--checkpointing_steps", "3", "--no_previews",
+            "--max_train_steps", "6", "--save_every", "3", "--checkpointing_steps", "3",
+            *([] if previews else ["--no_previews"]),
             "--layer_structure", "1, 2, 1", "--activation_func", "relu", "--layer_norm", *map(str, extra)]
 
 
@@ -44,7 +45,8 @@ def test_files_and_frozen_unet(tiny_sd1, data_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "o"
-    assert thn.main(_args(tiny_sd1, data_dir, out, "--save_optimizer_state", "--offload_text_encoder")) == 0
+    assert thn.main(_args(tiny_sd1, data_dir, out, "--save_optimizer_state", "--offload_text_encoder",
+                          "--preview_every", "3", "--preview_steps", "2", previews=True)) == 0
     hn = load_hypernetwork(out / "hn.pt")
     assert hn.name == "hn" and hn.step == 6 and sorted(hn.layers) == [32, 64]  # text width + attention width
     assert hn.options.activation_func == "relu" and hn.options.is_layer_norm
@@ -55,6 +57,10 @@ def test_files_and_frozen_unet(tiny_sd1, data_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(_weights(out / "hn.pt").values(),
                                                  _weights(out / "hn.safetensors").values()))
     assert load_optimizer_sidecar(out / "hn.pt") is not None
+    from utils.infotext import read_infotext
+
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["hn-3-0.png", "hn-6-0.png"]
+    assert "Hypernet: hn, Hypernet step: 6" in read_infotext(out / "images" / "hn-6-0.png")
     rows = (out / "hypernetwork_loss.csv").read_text().splitlines()
     assert len(rows) == 7 and rows[0].startswith("step,epoch")
     # the UNet file on disk is untouched, and training changed the hypernetwork away from its init

@@ -27,7 +27,7 @@ from utils.hypernetwork import (
 )
 from utils.models import LoadedModel
 from utils.training import Outputs
-from utils.training_setup import PreviewOptions
+from utils.training_setup import PreviewOptions, render_previews
 
 
 class HypernetworkModel(HypernetworkTrainingModule):
@@ -196,32 +196,11 @@ class HypernetworkOutputs:
 
     def preview(self, step: int) -> list:
         """The hypernetwork is already in the UNet's attention; render with it in eval mode (multiplier 1)."""
-        from utils.generation import GenerationParams, generate
-        from utils.infotext import save_png
         from utils.prompts import EmbeddingDatabase, PromptEncoder
 
-        pipe = self.loaded.pipeline
         if self._encoder is None:
-            self._encoder = PromptEncoder(pipe, EmbeddingDatabase([]))
-        opts = self.preview_opts
-        prompt = opts.prompt or "a photo of an object"
-        moved = []
-        for name in ("vae", "text_encoder", "text_encoder_2"):
-            module = getattr(pipe, name, None)
-            if module is not None and module.device != self.accelerator.device:
-                moved.append((module, module.device))
-                module.to(self.accelerator.device)
-        try:
-            images = generate(self.loaded, self._encoder, GenerationParams(
-                prompt=prompt, negative_prompt=opts.negative_prompt, steps=opts.steps, sampler=opts.sampler,
-                cfg_scale=opts.cfg_scale, seed=opts.seed, width=opts.width, height=opts.height,
-                batch_size=opts.num_images), refresh_embeddings=False, progress=False)
-        finally:
-            for module, device in moved:
-                module.to(device)
-        out = []
-        for k, im in enumerate(images):
-            info = f"{im.infotext}, Hypernet: {self.trainable.name}, Hypernet step: {step}"
-            save_png(im.image, self.out_dir / "images" / f"{self.trainable.name}-{step}-{k}.png", info)
-            out.append((im.image, f"step {step}: {prompt}"))
-        return out
+            self._encoder = PromptEncoder(self.loaded.pipeline, EmbeddingDatabase([]))
+        prompt = self.preview_opts.prompt or "a photo of an object"
+        return render_previews(self.accelerator.device, self.loaded, self._encoder, self.preview_opts, self.out_dir,
+                               self.trainable.name, step, prompt,
+                               extra_info=f", Hypernet: {self.trainable.name}, Hypernet step: {step}")

@@ -69,10 +69,15 @@ def open_image(path: str | os.PathLike) -> LoadedImage:
             raise ImageLoadError("empty file")
     except OSError as e:
         raise ImageLoadError(f"cannot read: {e.strerror or e}") from None
+    return _decode(path)
+
+
+def _decode(source) -> LoadedImage:
+    """Decode a path or file object fully, refusing oversized images before their pixels are read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > MAX_IMAGE_PIXELS:
                     raise ImageLoadError(f"image too large ({w}x{h} pixels; limit {MAX_IMAGE_PIXELS})")
@@ -230,20 +235,4 @@ def open_image_bytes(data: bytes) -> LoadedImage:
 
     if not data:
         raise ImageLoadError("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageLoadError(f"image too large ({w}x{h} pixels; limit {MAX_IMAGE_PIXELS})")
-                img.load()
-                return to_rgb_and_alpha(img)
-    except ImageLoadError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"image too large ({e})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError("not an image") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"corrupt or truncated image ({e})") from None
+    return _decode(io.BytesIO(data))

@@ -21,7 +21,7 @@ from utils.errors import UserError
 from utils.fileio import write_text_atomic
 from utils.models import LoadedModel
 from utils.training import Outputs
-from utils.training_setup import PreviewOptions
+from utils.training_setup import PreviewOptions, render_previews
 
 EXPECTED_WIDTH = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}
 
@@ -129,30 +129,14 @@ class TextualInversionOutputs:
 
     def preview(self, step: int) -> list:
         """Render preview images with the vectors as trained so far (main process; own generators only)."""
-        from utils.generation import GenerationParams, generate
-        from utils.infotext import save_png
         from utils.prompts import EmbeddingDatabase, PromptEncoder
 
-        pipe = self.loaded.pipeline
         if self._encoder is None:
-            self._encoder = PromptEncoder(pipe, EmbeddingDatabase([]))
+            self._encoder = PromptEncoder(self.loaded.pipeline, EmbeddingDatabase([]))
         self._encoder.db.register(self._current(step))
-        opts = self.preview_opts
-        prompt = opts.prompt or f"a photo of {self.trainable.name}"
-        vae_device = pipe.vae.device
-        pipe.vae.to(self.accelerator.device)
-        try:
-            images = generate(self.loaded, self._encoder, GenerationParams(
-                prompt=prompt, negative_prompt=opts.negative_prompt, steps=opts.steps, sampler=opts.sampler,
-                cfg_scale=opts.cfg_scale, seed=opts.seed, width=opts.width, height=opts.height,
-                batch_size=opts.num_images), refresh_embeddings=True, progress=False)
-        finally:
-            pipe.vae.to(vae_device)
-        out = []
-        for k, im in enumerate(images):
-            path = self.out_dir / "images" / f"{self.trainable.name}-{step}-{k}.png"
-            save_png(im.image, path, im.infotext)
-            out.append((im.image, f"step {step}: {prompt}"))
+        prompt = self.preview_opts.prompt or f"a photo of {self.trainable.name}"
+        out = render_previews(self.accelerator.device, self.loaded, self._encoder, self.preview_opts, self.out_dir,
+                              self.trainable.name, step, prompt)
         if out:
             self.last_preview = out[0][0]
         return out

@@ -152,6 +152,36 @@ class PreviewOptions:
     height: int = 512
 
 
+def render_previews(device, loaded: LoadedModel, encoder, opts: PreviewOptions, out_dir: Path, name: str,
+                    step: int, prompt: str, extra_info: str = "") -> list:
+    """Preview images at ``step`` into ``out_dir/images/<name>-<step>-<k>.png`` with infotext; returns (image, caption)
+    pairs for the trackers. Models parked off the device (VAE after latent caching, an offloaded text encoder) come
+    back for the call and return afterwards; generation uses its own generators, so the training RNG is untouched."""
+    from utils.generation import GenerationParams, generate
+    from utils.infotext import save_png
+
+    pipe = loaded.pipeline
+    moved = []
+    for part in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, part, None)
+        if module is not None and module.device != torch.device(device):
+            moved.append((module, module.device))
+            module.to(device)
+    try:
+        images = generate(loaded, encoder, GenerationParams(
+            prompt=prompt, negative_prompt=opts.negative_prompt, steps=opts.steps, sampler=opts.sampler,
+            cfg_scale=opts.cfg_scale, seed=opts.seed, width=opts.width, height=opts.height,
+            batch_size=opts.num_images), refresh_embeddings=True, progress=False)
+    finally:
+        for module, where in moved:
+            module.to(where)
+    out = []
+    for k, im in enumerate(images):
+        save_png(im.image, out_dir / "images" / f"{name}-{step}-{k}.png", im.infotext + extra_info)
+        out.append((im.image, f"step {step}: {prompt}"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Start and end of a run
 
