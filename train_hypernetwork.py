@@ -87,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from utils.embeddings import sanitize_name
     from utils.hypernetwork import Hypernetwork, attention_context_widths, load_hypernetwork
     from utils.hypernetwork_training import HypernetworkOutputs, HypernetworkTrainable
-    from utils.ti_outputs import preview_options
     from utils.training import config_for_trackers, train
-    from utils.training_setup import (build_batch_source, finish_run, load_model_for_training, print_run_plan,
-                                      resolve_max_steps, start_run, training_noise_scheduler)
+    from utils.training_setup import finish_run, load_model_for_training, start_run, training_noise_scheduler
 
     options = hypernetwork_options(args)  # validates the architecture flags before any model loads
     resumed = load_hypernetwork(args.resume_hypernetwork) if args.resume_hypernetwork else None
@@ -114,22 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     trainable = HypernetworkTrainable.build(loaded, hn, accelerator.device, args.offload_text_encoder,
                                             embeddings_dirs=args.embeddings_dir)
 
-    batches = build_batch_source(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
-                                 batch_size=args.train_batch_size, seed=args.seed,
-                                 num_workers=args.dataloader_num_workers, cache_latents=not args.no_cache_latents,
-                                 report_file=out_dir / "skipped_images.txt")
-    steps_per_epoch = max(1, batches.micro_batches_per_epoch // args.gradient_accumulation_steps)
-    max_steps = resolve_max_steps(args.max_train_steps, args.num_train_epochs, steps_per_epoch)
-    print_run_plan(accelerator, loaded, summary, out_dir, batch_size=args.train_batch_size,
-                   accumulation=args.gradient_accumulation_steps, max_steps=max_steps,
-                   steps_per_epoch=steps_per_epoch, num_workers=args.dataloader_num_workers,
-                   report_to=args.report_to, ddp_timeout=args.ddp_timeout)
-    settings = {**{k: v for k, v in vars(args).items() if k != "config"}, "hypernetwork_name": name,
-                "max_train_steps": max_steps, "model_hash": loaded.identity.shorthash,
-                "model_name": loaded.identity.name, "num_of_dataset_images": summary.num_examples,
-                "sizes": sorted(hn.layers), "world_size": accelerator.num_processes}
+    batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded)
+    settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, hypernetwork_name=name,
+                                sizes=sorted(hn.layers))
     loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
-    outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, preview_options(args, data_cfg),
+    outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
                                   settings=settings, save_optimizer_state=args.save_optimizer_state)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,

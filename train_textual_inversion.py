@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.embeddings import load_embedding, sanitize_name
     from utils.textual_inversion import TextualInversion
     from utils.training import config_for_trackers, train
-    from utils.training_setup import (build_batch_source, finish_run, load_model_for_training, print_run_plan,
-                                      resolve_max_steps, start_run, training_noise_scheduler)
+    from utils.training_setup import finish_run, load_model_for_training, start_run, training_noise_scheduler
 
     resumed = load_embedding(args.resume_embedding) if args.resume_embedding else None
     if args.resume_embedding and resumed is None:
@@ -117,23 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     ti_outputs.check_width(embedding, loaded)
     trainable = TextualInversion.build(loaded.pipeline, embedding)
 
-    batches = build_batch_source(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
-                                 batch_size=args.train_batch_size, seed=args.seed,
-                                 num_workers=args.dataloader_num_workers, cache_latents=not args.no_cache_latents,
-                                 report_file=out_dir / "skipped_images.txt")
-    steps_per_epoch = max(1, batches.micro_batches_per_epoch // args.gradient_accumulation_steps)
-    max_steps = resolve_max_steps(args.max_train_steps, args.num_train_epochs, steps_per_epoch)
-    print_run_plan(accelerator, loaded, summary, out_dir, batch_size=args.train_batch_size,
-                   accumulation=args.gradient_accumulation_steps, max_steps=max_steps,
-                   steps_per_epoch=steps_per_epoch, num_workers=args.dataloader_num_workers,
-                   report_to=args.report_to, ddp_timeout=args.ddp_timeout)
-    settings = {**{k: v for k, v in vars(args).items() if k != "config"}, "embedding_name": name,
-                "max_train_steps": max_steps, "model_hash": loaded.identity.shorthash,
-                "model_name": loaded.identity.name, "num_of_dataset_images": summary.num_examples,
-                "world_size": accelerator.num_processes}
+    batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded)
+    settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, embedding_name=name)
     loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
     outputs = ti_outputs.TextualInversionOutputs(
-        accelerator, trainable, loaded, out_dir, ti_outputs.preview_options(args, data_cfg),
+        accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
         save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
         settings=settings, save_optimizer_state=args.save_optimizer_state).callbacks(previews=not args.no_previews)
 

@@ -246,3 +246,29 @@ def model_options(a: argparse.Namespace, mixed_precision: str):
 
     return ModelOptions(mixed_precision, a.gradient_checkpointing, a.enable_xformers_memory_efficient_attention,
                         a.allow_tf32, a.prediction_type)
+
+
+def plan_batches(a: argparse.Namespace, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded):
+    """utils.training_setup.plan_batches with the trainers' flags."""
+    from utils.training_setup import plan_batches as plan
+
+    return plan(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded, Path(a.output_dir),
+                batch_size=a.train_batch_size, accumulation=a.gradient_accumulation_steps, seed=a.seed,
+                num_workers=a.dataloader_num_workers, cache_latents=not a.no_cache_latents,
+                max_train_steps=a.max_train_steps, num_train_epochs=a.num_train_epochs, report_to=a.report_to,
+                ddp_timeout=a.ddp_timeout)
+
+
+def run_settings(a: argparse.Namespace, accelerator, loaded, summary, max_steps: int, **extra) -> dict:
+    """Every option of the run plus what it resolved to, for training_settings.json and the trackers."""
+    return {**{k: v for k, v in vars(a).items() if k != "config"}, **extra, "max_train_steps": max_steps,
+            "model_hash": loaded.identity.shorthash, "model_name": loaded.identity.name,
+            "num_of_dataset_images": summary.num_examples, "world_size": accelerator.num_processes}
+
+
+def preview_options(a: argparse.Namespace, data_cfg: DataConfig):
+    from utils.training_setup import PreviewOptions
+
+    return PreviewOptions(prompt=a.preview_prompt, negative_prompt=a.preview_negative_prompt, steps=a.preview_steps,
+                          sampler=a.preview_sampler, cfg_scale=a.preview_cfg_scale, seed=a.preview_seed,
+                          num_images=a.num_preview_images, width=data_cfg.width, height=data_cfg.height)

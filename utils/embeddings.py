@@ -638,12 +638,9 @@ def _text_sides(where: str) -> list[tuple[object, torch.nn.Embedding]]:
 
 def _cmd_create(args) -> None:
     name = sanitize_name(args.name)
-    if args.output:
-        output = Path(args.output)
-        fmt = resolve_format(Embedding(name, torch.zeros(1, 1)), output, args.format) if output.suffix != \
-            ".safetensors" else args.format
-        if output.exists() and not args.overwrite:
-            raise UserError(f"{output} already exists (pass --overwrite to replace it)")
+    if args.output and Path(args.output).suffix != ".safetensors":
+        # fail on a bad --output before loading a model (.safetensors suits both SD and SDXL, checked later)
+        resolve_format(Embedding(name, torch.zeros(1, 1)), Path(args.output), args.format)
     sides = _text_sides(args.pretrained_model_name_or_path)
     sdxl = len(sides) == 2
     output = Path(args.output) if args.output else Path(args.embeddings_dir) / (

@@ -50,13 +50,6 @@ def check_width(embedding: Embedding, loaded: LoadedModel) -> None:
                         f"), but the model's text encoder(s) are {model_text_width(loaded)} wide ({loaded.family})")
 
 
-def preview_options(args, data_cfg) -> PreviewOptions:
-    return PreviewOptions(prompt=args.preview_prompt, negative_prompt=args.preview_negative_prompt,
-                          steps=args.preview_steps, sampler=args.preview_sampler, cfg_scale=args.preview_cfg_scale,
-                          seed=args.preview_seed, num_images=args.num_preview_images, width=data_cfg.width,
-                          height=data_cfg.height)
-
-
 def save_optimizer_sidecar(pt_path: Path, emb: Embedding, optimizer) -> Path:
     """A1111's ``<file>.pt.optim``: the optimizer state, tagged with the embedding's value checksum (§1.7)."""
     import torch

@@ -5,7 +5,6 @@ Each function does one step of the recipe the scripts spell out; nothing here kn
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 
 from utils.data import DataConfig, PromptConfig, TrainLoader, check_latents, prepare_latents, scan_dataset
 from utils.diffusion_loss import sample_seed
-from utils.errors import UserError
 from utils.latents import LatentConfig, encode_pixels, vae_identity
 from utils.models import LoadedModel, ModelSource, enable_xformers, load_pipeline, set_tf32, weight_dtype
 from utils.training import make_accelerator
@@ -198,6 +196,22 @@ def start_run(out_dir: Path, mixed_precision: str | None, gradient_accumulation_
     summary = scan_dataset(data_cfg, prompt_cfg, report_file=report if accelerator.is_main_process else None)
     accelerator.print(summary.describe())
     return accelerator, summary
+
+
+def plan_batches(accelerator, summary, data_cfg: DataConfig, prompt_cfg: PromptConfig, latent_cfg: LatentConfig,
+                 loaded: LoadedModel, out_dir: Path, *, batch_size: int, accumulation: int, seed: int,
+                 num_workers: int, cache_latents: bool, max_train_steps: int | None, num_train_epochs: int | None,
+                 report_to: str, ddp_timeout: float | None) -> tuple[LoaderSource, int]:
+    """The batch source (latents cached first), the number of optimizer steps to train to, and the printed plan."""
+    batches = build_batch_source(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+                                 batch_size=batch_size, seed=seed, num_workers=num_workers,
+                                 cache_latents=cache_latents, report_file=out_dir / "skipped_images.txt")
+    steps_per_epoch = max(1, batches.micro_batches_per_epoch // accumulation)
+    max_steps = resolve_max_steps(max_train_steps, num_train_epochs, steps_per_epoch)
+    print_run_plan(accelerator, loaded, summary, out_dir, batch_size=batch_size, accumulation=accumulation,
+                   max_steps=max_steps, steps_per_epoch=steps_per_epoch, num_workers=num_workers,
+                   report_to=report_to, ddp_timeout=ddp_timeout)
+    return batches, max_steps
 
 
 def print_run_plan(accelerator, loaded: LoadedModel, summary, out_dir: Path, *, batch_size: int, accumulation: int,
