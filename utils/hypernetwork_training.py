@@ -7,7 +7,6 @@ The loop in utils/training.py sees only the Trainable interface implemented here
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from utils.fileio import write_text_atomic
 from utils.hypernetwork import (
     Hypernetwork,
     HypernetworkTrainingModule,
@@ -27,7 +25,7 @@ from utils.hypernetwork import (
 )
 from utils.models import LoadedModel
 from utils.training import Outputs
-from utils.training_setup import PreviewOptions, render_previews
+from utils.training_setup import PreviewOptions, render_previews, write_settings
 
 
 class HypernetworkModel(HypernetworkTrainingModule):
@@ -189,9 +187,7 @@ class HypernetworkOutputs:
         files = [pt, save_hypernetwork_safetensors(hn, self.out_dir / f"{self.trainable.name}.safetensors")]
         if self.save_optimizer_state and optimizer is not None:
             files.append(save_optimizer_sidecar(pt, optimizer))
-        settings = self.out_dir / "training_settings.json"
-        write_text_atomic(settings, json.dumps({**self.settings, "final_step": step}, indent=4, default=str))
-        files.append(settings)
+        files.append(write_settings(self.out_dir, self.settings, step))
         return files
 
     def preview(self, step: int) -> list:

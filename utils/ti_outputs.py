@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from utils.embeddings import (
     save_png_card,
 )
 from utils.errors import UserError
-from utils.fileio import write_text_atomic
 from utils.models import LoadedModel
 from utils.training import Outputs
-from utils.training_setup import PreviewOptions, render_previews
+from utils.training_setup import PreviewOptions, render_previews, write_settings
 
 EXPECTED_WIDTH = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}
 
@@ -115,9 +113,7 @@ class TextualInversionOutputs:
             files.append(save_embedding(emb, self.out_dir / "learned_embeds.safetensors", "diffusers", token=emb.name))
         if self.also_bin and not emb.is_sdxl:
             files.append(save_embedding(emb, self.out_dir / "learned_embeds.bin", "diffusers", token=emb.name))
-        settings = self.out_dir / "training_settings.json"
-        write_text_atomic(settings, json.dumps({**self.settings, "final_step": step}, indent=4, default=str))
-        files.append(settings)
+        files.append(write_settings(self.out_dir, self.settings, step))
         return files
 
     def preview(self, step: int) -> list:

@@ -150,6 +150,17 @@ class PreviewOptions:
     height: int = 512
 
 
+def write_settings(out_dir: Path, settings: dict, step: int) -> Path:
+    """``training_settings.json``: every option of the run and what it resolved to, plus the final step."""
+    import json
+
+    from utils.fileio import write_text_atomic
+
+    path = out_dir / "training_settings.json"
+    write_text_atomic(path, json.dumps({**settings, "final_step": step}, indent=4, default=str))
+    return path
+
+
 def render_previews(device, loaded: LoadedModel, encoder, opts: PreviewOptions, out_dir: Path, name: str,
                     step: int, prompt: str, extra_info: str = "") -> list:
     """Preview images at ``step`` into ``out_dir/images/<name>-<step>-<k>.png`` with infotext; returns (image, caption)
