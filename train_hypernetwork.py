@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg, prompt_cfg, latent_cfg = cli.data_options(args, placeholder=name)
     out_dir = Path(args.output_dir)
     accelerator, summary = start_run(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
-                                     args.seed, args.ddp_timeout, data_cfg, prompt_cfg)
+                                     args.seed, args.ddp_timeout, data_cfg, prompt_cfg, args.logging_dir)
 
     loaded = load_model_for_training(source, cli.model_options(args, accelerator.mixed_precision), accelerator.device)
     if resumed is not None:

@@ -170,3 +170,26 @@ def test_two_processes_match_one_process(tiny_sd1, data_dir, tmp_path):
     two = load_embedding(tmp_path / "two" / "my-emb.pt")
     assert two.step == one.step == 6
     torch.testing.assert_close(two.vectors, one.vectors, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_example_command_line_runs_unchanged(tiny_sd1, data_dir, tmp_path):
+    """A command line written for diffusers' examples/textual_inversion/textual_inversion.py."""
+    _run("--pretrained_model_name_or_path", str(tiny_sd1), "--train_data_dir", str(data_dir),
+         "--learnable_property", "object", "--placeholder_token", "<cat-toy>", "--initializer_token", "toy",
+         "--num_vectors", "1", "--repeats", "2", "--resolution", "64", "--center_crop", "--train_batch_size", "2",
+         "--gradient_accumulation_steps", "2", "--max_train_steps", "2", "--learning_rate", "5.0e-04", "--scale_lr",
+         "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--output_dir", str(tmp_path / "o"),
+         "--save_steps", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1", "--seed", "1",
+         "--mixed_precision", "no", "--report_to", "tensorboard", "--logging_dir", "tb",
+         "--validation_prompt", "a <cat-toy> on a table", "--validation_steps", "1", "--num_validation_images", "1",
+         "--gradient_checkpointing", "--no_safe_serialization")
+    out = tmp_path / "o"
+    emb = load_embedding(out / "cat-toy.pt")  # A1111's file name drops the characters it cannot hold
+    assert emb.step == 2 and emb.num_vectors == 1
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # total limit 1
+    assert (out / "learned_embeds.bin").is_file() and (out / "learned_embeds.safetensors").is_file()
+    assert sorted(p.name for p in (out / "embeddings").glob("*.pt")) == ["cat-toy-1.pt"]
+    assert any((out / "tb").rglob("events.out.tfevents*"))  # TensorBoard logs under --logging_dir
+    from utils.infotext import read_infotext
+
+    assert "a <cat-toy> on a table" in read_infotext(out / "images" / "cat-toy-2-0.png")

@@ -85,6 +85,10 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
                    help="'latest' or a checkpoint folder; 'latest' with no checkpoint starts fresh.")
     g.add_argument("--save_optimizer_state", action="store_true",
                    help="Also write A1111's <file>.pt.optim optimizer sidecar next to the final file.")
+    g.add_argument("--logging_dir", default="logs",
+                   help="TensorBoard log folder, relative to --output_dir (diffusers' flag).")
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="Accepted for old launchers that pass it; the rank comes from the launcher's environment.")
     g.add_argument("--no_safe_serialization", action="store_true",
                    help="Also write the diffusers learned_embeds as .bin (pickle) next to the .safetensors.")
 

@@ -506,7 +506,8 @@ def _preview(accelerator: Accelerator, trainable: Trainable, outputs: Outputs, s
 
 
 def make_accelerator(output_dir: Path, mixed_precision: str, gradient_accumulation_steps: int, report_to: str,
-                     seed: int, cpu: bool = False, ddp_timeout: float | None = None) -> Accelerator:
+                     seed: int, cpu: bool = False, ddp_timeout: float | None = None,
+                     logging_dir: str = "logs") -> Accelerator:
     """``ddp_timeout`` (seconds): how long a rank waits in a collective before failing, so a dead or stuck rank
     ends the others with an error instead of a hang (None: the backend's default)."""
     from datetime import timedelta
@@ -521,7 +522,7 @@ def make_accelerator(output_dir: Path, mixed_precision: str, gradient_accumulati
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / logging_dir)),
         # Several launched processes on a GPU-less machine: without cpu=True accelerate would run each one alone.
         cpu=cpu or cpu_only_multiprocess_launch(),
         kwargs_handlers=handlers,

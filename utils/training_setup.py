@@ -196,12 +196,12 @@ def render_previews(device, loaded: LoadedModel, encoder, opts: PreviewOptions, 
 
 
 def start_run(out_dir: Path, mixed_precision: str | None, gradient_accumulation_steps: int, report_to: str, seed: int,
-              ddp_timeout: float | None, data_cfg: DataConfig, prompt_cfg: PromptConfig):
+              ddp_timeout: float | None, data_cfg: DataConfig, prompt_cfg: PromptConfig, logging_dir: str = "logs"):
     """The accelerator (one thread budget per rank) and the data scan, which fails before any model is loaded."""
     from utils.cluster import apply_threads_per_rank
 
     accelerator = make_accelerator(out_dir, mixed_precision, gradient_accumulation_steps, report_to, seed,
-                                   ddp_timeout=ddp_timeout)
+                                   ddp_timeout=ddp_timeout, logging_dir=logging_dir)
     apply_threads_per_rank()
     report = out_dir / "skipped_images.txt"
     summary = scan_dataset(data_cfg, prompt_cfg, report_file=report if accelerator.is_main_process else None)
