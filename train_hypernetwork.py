@@ -78,7 +78,7 @@ def hypernetwork_options(a: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     validate_learning_rate(str(args.learning_rate))
-    cli.check_positive(args, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs")
+    cli.check_trainer_flags(args)
     if not args.hypernetwork_name and not args.resume_hypernetwork:
         raise UserError("give --hypernetwork_name or --resume_hypernetwork FILE")
 
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     trainable = HypernetworkTrainable.build(loaded, hn, accelerator.device, args.offload_text_encoder,
                                             embeddings_dirs=args.embeddings_dir)
 
-    batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded)
+    batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+                                          initial_step=trainable.initial_step)
     settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, hypernetwork_name=name,
                                 sizes=sorted(hn.layers))
     loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))

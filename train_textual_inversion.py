@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Everything that can be checked without a model is checked first.
     validate_learning_rate(str(args.learning_rate))
-    cli.check_positive(args, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs")
+    cli.check_trainer_flags(args)
     if not args.placeholder_token and not args.resume_embedding:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
 
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ti_outputs.check_width(embedding, loaded)
     trainable = TextualInversion.build(loaded.pipeline, embedding)
 
-    batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded)
+    batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+                                          initial_step=trainable.initial_step)
     settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, embedding_name=name)
     loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
     outputs = ti_outputs.TextualInversionOutputs(

@@ -193,3 +193,13 @@ def test_diffusers_example_command_line_runs_unchanged(tiny_sd1, data_dir, tmp_p
     from utils.infotext import read_infotext
 
     assert "a <cat-toy> on a table" in read_infotext(out / "images" / "cat-toy-2-0.png")
+
+
+def test_resume_refuses_a_checkpoint_of_another_embedding(tiny_sd1, data_dir, tmp_path):
+    from utils.errors import UserError
+
+    _run(*_args(tiny_sd1, data_dir, tmp_path / "o", "--max_train_steps", "3"))
+    other = _args(tiny_sd1, data_dir, tmp_path / "o", "--resume_from_checkpoint", "latest")
+    other[other.index("my-emb")] = "other-emb"
+    with pytest.raises(UserError, match="belongs to another run"):
+        tti.main(other)

@@ -134,6 +134,18 @@ def test_stop_signal_checkpoints_and_resume_matches(tiny_sd1, tmp_path):
     assert s2.step == 8 and torch.equal(v_full, v_cut)
 
 
+def test_signal_checkpoints_even_without_periodic_checkpoints(tiny_sd1, tmp_path):
+    src = SynthSource(on_batch=lambda n: os.kill(os.getpid(), signal.SIGTERM) if n == 2 else None)
+    s1, _, _ = _run(tiny_sd1, tmp_path / "o", 8, ckpt=0, source=src)
+    assert s1.stopped_by == "signal" and [s for s, _ in list_checkpoints(tmp_path / "o")] == [2]
+
+
+def test_resume_refuses_another_layout_or_run(tiny_sd1, tmp_path):
+    _run(tiny_sd1, tmp_path / "o", 4, ckpt=2)
+    with pytest.raises(UserError, match="gradient_accumulation_steps"):
+        _run(tiny_sd1, tmp_path / "o", 6, batch=1, accum=2, resume="latest", source=SynthSource(batch=1))
+
+
 def test_placeholder_tokenization():
     from utils.tokenizer import build_clip_tokenizer
 

@@ -174,6 +174,15 @@ def check_positive(a: argparse.Namespace, *names: str) -> None:
             raise UserError(f"--{n} must be > 0 (got {v})")
 
 
+def check_trainer_flags(a: argparse.Namespace) -> None:
+    """Numbers both trainers take, checked before anything loads."""
+    check_positive(a, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+                   "log_every", "preview_steps", "num_preview_images")
+    for n in ("save_every", "checkpointing_steps", "preview_every", "lr_warmup_steps"):
+        if getattr(a, n) < 0:
+            raise UserError(f"--{n} must be >= 0 (got {getattr(a, n)})")
+
+
 def add_data_args(p: argparse.ArgumentParser, default_template: str | None) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--train_data_dir", help="Folder of training images, with optional <stem>.txt captions beside them.")
@@ -252,7 +261,8 @@ def model_options(a: argparse.Namespace, mixed_precision: str):
                         a.allow_tf32, a.prediction_type)
 
 
-def plan_batches(a: argparse.Namespace, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded):
+def plan_batches(a: argparse.Namespace, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+                 initial_step: int = 0):
     """utils.training_setup.plan_batches with the trainers' flags."""
     from utils.training_setup import plan_batches as plan
 
@@ -260,7 +270,7 @@ def plan_batches(a: argparse.Namespace, accelerator, summary, data_cfg, prompt_c
                 batch_size=a.train_batch_size, accumulation=a.gradient_accumulation_steps, seed=a.seed,
                 num_workers=a.dataloader_num_workers, cache_latents=not a.no_cache_latents,
                 max_train_steps=a.max_train_steps, num_train_epochs=a.num_train_epochs, report_to=a.report_to,
-                ddp_timeout=a.ddp_timeout)
+                ddp_timeout=a.ddp_timeout, initial_step=initial_step)
 
 
 def run_settings(a: argparse.Namespace, accelerator, loaded, summary, max_steps: int, **extra) -> dict:

@@ -44,13 +44,16 @@ class ConditioningCache:
     """Text-encoder outputs by prompt. The text encoder is not trained, so each distinct prompt is encoded once;
     with ``offload`` the encoder lives on the CPU (float32) and only the cached tensors reach the device."""
 
-    def __init__(self, pipeline, device, offload: bool, max_entries: int = 100_000, embeddings_dirs=()):
+    def __init__(self, pipeline, device, offload: bool, max_bytes: int = 1 << 30, embeddings_dirs=()):
         from utils.prompts import EmbeddingDatabase, PromptEncoder
 
         self.device = device
         self.encoder = PromptEncoder(pipeline, EmbeddingDatabase(list(embeddings_dirs)))
         self.encoder.refresh()
-        self.max_entries = max_entries
+        # Bounded by bytes: with --shuffle_tags / --tag_dropout nearly every prompt is new, and an SDXL entry is
+        # ~300 KB; past the bound, new prompts are encoded every time instead of stored.
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if offload:
             for name in ("text_encoder", "text_encoder_2"):
@@ -69,8 +72,10 @@ class ConditioningCache:
             hit = self.cache.get(p)
             if hit is None:
                 hit = self._encode(p)
-                if len(self.cache) < self.max_entries:
+                size = sum(t.numel() * t.element_size() for t in hit if t is not None)
+                if self.bytes + size <= self.max_bytes:
                     self.cache[p] = hit
+                    self.bytes += size
             pairs.append(hit)
         lengths = {h.shape[0] for h, _ in pairs}
         if len(lengths) > 1:  # prompts of different chunk counts: encode this batch together (padded chunks)

@@ -174,16 +174,34 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 class TrainerState:
     """Progress saved with every checkpoint (accelerate saves it through register_for_checkpointing)."""
 
-    def __init__(self):
+    def __init__(self, identity: dict | None = None, layout: dict | None = None):
         self.step = 0
         self.tracker_run_id: str | None = None
+        # What was trained (kind, name, shapes) and how the data was cut (global micro-batch, accumulation): a
+        # checkpoint only continues the same run with the same layout, or positions and seeds would silently shift.
+        self.identity = identity or {}
+        self.layout = layout or {}
+        self.loaded_identity: dict | None = None
+        self.loaded_layout: dict | None = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tracker_run_id": self.tracker_run_id}
+        return {"step": self.step, "tracker_run_id": self.tracker_run_id, "identity": self.identity,
+                "layout": self.layout}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.tracker_run_id = state.get("tracker_run_id")
+        self.loaded_identity = state.get("identity")
+        self.loaded_layout = state.get("layout")
+
+    def check_resumable(self, where: Path) -> None:
+        if self.loaded_identity is not None and self.loaded_identity != self.identity:
+            raise UserError(f"{where} belongs to another run ({self.loaded_identity}); this run trains "
+                            f"{self.identity}. Use another --output_dir or remove the old checkpoints.")
+        if self.loaded_layout is not None and self.loaded_layout != self.layout:
+            raise UserError(
+                f"{where} was written with {self.loaded_layout}; this run has {self.layout}. To resume exactly, keep "
+                f"the global micro-batch (--train_batch_size x processes) and --gradient_accumulation_steps.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +317,9 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                       cfg.optim.lr_warmup_steps * 1, scale, cfg.optim.lr_num_cycles, cfg.optim.lr_power)
     end_step = lr.end_step()
 
-    state = TrainerState()
+    identity = {"kind": trainable.kind, "name": trainable.name,
+                "shapes": [list(p.shape) for p in trainable.parameters()]}
+    state = TrainerState(identity, {"global_micro_batch": cfg.train_batch_size * world, "accumulation": A})
     state.step = trainable.initial_step
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=lr.rate(state.step),
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
@@ -325,6 +345,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     resume_dir = resolve_resume(out_dir, cfg.resume_from_checkpoint)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
+        state.check_resumable(resume_dir)
+        accelerator.step = 0  # checkpoints sit on optimizer-step boundaries: accumulation restarts at its first batch
         accelerator.print(f"Resumed from {resume_dir} at step {state.step}")
     resumed_step = state.step if resume_dir is not None else None
 
@@ -420,6 +442,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                 step_loss = loss_sum / world
                 if not math.isfinite(step_loss) or nonfinite:
                     progress.close()
+                    if log:
+                        log.flush()  # the rows leading up to the divergence are the useful ones
                     raise TrainingDiverged(
                         f"{trainable.kind} training diverged at step {state.step + 1}: the loss or the trained "
                         f"weights became NaN/inf. Nothing from this step was saved; the last good files are kept. "
@@ -441,13 +465,13 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
 
                 finished = state.step >= end_step or lr.finished(state.step)
                 stopping = stop_votes > 0
+                if outputs.preview and cfg.preview_every and state.step % cfg.preview_every == 0 and not finished:
+                    _preview(accelerator, trainable, outputs, state.step)  # first: a PNG card shows this preview
                 if cfg.save_every and state.step % cfg.save_every == 0 and not finished:
                     if accelerator.is_main_process:
                         files += outputs.save(state.step)
-                if cfg.checkpointing_steps and (state.step % cfg.checkpointing_steps == 0 or stopping):
+                if stopping or (cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0):
                     checkpoint(state.step)
-                if outputs.preview and cfg.preview_every and state.step % cfg.preview_every == 0 and not finished:
-                    _preview(accelerator, trainable, outputs, state.step)
                 if stopping:
                     stopped_by, finished = "signal", True
                 if finished:

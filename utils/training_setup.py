@@ -72,11 +72,12 @@ class LoaderSource:
     """The loop's BatchSource over utils.data: adds each sample's global position (for its noise seed), encodes
     pixels when latents are not cached, and builds SDXL's size conditioning."""
 
-    def __init__(self, loader: TrainLoader, vae, seed: int, sdxl: bool):
+    def __init__(self, loader: TrainLoader, vae, seed: int, sdxl: bool, latent_sampling: str = "random"):
         self.loader = loader
         self.vae = vae
         self.seed = seed
         self.sdxl = sdxl
+        self.latent_sampling = latent_sampling
         self.micro_batches_per_epoch = loader.steps_per_epoch
         self.global_micro_batch = loader.batch_size * loader.world_size
 
@@ -88,16 +89,22 @@ class LoaderSource:
             start = j * self.global_micro_batch + self.loader.rank * b
             batch["positions"] = list(range(start, start + b))
             if "latents" not in batch:
-                batch["latents"] = self._encode(batch["pixel_values"], epoch, batch["positions"])
+                batch["latents"] = self._encode(batch["pixel_values"], epoch, batch["positions"], batch["index"])
             if self.sdxl:
                 batch["add_time_ids"] = torch.cat(
                     [batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1).float()
             yield batch
 
-    def _encode(self, pixels: torch.Tensor, epoch: int, positions: list[int]) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor, epoch: int, positions: list[int], index: torch.Tensor) -> torch.Tensor:
+        """Latents for pixels encoded now (no cache), with A1111's sampling modes: ``random`` draws anew each use,
+        ``once`` the same draw for an image every time (seeded by the image), ``deterministic`` the mean."""
         mean, std = encode_pixels(self.vae, pixels)
-        eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(
-            sample_seed(self.seed + 1, epoch, p))) for p in positions])
+        if self.latent_sampling == "deterministic":
+            std = torch.zeros_like(std)
+        # streamed examples have no index (-1): they get a draw per use
+        seeds = [sample_seed(self.seed + 1, -1, int(i)) if self.latent_sampling == "once" and int(i) >= 0
+                 else sample_seed(self.seed + 1, epoch, p) for i, p in zip(index, positions)]
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
         cfg = self.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0
         return ((mean + std * eps) - shift) * cfg.scaling_factor
@@ -122,14 +129,16 @@ def build_batch_source(accelerator, summary, data_cfg: DataConfig, prompt_cfg: P
                          world_size=accelerator.num_processes, seed=seed, num_workers=num_workers, latents=cached,
                          report_file=report_file if accelerator.is_main_process else
                          report_file.with_name(f"{report_file.stem}.rank{accelerator.process_index}{report_file.suffix}"))
-    return LoaderSource(loader, vae, seed, loaded.family == "sdxl")
+    return LoaderSource(loader, vae, seed, loaded.family == "sdxl", latent_cfg.latent_sampling)
 
 
-def resolve_max_steps(max_train_steps: int | None, num_train_epochs: int | None, steps_per_epoch: int) -> int:
+def resolve_max_steps(max_train_steps: int | None, num_train_epochs: int | None, steps_per_epoch: int,
+                      initial_step: int = 0) -> int:
+    """--max_train_steps is absolute (A1111); --num_train_epochs counts from where a continued file stands."""
     if max_train_steps is not None:
         return max_train_steps
     if num_train_epochs is not None:
-        return num_train_epochs * steps_per_epoch
+        return initial_step + num_train_epochs * steps_per_epoch
     return DEFAULT_MAX_TRAIN_STEPS
 
 
@@ -212,13 +221,13 @@ def start_run(out_dir: Path, mixed_precision: str | None, gradient_accumulation_
 def plan_batches(accelerator, summary, data_cfg: DataConfig, prompt_cfg: PromptConfig, latent_cfg: LatentConfig,
                  loaded: LoadedModel, out_dir: Path, *, batch_size: int, accumulation: int, seed: int,
                  num_workers: int, cache_latents: bool, max_train_steps: int | None, num_train_epochs: int | None,
-                 report_to: str, ddp_timeout: float | None) -> tuple[LoaderSource, int]:
+                 report_to: str, ddp_timeout: float | None, initial_step: int = 0) -> tuple[LoaderSource, int]:
     """The batch source (latents cached first), the number of optimizer steps to train to, and the printed plan."""
     batches = build_batch_source(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                                  batch_size=batch_size, seed=seed, num_workers=num_workers,
                                  cache_latents=cache_latents, report_file=out_dir / "skipped_images.txt")
     steps_per_epoch = max(1, batches.micro_batches_per_epoch // accumulation)
-    max_steps = resolve_max_steps(max_train_steps, num_train_epochs, steps_per_epoch)
+    max_steps = resolve_max_steps(max_train_steps, num_train_epochs, steps_per_epoch, initial_step)
     print_run_plan(accelerator, loaded, summary, out_dir, batch_size=batch_size, accumulation=accumulation,
                    max_steps=max_steps, steps_per_epoch=steps_per_epoch, num_workers=num_workers,
                    report_to=report_to, ddp_timeout=ddp_timeout)
