@@ -36,15 +36,6 @@ from utils.hypernetwork import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: a second OpenMP thread only waits for a busy core (ms per op).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _layout(module: HypernetworkModule) -> list[tuple[int, str]]:
     return [(i, type(m).__name__) for i, m in enumerate(module.linear)]
 

@@ -36,15 +36,6 @@ from utils.models import (  # noqa: I001
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # several test processes share two cores; one thread per process is ~8x faster here than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
