@@ -24,8 +24,7 @@ from utils.hypernetwork import (
     save_optimizer_sidecar,
 )
 from utils.models import LoadedModel
-from utils.training import Outputs
-from utils.training_setup import PreviewOptions, render_previews, write_settings
+from utils.training_setup import RunOutputs, write_settings
 
 
 class HypernetworkModel(HypernetworkTrainingModule):
@@ -157,23 +156,9 @@ class HypernetworkTrainable:
         return hn
 
 
-class HypernetworkOutputs:
+class HypernetworkOutputs(RunOutputs):
     """``hypernetworks/<name>-<step>.pt``, previews in ``images/``, and at the end ``<name>.pt`` (A1111),
     ``<name>.safetensors``, the optional ``.pt.optim`` sidecar and ``training_settings.json``."""
-
-    def __init__(self, accelerator, trainable: HypernetworkTrainable, loaded: LoadedModel, out_dir: Path,
-                 preview: PreviewOptions, *, settings: dict, save_optimizer_state: bool):
-        self.accelerator = accelerator
-        self.trainable = trainable
-        self.loaded = loaded
-        self.out_dir = out_dir
-        self.preview_opts = preview
-        self.settings = settings
-        self.save_optimizer_state = save_optimizer_state
-        self._encoder = None
-
-    def callbacks(self, previews: bool = True) -> Outputs:
-        return Outputs(save=self.save, final=self.final, preview=self.preview if previews else None)
 
     def _current(self, step: int) -> Hypernetwork:
         hn = self.trainable.current(step)
@@ -197,11 +182,5 @@ class HypernetworkOutputs:
 
     def preview(self, step: int) -> list:
         """The hypernetwork is already in the UNet's attention; render with it in eval mode (multiplier 1)."""
-        from utils.prompts import EmbeddingDatabase, PromptEncoder
-
-        if self._encoder is None:
-            self._encoder = PromptEncoder(self.loaded.pipeline, EmbeddingDatabase([]))
-        prompt = self.preview_opts.prompt or "a photo of an object"
-        return render_previews(self.accelerator.device, self.loaded, self._encoder, self.preview_opts, self.out_dir,
-                               self.trainable.name, step, prompt,
-                               extra_info=f", Hypernet: {self.trainable.name}, Hypernet step: {step}")
+        return self.render(step, "a photo of an object",
+                           extra_info=f", Hypernet: {self.trainable.name}, Hypernet step: {step}")

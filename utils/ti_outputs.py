@@ -18,8 +18,7 @@ from utils.embeddings import (
 )
 from utils.errors import UserError
 from utils.models import LoadedModel
-from utils.training import Outputs
-from utils.training_setup import PreviewOptions, render_previews, write_settings
+from utils.training_setup import PreviewOptions, RunOutputs, write_settings
 
 EXPECTED_WIDTH = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}
 
@@ -61,27 +60,18 @@ def save_optimizer_sidecar(pt_path: Path, emb: Embedding, optimizer) -> Path:
     return path
 
 
-class TextualInversionOutputs:
+class TextualInversionOutputs(RunOutputs):
     """File layout (A1111 names): ``embeddings/<name>-<step>.pt|.safetensors``, ``image_embeddings/<name>-<step>.png``,
     ``images/<name>-<step>-<k>.png``, and at the end ``<name>.pt``, ``learned_embeds.safetensors``,
     ``training_settings.json``. Every file is written to a temp name and renamed."""
 
     def __init__(self, accelerator, trainable, loaded: LoadedModel, out_dir: Path, preview: PreviewOptions, *,
                  save_image_embeddings: bool, also_bin: bool, settings: dict, save_optimizer_state: bool = False):
-        self.accelerator = accelerator
-        self.trainable = trainable
-        self.loaded = loaded
-        self.out_dir = out_dir
-        self.preview_opts = preview
+        super().__init__(accelerator, trainable, loaded, out_dir, preview, settings=settings,
+                         save_optimizer_state=save_optimizer_state)
         self.save_image_embeddings = save_image_embeddings
         self.also_bin = also_bin
-        self.save_optimizer_state = save_optimizer_state
-        self.settings = settings
         self.last_preview = None  # the newest preview picture, used as the PNG card's image
-        self._encoder = None
-
-    def callbacks(self, previews: bool = True) -> Outputs:
-        return Outputs(save=self.save, final=self.final, preview=self.preview if previews else None)
 
     def _current(self, step: int, name: str | None = None) -> Embedding:
         emb = self.trainable.current(step)
@@ -118,14 +108,8 @@ class TextualInversionOutputs:
 
     def preview(self, step: int) -> list:
         """Render preview images with the vectors as trained so far (main process; own generators only)."""
-        from utils.prompts import EmbeddingDatabase, PromptEncoder
-
-        if self._encoder is None:
-            self._encoder = PromptEncoder(self.loaded.pipeline, EmbeddingDatabase([]))
-        self._encoder.db.register(self._current(step))
-        prompt = self.preview_opts.prompt or f"a photo of {self.trainable.name}"
-        out = render_previews(self.accelerator.device, self.loaded, self._encoder, self.preview_opts, self.out_dir,
-                              self.trainable.name, step, prompt)
+        self.preview_encoder().db.register(self._current(step))
+        out = self.render(step, f"a photo of {self.trainable.name}")
         if out:
             self.last_preview = out[0][0]
         return out

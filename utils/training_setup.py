@@ -200,6 +200,39 @@ def render_previews(device, loaded: LoadedModel, encoder, opts: PreviewOptions, 
     return out
 
 
+class RunOutputs:
+    """What both trainers' output writers share: where files go, the settings, and previews rendered through one
+    prompt encoder kept for the run. Subclasses add ``save(step)`` and ``final(step, optimizer)``."""
+
+    def __init__(self, accelerator, trainable, loaded: LoadedModel, out_dir: Path, preview: PreviewOptions, *,
+                 settings: dict, save_optimizer_state: bool = False):
+        self.accelerator = accelerator
+        self.trainable = trainable
+        self.loaded = loaded
+        self.out_dir = out_dir
+        self.preview_opts = preview
+        self.settings = settings
+        self.save_optimizer_state = save_optimizer_state
+        self._encoder = None
+
+    def callbacks(self, previews: bool = True):
+        from utils.training import Outputs
+
+        return Outputs(save=self.save, final=self.final, preview=self.preview if previews else None)
+
+    def preview_encoder(self):
+        if self._encoder is None:
+            from utils.prompts import EmbeddingDatabase, PromptEncoder
+
+            self._encoder = PromptEncoder(self.loaded.pipeline, EmbeddingDatabase([]))
+        return self._encoder
+
+    def render(self, step: int, default_prompt: str, extra_info: str = "") -> list:
+        return render_previews(self.accelerator.device, self.loaded, self.preview_encoder(), self.preview_opts,
+                               self.out_dir, self.trainable.name, step, self.preview_opts.prompt or default_prompt,
+                               extra_info)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Start and end of a run
 
