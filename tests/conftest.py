@@ -27,20 +27,35 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 A1111_FIXTURES = SHARED / "fixtures" / "a1111"
 TINYWORLD = SHARED / "models" / "tinyworld"
+CLIENTS = SHARED / "clients"
+
+
+def require_shared(path: Path, what: str) -> Path:
+    """``path`` (inside ../shared) if it exists. Missing: a skip on a developer's machine, but a failure when ``CI`` is
+    set -- CI must never pass by silently skipping the tests that run real fixtures, models and client code."""
+    if path.exists():
+        return path
+    message = f"{what} not found at {path} (the repository expects ../shared beside it)"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {message}", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
 def a1111_fixtures() -> Path:
-    if not A1111_FIXTURES.is_dir():
-        pytest.skip(f"real A1111 fixtures not found at {A1111_FIXTURES}")
-    return A1111_FIXTURES
+    return require_shared(A1111_FIXTURES, "real A1111 fixtures")
 
 
 @pytest.fixture(scope="session")
 def tinyworld() -> Path:
-    if not (TINYWORLD / "model_index.json").is_file():
-        pytest.skip(f"tiny-world model not found at {TINYWORLD}")
+    require_shared(TINYWORLD / "model_index.json", "tiny-world model")
     return TINYWORLD
+
+
+@pytest.fixture(scope="session")
+def shared_clients() -> Path:
+    """The verbatim reader code of A1111, ComfyUI and kohya (see ../shared/clients/README.md)."""
+    return require_shared(CLIENTS, "real client reader code")
 
 
 def _tiny(family: str) -> Path:
