@@ -191,18 +191,27 @@ def decode_latents(pipeline, latents: torch.Tensor) -> list:
     """Latents -> PIL images with the VAE in its own dtype and device.
 
     Training keeps the VAE in float32 (fp16 VAEs overflow) while the UNet may run in fp16, and the pipelines'
-    own decode step assumes both share a dtype; decoding here works for any combination."""
+    own decode step assumes both share a dtype; decoding here works for any combination. An fp16 VAE whose config
+    sets ``force_upcast`` (SDXL's: its activations overflow fp16 and the image comes out black) decodes in float32
+    and is put back in fp16 afterwards (an exact round trip)."""
     vae = pipeline.vae
     cfg = vae.config
-    latents = latents.to(device=vae.device, dtype=vae.dtype)
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / cfg.scaling_factor + mean
-    else:
-        latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    pixels = vae.decode(latents, return_dict=False)[0]
+    upcast = vae.dtype == torch.float16 and bool(getattr(cfg, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        pixels = vae.decode(latents, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
