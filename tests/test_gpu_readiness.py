@@ -39,3 +39,242 @@ def test_fp16_vae_with_force_upcast_decodes_in_float32(tiny_sd1):
     assert image.max() > 0 and np.array_equal(image, expected)
     assert vae.dtype == torch.float16  # put back, bit for bit
     assert all(torch.equal(v, weights[k]) for k, v in vae.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop on synthetic latents (tiny SD-1 textual inversion), one or two processes
+
+
+class Latents:
+    """Random latents; rank r of W takes slice r of each global micro-batch. ``poison``: (epoch, batch index) slots
+    whose latents are NaN on every rank (a forward that overflows), found again after a resume."""
+
+    def __init__(self, n=8, batch=2, rank=0, world=1, poison=()):
+        self.latents = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        self.n, self.b, self.rank, self.world, self.poison = n, batch, rank, world, set(poison)
+        self.micro_batches_per_epoch = n // (batch * world)
+        self.served: list[tuple[int, int]] = []
+
+    def iter_epoch(self, epoch, skip):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch)).tolist()
+        gb = self.b * self.world
+        for j in range(skip, self.micro_batches_per_epoch):
+            positions = list(range(j * gb + self.rank * self.b, j * gb + (self.rank + 1) * self.b))
+            lat = self.latents[[perm[p] for p in positions]].clone()
+            if (epoch, j) in self.poison:
+                lat[:] = float("nan")
+            self.served.append((epoch, j))
+            yield {"latents": lat, "prompts": ["a photo of myemb"] * self.b, "positions": positions}
+
+
+def _ti_run(model_dir, out_dir, steps, *, source, scaler=None, resume=None, ckpt=0, save_every=0, lr="0.01",
+            schedule="constant", report_to="none", logged=None):
+    from pathlib import Path
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from utils.embeddings import Embedding
+    from utils.textual_inversion import TextualInversion
+    from utils.training import LoopConfig, OptimConfig, Outputs, make_accelerator, train
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    init = pipe.text_encoder.get_input_embeddings().weight[[320, 1125]].detach().clone()
+    ti = TextualInversion.build(pipe, Embedding("myemb", init))
+    acc = make_accelerator(Path(out_dir), "no", 1, "none", 0)
+    if scaler is not None:
+        acc.scaler = scaler  # what accelerate builds for fp16 on a GPU; on the CPU it has to be handed in
+    if logged is not None:
+        acc.log = lambda values, step=None, **kw: logged.append((step, dict(values)))
+    cfg = LoopConfig(output_dir=Path(out_dir), max_train_steps=steps, train_batch_size=source.b,
+                     checkpointing_steps=ckpt, save_every=save_every, preview_every=0, resume_from_checkpoint=resume,
+                     report_to=report_to, optim=OptimConfig(learning_rate=lr, lr_scheduler=schedule))
+    saves = []
+    outputs = Outputs(save=lambda s: saves.append(s) or [], final=lambda s, o: saves.append(("final", s, o)) or [])
+    summary = train(acc, ti, source, DDPMScheduler.from_config(pipe.scheduler.config), cfg, outputs)
+    return summary, ti, pipe, acc, saves
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(worker, *args, timeout=300):
+    """Run ``worker(rank, *args)`` in 2 forked processes joined into one gloo group by accelerate."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_rank_entry, args=(worker, _free_port(), args), nprocs=2, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "the 2 ranks timed out"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _rank_entry(rank, worker, port, args):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    worker(rank, *args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP wraps only the trained parameters
+
+
+def _frozen_state(model):
+    vectors = {id(v) for v in model.vectors}
+    state = {f"param:{n}": p.detach().clone() for n, p in model.named_parameters() if id(p) not in vectors}
+    state.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def _ddp_frozen_worker(rank, model_dir, out_dir):
+    import os
+
+    out = os.path.join(out_dir, f"rank{rank}")
+    # Build the run as _ti_run does, but make rank 1's frozen weights and buffers differ on purpose first.
+    from pathlib import Path
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from utils.embeddings import Embedding
+    from utils.textual_inversion import TextualInversion
+    from utils.training import LoopConfig, OptimConfig, Outputs, make_accelerator, train
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    init = pipe.text_encoder.get_input_embeddings().weight[[320, 1125]].detach().clone()
+    ti = TextualInversion.build(pipe, Embedding("myemb", init))
+    buffers = dict(ti.model.named_buffers())
+    assert any("position_ids" in n for n in buffers), sorted(buffers)
+    if rank == 1:
+        with torch.no_grad():
+            pipe.unet.conv_in.weight.add_(0.5)
+            pipe.text_encoder.get_input_embeddings().base.weight[:100].mul_(2.0)
+            for name, b in buffers.items():
+                if "position_ids" in name:
+                    b.copy_(b.flip(-1))
+    before = _frozen_state(ti.model)
+    acc = make_accelerator(Path(out), "no", 1, "none", 0)
+    assert acc.num_processes == 2
+    cfg = LoopConfig(output_dir=Path(out), max_train_steps=3, train_batch_size=1, checkpointing_steps=0,
+                     save_every=0, preview_every=0, optim=OptimConfig(learning_rate="0.05"))
+    train(acc, ti, Latents(batch=1, rank=rank, world=2), DDPMScheduler.from_config(pipe.scheduler.config), cfg,
+          Outputs(save=lambda s: [], final=lambda s, o: []))
+    after = _frozen_state(ti.model)
+    torch.save({"unchanged": sorted(k for k in before if torch.equal(before[k], after[k])), "all": sorted(before),
+                "vectors": [v.detach().clone() for v in ti.model.vectors], "init": init}, out + ".pt")
+    acc.end_training()
+
+
+def test_ddp_leaves_each_ranks_frozen_weights_and_buffers_alone(tiny_sd1, tmp_path):
+    """Rank 1's frozen weights and buffers differ from rank 0's on purpose: DDP must neither broadcast them when it
+    wraps the model nor before each forward, and the trained vectors' gradients must still be averaged (the loop
+    checks at the end that both ranks hold identical vectors)."""
+    _two_ranks(_ddp_frozen_worker, str(tiny_sd1), str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for r in (r0, r1):
+        assert r["unchanged"] == r["all"], sorted(set(r["all"]) - set(r["unchanged"]))[:5]
+    assert any(k.startswith("buffer:") for k in r1["all"])
+    for a, b, init in zip(r0["vectors"], r1["vectors"], r0["init"][None]):
+        assert torch.equal(a, b) and not torch.equal(a, init)
+
+
+def test_a_trained_tensor_outside_the_wrapped_module_is_refused():
+    from utils.distributed import sync_only_trainables
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    loose = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"shapes \[\(3,\)\].*not be synchronised"):
+        sync_only_trainables(model, [model[0].weight, loose])
+    assert sync_only_trainables(model, [model[0].weight]) == ["0.bias"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16 steps the loss scaler skips
+
+
+def _scaler():
+    return torch.amp.GradScaler("cpu")  # what accelerate uses for fp16 on a GPU, here on the CPU
+
+
+def _csv(out_dir):
+    return (out_dir / "textual_inversion_loss.csv").read_text().splitlines()
+
+
+def test_skipped_fp16_steps_are_not_counted_scheduled_logged_or_saved(tiny_sd1, tmp_path):
+    from utils.lr_schedule import LearningRate
+
+    # Batches 2 and 5 overflow in the forward (NaN loss): the scaler skips those updates; the NaN guard must not
+    # end the run over them.
+    source = Latents(poison={(0, 2), (1, 1)})
+    logged = []
+    summary, ti, _, acc, saves = _ti_run(tiny_sd1, tmp_path, 6, source=source, scaler=_scaler(), save_every=1,
+                                         schedule="linear", report_to="tensorboard", logged=logged)
+    assert (summary.step, summary.skipped_steps, summary.stopped_by) == (6, 2, "max_steps")
+    assert source.served == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+    rows = [r.split(",") for r in _csv(tmp_path)[1:]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    schedule = LearningRate("0.01", 6, "linear")
+    assert [r[4] for r in rows] == [f"{schedule.rate(k):g}" for k in range(6)]  # the schedule did not move on skips
+    assert all(np.isfinite(float(r[3])) for r in rows)
+    assert [s for s in saves if not isinstance(s, tuple)] == [1, 2, 3, 4, 5]
+    optimizer = saves[-1][2]
+    assert int(optimizer.state_dict()["state"][0]["step"]) == 6  # AdamW made 6 updates
+    assert torch.isfinite(ti.model.vectors[0]).all()
+    last = {step: values for step, values in logged}[6]
+    assert last["skipped_steps"] == 2 and last["loss_scale"] == 2.0 ** 16 / 4  # halved on each skip
+
+
+def test_resume_after_skipped_steps_is_bit_identical(tiny_sd1, tmp_path):
+    poison = {(0, 2), (1, 1)}
+    _, full, _, _, _ = _ti_run(tiny_sd1, tmp_path / "full", 8, source=Latents(poison=poison), scaler=_scaler(),
+                               ckpt=4)
+    _ti_run(tiny_sd1, tmp_path / "cut", 4, source=Latents(poison=poison), scaler=_scaler(), ckpt=4)
+    again = Latents(poison=poison)
+    summary, cut, _, _, _ = _ti_run(tiny_sd1, tmp_path / "cut", 8, source=again, scaler=_scaler(), ckpt=4,
+                                    resume="latest")
+    assert again.served[0] == (1, 1)  # the data goes on after the 4 steps and the 1 skipped update before them
+    assert summary.step == 8 and summary.skipped_steps == 2
+    assert torch.equal(full.model.vectors[0], cut.model.vectors[0])
+    assert _csv(tmp_path / "full") == _csv(tmp_path / "cut")
+
+
+def test_an_update_that_never_stops_being_skipped_ends_the_run(tiny_sd1, tmp_path, monkeypatch):
+    from utils import training
+
+    monkeypatch.setattr(training, "MAX_SKIPPED_IN_A_ROW", 5)
+    poison = {(e, j) for e in range(1, 10) for j in range(4)}
+    with pytest.raises(training.TrainingDiverged, match="skipped 5 updates in a row"):
+        _ti_run(tiny_sd1, tmp_path, 100, source=Latents(poison=poison), scaler=_scaler())
+    assert len(_csv(tmp_path)) == 1 + 4  # the 4 real steps of the first epoch were logged
+
+
+def _skip_worker(rank, model_dir, out_dir):
+    import os
+
+    # Only rank 1's forward overflows: DDP averages its NaN gradients into rank 0's, so both scalers skip.
+    source = Latents(batch=1, rank=rank, world=2, poison={(0, 1)} if rank == 1 else set())
+    summary, ti, _, acc, _ = _ti_run(model_dir, os.path.join(out_dir, "run"), 3, source=source, scaler=_scaler())
+    torch.save({"step": summary.step, "skipped": summary.skipped_steps, "served": source.served,
+                "vectors": ti.model.vectors[0].detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    acc.end_training()
+
+
+def test_two_processes_skip_the_same_updates(tiny_sd1, tmp_path):
+    _two_ranks(_skip_worker, str(tiny_sd1), str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["step"] == r1["step"] == 3 and r0["skipped"] == r1["skipped"] == 1
+    assert r0["served"] == r1["served"] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert torch.equal(r0["vectors"], r1["vectors"])

@@ -32,6 +32,7 @@ from utils.diffusion_loss import (
     sample_seed,
     training_target,
 )
+from utils.distributed import sync_only_trainables
 from utils.errors import UserError
 from utils.fileio import atomic_path
 from utils.lr_schedule import LearningRate
@@ -176,6 +177,7 @@ class TrainerState:
 
     def __init__(self, identity: dict | None = None, layout: dict | None = None):
         self.step = 0
+        self.skipped_steps = 0  # fp16 steps the loss scaler skipped: they used data but are not counted in ``step``
         self.tracker_run_id: str | None = None
         # What was trained (kind, name, shapes) and how the data was cut (global micro-batch, accumulation): a
         # checkpoint only continues the same run with the same layout, or positions and seeds would silently shift.
@@ -185,11 +187,12 @@ class TrainerState:
         self.loaded_layout: dict | None = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tracker_run_id": self.tracker_run_id, "identity": self.identity,
-                "layout": self.layout}
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "tracker_run_id": self.tracker_run_id,
+                "identity": self.identity, "layout": self.layout}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.tracker_run_id = state.get("tracker_run_id")
         self.loaded_identity = state.get("identity")
         self.loaded_layout = state.get("layout")
@@ -297,6 +300,7 @@ class RunSummary:
     step: int
     stopped_by: str  # "max_steps" | "schedule" | "signal"
     files: list[Path]
+    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler (not counted in ``step``)
 
 
 def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noise_scheduler, cfg: LoopConfig,
@@ -324,6 +328,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=lr.rate(state.step),
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
                                   weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon)
+    sync_only_trainables(trainable.model, trainable.parameters())  # DDP: no broadcast of frozen weights/buffers
     model, optimizer = accelerator.prepare(trainable.model, optimizer)
     params = trainable.parameters()
 
@@ -392,10 +397,12 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
         accelerator.wait_for_everyone()
 
     with StopRequest() as stop:
-        epoch = state.step // steps_per_epoch
+        # Skipped fp16 steps used their batches too: the data goes on from step + skipped optimizer-step slots.
+        epoch = (state.step + state.skipped_steps) // steps_per_epoch
         finished = state.step >= end_step or lr.finished(state.step)
+        skipped_in_a_row = 0
         while not finished:
-            skip = (state.step % steps_per_epoch) * A
+            skip = ((state.step + state.skipped_steps) % steps_per_epoch) * A
             accum_loss = torch.zeros((), device=device)
             seen = 0
             for i, batch in enumerate(data.iter_epoch(epoch, skip), start=skip):
@@ -433,13 +440,36 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     continue
 
                 # One small all-reduce and one host sync per optimizer step: the summed loss, whether any rank was
-                # asked to stop, and whether any rank's trained weights stopped being finite.
+                # asked to stop, whether any rank's trained weights stopped being finite, and whether the fp16 loss
+                # scaler skipped the update (inf/NaN gradients; the same on every rank, reduced so all ranks agree).
                 finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
                 status = torch.stack([accum_loss.float(), torch.tensor(float(stop.signum is not None), device=device),
-                                      (~finite).float()])
-                loss_sum, stop_votes, nonfinite = accelerator.reduce(status, "sum").tolist()
+                                      (~finite).float(),
+                                      torch.tensor(float(accelerator.optimizer_step_was_skipped), device=device)])
+                loss_sum, stop_votes, nonfinite, skip_votes = accelerator.reduce(status, "sum").tolist()
                 accum_loss = torch.zeros((), device=device)
                 step_loss = loss_sum / world
+                if skip_votes and not nonfinite:
+                    # Not an optimizer step (unlike A1111, which counts it): no step number, learning-rate
+                    # advance, log row or save. A forward overflow (non-finite loss) is skipped the same way.
+                    state.skipped_steps += 1
+                    skipped_in_a_row += 1
+                    progress.set_postfix(loss="skipped", skipped=state.skipped_steps, epoch=epoch, refresh=False)
+                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                        progress.close()
+                        if log:
+                            log.flush()
+                        raise TrainingDiverged(
+                            f"{trainable.kind} training stopped at step {state.step}: the fp16 loss scaler skipped "
+                            f"{skipped_in_a_row} updates in a row (the loss or gradients are NaN/inf at any scale). "
+                            f"The last good files are kept. Try --mixed_precision bf16 or no, or a lower learning "
+                            f"rate.")
+                    if stop_votes > 0:
+                        checkpoint(state.step)
+                        stopped_by, finished = "signal", True
+                        break
+                    continue
+                skipped_in_a_row = 0
                 if not math.isfinite(step_loss) or nonfinite:
                     progress.close()
                     if log:
@@ -451,7 +481,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                 state.step += 1
                 rate = lr.rate(state.step - 1)
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{rate:.2g}", epoch=epoch, refresh=False)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{rate:.2g}", epoch=epoch, refresh=False,
+                                     **({"skipped": state.skipped_steps} if state.skipped_steps else {}))
                 if log:
                     log.add(state.step, (state.step - 1) // steps_per_epoch, (state.step - 1) % steps_per_epoch,
                             step_loss, rate)
@@ -461,6 +492,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                                "epoch": epoch, "images_per_sec": samples_done * world / max(elapsed, 1e-9)}
                     if grad_norm is not None:
                         metrics["grad_norm"] = float(grad_norm)
+                    if accelerator.scaler is not None:
+                        metrics.update(skipped_steps=state.skipped_steps, loss_scale=accelerator.scaler.get_scale())
                     accelerator.log(metrics, step=state.step)
 
                 finished = state.step >= end_step or lr.finished(state.step)
@@ -486,6 +519,9 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                 checkpoint(state.step)
 
     progress.close()
+    if state.skipped_steps:
+        accelerator.print(f"The fp16 loss scaler skipped {state.skipped_steps} update(s) with inf/NaN gradients; "
+                          f"they are not counted as steps.")
     check_ranks_agree(accelerator, trainable)
     if stopped_by == "signal":
         accelerator.print(f"Stopped by signal {stop.signum} at step {state.step}; checkpoint and files saved.")
@@ -496,11 +532,16 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     if outputs.preview and stopped_by != "signal":
         _preview(accelerator, trainable, outputs, state.step)
     accelerator.wait_for_everyone()
-    return RunSummary(state.step, stopped_by, files)
+    return RunSummary(state.step, stopped_by, files, state.skipped_steps)
 
 
 class TrainingDiverged(UserError):
     pass
+
+
+# fp16 updates the loss scaler may skip in a row before the run counts as diverged: the scaler halves its scale on
+# each skip, so this many in a row means the loss or gradients are non-finite at any scale, not a calibration.
+MAX_SKIPPED_IN_A_ROW = 50
 
 
 def check_ranks_agree(accelerator: Accelerator, trainable: Trainable) -> None:
