@@ -278,3 +278,43 @@ def test_two_processes_skip_the_same_updates(tiny_sd1, tmp_path):
     assert r0["step"] == r1["step"] == 3 and r0["skipped"] == r1["skipped"] == 1
     assert r0["served"] == r1["served"] == [(0, 0), (0, 1), (0, 2), (0, 3)]
     assert torch.equal(r0["vectors"], r1["vectors"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --offload_text_encoder: float32 on the CPU, previews as without offloading
+
+
+def _hn_trainable(model_dir, offload):
+    from utils.hypernetwork import Hypernetwork, HypernetworkOptions
+    from utils.hypernetwork_training import HypernetworkTrainable
+    from utils.models import ModelSource
+    from utils.training_setup import ModelOptions, load_model_for_training
+
+    loaded = load_model_for_training(ModelSource(str(model_dir)), ModelOptions("bf16"), "cpu")
+    torch.manual_seed(0)
+    hn = Hypernetwork.create("hn", [32, 64], HypernetworkOptions(activation_func="relu"))
+    for p in hn.parameters():  # A1111 starts the last layers at zero; make this one visible in the image
+        torch.nn.init.normal_(p, std=0.05)
+    return loaded, HypernetworkTrainable.build(loaded, hn, "cpu", offload)
+
+
+def test_offloaded_text_encoder_is_float32_and_previews_are_unchanged(tiny_sd1, tmp_path):
+    from utils.training_setup import PreviewOptions, render_previews
+
+    opts = PreviewOptions(prompt="a photo", steps=2, width=64, height=64)
+    images = {}
+    for offload in (False, True):
+        loaded, trainable = _hn_trainable(tiny_sd1, offload)
+        te = loaded.pipeline.text_encoder
+        assert loaded.pipeline.unet.dtype == torch.bfloat16
+        assert te.dtype == (torch.float32 if offload else torch.bfloat16) and te.device.type == "cpu"
+        hidden, _ = trainable.conditioning.get(["a photo of a thing"])
+        assert hidden.dtype == te.dtype
+        weights = {k: v.clone() for k, v in te.state_dict().items()}
+        trainable.eval()
+        out = render_previews("cpu", loaded, trainable.conditioning.encoder, opts, tmp_path / str(offload), "hn", 1,
+                              "a photo")
+        images[offload] = np.asarray(out[0][0])
+        assert te.dtype == (torch.float32 if offload else torch.bfloat16)  # back where it was, bit for bit
+        assert all(torch.equal(v, weights[k]) for k, v in te.state_dict().items())
+    assert np.array_equal(images[True], images[False])

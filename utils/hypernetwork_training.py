@@ -58,7 +58,9 @@ class ConditioningCache:
             for name in ("text_encoder", "text_encoder_2"):
                 module = getattr(pipeline, name, None)
                 if module is not None:
-                    module.to("cpu")  # same dtype: previews can move it back without a lossy cast
+                    # float32 on the CPU: fp16/bf16 matmuls there are several times slower. The weights were loaded
+                    # in the weight dtype, so previews cast them back to it exactly (utils.training_setup).
+                    module.to("cpu", dtype=torch.float32)
 
     @torch.no_grad()
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:

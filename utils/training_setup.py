@@ -182,17 +182,21 @@ def render_previews(device, loaded: LoadedModel, encoder, opts: PreviewOptions, 
     moved = []
     for part in ("vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, part, None)
-        if module is not None and module.device != torch.device(device):
-            moved.append((module, module.device))
-            module.to(device)
+        if module is None:
+            continue
+        # The VAE keeps its own dtype (float32); an offloaded text encoder (float32 on the CPU) runs in the UNet's.
+        dtype = module.dtype if part == "vae" else pipe.unet.dtype
+        if module.device != torch.device(device) or module.dtype != dtype:
+            moved.append((module, module.device, module.dtype))
+            module.to(device, dtype=dtype)
     try:
         images = generate(loaded, encoder, GenerationParams(
             prompt=prompt, negative_prompt=opts.negative_prompt, steps=opts.steps, sampler=opts.sampler,
             cfg_scale=opts.cfg_scale, seed=opts.seed, width=opts.width, height=opts.height,
             batch_size=opts.num_images), refresh_embeddings=True, progress=False)
     finally:
-        for module, where in moved:
-            module.to(where)
+        for module, where, dtype in moved:
+            module.to(where, dtype=dtype)
     out = []
     for k, im in enumerate(images):
         save_png(im.image, out_dir / "images" / f"{name}-{step}-{k}.png", im.infotext + extra_info)
