@@ -318,3 +318,42 @@ def test_offloaded_text_encoder_is_float32_and_previews_are_unchanged(tiny_sd1, 
         assert te.dtype == (torch.float32 if offload else torch.bfloat16)  # back where it was, bit for bit
         assert all(torch.equal(v, weights[k]) for k, v in te.state_dict().items())
     assert np.array_equal(images[True], images[False])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading for training: every component created in its training dtype, the VAE from the files' float32 values
+# (peak host RAM itself is not measurable on the tiny models: a few MB either way)
+
+
+@pytest.fixture(scope="module")
+def sd1_single_file(tiny_sd1, tmp_path_factory):
+    from utils.ldm_export import export_single_file
+
+    return export_single_file(tiny_sd1, tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["folder", "single file"])
+def test_training_load_creates_components_in_their_dtype(tiny_sd1, sd1_single_file, kind, monkeypatch):
+    from utils import training_setup
+    from utils.models import ModelSource, load_pipeline
+    from utils.training_setup import ModelOptions, load_model_for_training
+
+    source = (ModelSource(str(tiny_sd1)) if kind == "folder" else
+              ModelSource(str(sd1_single_file), model_config=str(tiny_sd1)))
+    reference = load_pipeline(source).pipeline  # float32, the files' own values
+    seen = {}
+
+    def spy(*args, **kwargs):
+        loaded = load_pipeline(*args, **kwargs)
+        seen.update({n: getattr(loaded.pipeline, n).dtype for n in ("unet", "text_encoder", "vae")})
+        return loaded
+
+    monkeypatch.setattr(training_setup, "load_pipeline", spy)
+    pipe = load_model_for_training(source, ModelOptions("fp16"), "cpu").pipeline
+    # as they come out of the loader, before anything is cast: no float32 UNet / text encoder in host RAM
+    assert seen == {"unet": torch.float16, "text_encoder": torch.float16, "vae": torch.float32}
+    for name in ("unet", "text_encoder", "vae"):
+        ours, ref = getattr(pipe, name).state_dict(), getattr(reference, name).state_dict()
+        assert ours.keys() == ref.keys()
+        dtype = torch.float32 if name == "vae" else torch.float16
+        assert all(ours[k].dtype == dtype and torch.equal(ours[k], ref[k].to(dtype)) for k in ref), name

@@ -213,25 +213,31 @@ def _check_fits(shapes: Mapping[str, Sequence[int]], config_dir: Path, name: str
 # Loading
 
 
-def load_pipeline(source: ModelSource, torch_dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load the pipeline ``source`` names; every user mistake is a one-line ``UserError``."""
+def load_pipeline(source: ModelSource, torch_dtype: torch.dtype = torch.float32,
+                  vae_dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load the pipeline ``source`` names; every user mistake is a one-line ``UserError``.
+
+    Every component is created in ``torch_dtype`` straight from the files (no float32 copy of the whole pipeline in
+    host RAM first, which on an 8-GPU node is 8 copies at once); the VAE in ``vae_dtype`` (default: the same), read
+    from the files' own values, never through a narrower dtype."""
     where = source.pretrained_model_name_or_path
+    vae_dtype = vae_dtype or torch_dtype
     path = Path(os.path.expanduser(where))
     if path.is_dir():
-        pipe, config_dir = _load_folder(path, source, torch_dtype)
+        pipe, config_dir = _load_folder(path, source, torch_dtype, vae_dtype)
         identity = model_identity(path, source.variant)
     elif path.is_file():
-        pipe, config_dir = _load_single_file(path, source, torch_dtype)
+        pipe, config_dir = _load_single_file(path, source, torch_dtype, vae_dtype)
         identity = model_identity(path)
     elif _HUB_ID.match(where) and not where.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
         folder = _download(where, source)
-        pipe, config_dir = _load_folder(folder, source, torch_dtype)
+        pipe, config_dir = _load_folder(folder, source, torch_dtype, vae_dtype)
         identity = model_identity(folder, source.variant, name=where.replace("/", "_"))
     else:
         raise UserError(f"model not found: {where}: no such file or folder (expected a diffusers folder, "
                         f"a .safetensors/.ckpt file, or a Hub id like owner/name)")
     if source.vae:
-        pipe.vae = load_vae(source.vae, config_dir, torch_dtype)
+        pipe.vae = load_vae(source.vae, config_dir, vae_dtype)
     return LoadedModel(pipe, family_of(pipe), pipe.scheduler.config.get("prediction_type", "epsilon"), identity)
 
 
@@ -243,7 +249,7 @@ def _pipeline_class(name: str):
     return getattr(diffusers, name)
 
 
-def _load_folder(folder: Path, source: ModelSource, torch_dtype: torch.dtype):
+def _load_folder(folder: Path, source: ModelSource, torch_dtype: torch.dtype, vae_dtype: torch.dtype):
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise UserError(f"{folder}: a folder but not a diffusers pipeline (no model_index.json)")
@@ -252,8 +258,9 @@ def _load_folder(folder: Path, source: ModelSource, torch_dtype: torch.dtype):
     extra = {}
     if "safety_checker" in index:  # the NSFW checker is for serving images, not training; don't load 1 GB of it
         extra = dict(safety_checker=None, requires_safety_checker=False)
+    dtype = torch_dtype if vae_dtype == torch_dtype else {"default": torch_dtype, "vae": vae_dtype}
     try:
-        pipe = cls.from_pretrained(folder, dtype=torch_dtype, variant=source.variant, **extra)
+        pipe = cls.from_pretrained(folder, dtype=dtype, variant=source.variant, **extra)
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}: cannot load ({_one_line(e)})") from None
     return pipe, folder
@@ -276,7 +283,7 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def _load_single_file(path: Path, source: ModelSource, torch_dtype: torch.dtype):
+def _load_single_file(path: Path, source: ModelSource, torch_dtype: torch.dtype, vae_dtype: torch.dtype):
     shapes = checkpoint_shapes(path)  # also refuses unsafe pickles before diffusers touches the file
     explicit = source.model_config is not None
     if explicit:
@@ -291,10 +298,34 @@ def _load_single_file(path: Path, source: ModelSource, torch_dtype: torch.dtype)
                                     local_files_only=True, **_offline_tokenizers(config_dir, index))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{path}: cannot load with config {config_dir} ({_one_line(e)})") from None
+    if vae_dtype != torch_dtype and not source.vae:
+        pipe.vae = _checkpoint_vae(path, config_dir, vae_dtype)
     if not explicit and config_dir.name == "sd2-768" and not uses_v_prediction(pipe.unet):
         config_dir = CONFIGS_DIR / "sd2-512"
         _switch_to(pipe, config_dir)
     return pipe, config_dir
+
+
+def _checkpoint_vae(path: Path, config_dir: Path, dtype: torch.dtype):
+    """The VAE of a single-file checkpoint in ``dtype``, from the file's own tensors (a ``.safetensors`` file is
+    read for those keys only): the pipeline was created in a narrower dtype, and upcasting that would not give back
+    the file's values."""
+    from diffusers import AutoencoderKL
+
+    prefixes = ("first_stage_model.", "vae.")
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            state = {k.removeprefix("state_dict."): f.get_tensor(k) for k in f.keys()
+                     if k.removeprefix("state_dict.").startswith(prefixes)}
+    else:
+        state = {k: v for k, v in load_checkpoint_file(path).items() if k.startswith(prefixes)}
+    try:
+        return AutoencoderKL.from_single_file(state, config=str(config_dir), subfolder="vae", dtype=dtype,
+                                              local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot load its VAE with config {config_dir} ({_one_line(e)})") from None
 
 
 def _offline_tokenizers(config_dir: Path, index: dict) -> dict:

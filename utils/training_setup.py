@@ -34,9 +34,10 @@ class ModelOptions:
 
 def load_model_for_training(source: ModelSource, opts: ModelOptions, device) -> LoadedModel:
     """Load, freeze and place the frozen models. UNet and text encoders in the weight dtype; the VAE stays float32
-    (fp16 VAEs overflow to NaN on SDXL, and it only runs once per image when latents are cached)."""
+    (fp16 VAEs overflow to NaN on SDXL, and it only runs once per image when latents are cached). Each component is
+    loaded in its dtype: every rank of a node loads at once, and a float32 pipeline first would double host RAM."""
     dtype = weight_dtype(opts.mixed_precision)
-    loaded = load_pipeline(source, torch.float32)
+    loaded = load_pipeline(source, dtype, vae_dtype=torch.float32)
     pipe = loaded.pipeline
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipe, name, None)
