@@ -251,6 +251,12 @@ class Session:
         self.pipe = self.loaded.pipeline
         self.noise_scheduler = training_noise_scheduler(self.loaded)
         self.out_dir = out_dir
+        self.samples: dict = {}  # (count, seed) -> make_samples(...), filled by prepare_data
+
+
+# Modes whose step never runs the VAE: it leaves the device before the memory window, as the trainers move it off
+# once latents are cached.
+NO_VAE_MODES = ("ours", "bare", "hypernetwork", "hypernetwork-offload")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,6 +283,25 @@ def make_samples(pipe, settings: Settings, count: int, seed: int):
     return pixels, torch.cat(latents), prompts
 
 
+def samples(session: Session, settings: Settings, count: int, seed: int):
+    """make_samples, once per session: prepare_data fills these before the memory window opens."""
+    key = (count, seed)
+    if key not in session.samples:
+        session.samples[key] = make_samples(session.pipe, settings, count, seed)
+    return session.samples[key]
+
+
+def prepare_data(session: Session, settings: Settings, case: Case) -> None:
+    """Everything the modes take as given, done before their memory is measured: the samples and their float32
+    VAE latents (at 512 px the encode's activations would dominate the GPU columns), and the VAE off the device
+    for modes that never run it."""
+    n = max(8, 4 * case.batch_size)
+    for seed in (settings.seed, settings.seed + 1):  # the mode's batches and the bare step's
+        samples(session, settings, n, seed)
+    if case.mode in NO_VAE_MODES:
+        session.pipe.vae.to("cpu")
+
+
 class MemoryLoader:
     """Stands in for utils.data.TrainLoader (the attributes and iteration LoaderSource uses), serving batches of
     in-memory samples: latents when cached, pixels otherwise."""
@@ -289,11 +314,13 @@ class MemoryLoader:
         self.epoch = self.position = 0
 
     def iter_epoch(self):
+        import torch
+
         while self.position < self.steps_per_epoch:
             j = self.position
             self.position += 1
             sl = slice(j * self.batch_size, (j + 1) * self.batch_size)
-            batch = {"prompts": self.prompts[sl]}
+            batch = {"prompts": self.prompts[sl], "index": torch.arange(sl.start, sl.stop)}
             if self.cached:
                 batch["latents"] = self.latents[sl].clone()
             else:
@@ -345,9 +372,7 @@ def run_real_loop(session: Session, settings: Settings, case: Case, trainable, c
 
     pipe = session.pipe
     n = max(8, 4 * case.batch_size)
-    pixels, latents, prompts = make_samples(pipe, settings, n, settings.seed)
-    if cached:
-        pipe.vae.to("cpu")  # as build_batch_source does once latents are cached
+    pixels, latents, prompts = samples(session, settings, n, settings.seed)
     source = TimedSource(LoaderSource(MemoryLoader(pixels, latents, prompts, case.batch_size, cached), pipe.vae,
                                       settings.seed, sdxl=False), bare)
     total = settings.warmup + settings.steps
@@ -435,7 +460,7 @@ def mode_diffusers_example(session: Session, settings: Settings, case: Case, bar
     text_encoder.train()
 
     n = max(8, 4 * case.batch_size)
-    pixels, _, prompts = make_samples(pipe, settings, n, settings.seed)
+    pixels, _, prompts = samples(session, settings, n, settings.seed)
     prompts = [p.replace(PLACEHOLDER, new_tokens[0]) for p in prompts]
     per_epoch = n // case.batch_size
 
@@ -497,7 +522,7 @@ class BareStep:
         self.model, self.vectors = trainable.model, list(trainable.parameters())
         pipe, sched = session.pipe, session.noise_scheduler
         n = max(8, 4 * case.batch_size)
-        _, latents, prompts = make_samples(pipe, settings, n, settings.seed + 1)
+        _, latents, prompts = samples(session, settings, n, settings.seed + 1)
         g = torch.Generator().manual_seed(settings.seed + 1)
         self.batches = []
         for k in range(n // case.batch_size):
@@ -550,7 +575,6 @@ def mode_bare(session: Session, settings: Settings, case: Case) -> list[float]:
     embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
     trainable = TextualInversion.build(session.pipe, embedding)
     trainable.model.to(session.device)
-    session.pipe.vae.to("cpu")
     step = BareStep(session, settings, case, trainable)
     times = [step() for _ in range(settings.warmup + settings.steps)]
     return times[settings.warmup:]
@@ -568,6 +592,7 @@ def run_case(settings: Settings, case: Case) -> Result:
     threads = apply_threads_per_rank() if settings.device == "cpu" else torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
         session = Session(settings, case, Path(tmp))
+        prepare_data(session, settings, case)
         notes = {}
         pair = None
         if settings.paired and case.mode in ("diffusers-example", "hypernetwork", "hypernetwork-offload"):

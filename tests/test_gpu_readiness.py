@@ -357,3 +357,63 @@ def test_training_load_creates_components_in_their_dtype(tiny_sd1, sd1_single_fi
         assert ours.keys() == ref.keys()
         dtype = torch.float32 if name == "vae" else torch.float16
         assert all(ours[k].dtype == dtype and torch.equal(ours[k], ref[k].to(dtype)) for k in ref), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench/bench_train.py: the memory window holds the training steps, not the data preparation
+
+
+def _load_bench(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_prepares_every_modes_data_outside_the_memory_window(tiny_sd1, monkeypatch):
+    bench = _load_bench("bench_train")
+    window = {"open": False}
+    calls = []
+    enter, exit_ = bench.MemoryMeter.__enter__, bench.MemoryMeter.__exit__
+    make_samples = bench.make_samples
+
+    def opened(self):
+        window["open"] = True
+        return enter(self)
+
+    def closed(self, *exc):
+        window["open"] = False
+        return exit_(self, *exc)
+
+    def spy(*args, **kwargs):
+        calls.append(window["open"])
+        return make_samples(*args, **kwargs)
+
+    monkeypatch.setattr(bench.MemoryMeter, "__enter__", opened)
+    monkeypatch.setattr(bench.MemoryMeter, "__exit__", closed)
+    monkeypatch.setattr(bench, "make_samples", spy)
+    settings = bench.Settings(steps=2, warmup=1, paired=True)
+    for mode in bench.MODES:
+        calls.clear()
+        result = bench.run_case(settings, bench.Case(mode, 1))
+        assert result.steps_timed == 2 and result.peak_mem_mb is not None
+        assert calls and not any(calls), (mode, calls)  # the VAE encode of the samples ran before the window
+
+
+def test_memory_meter_counts_only_what_happens_inside_it():
+    bench = _load_bench("bench_train")
+    mb = 2 ** 20
+    before = torch.ones(200 * mb // 4)  # a transient 200 MB before the window (data preparation)
+    del before
+    with bench.MemoryMeter("cpu") as meter:
+        inside = torch.ones(100 * mb // 4)
+        inside += 1
+    del inside
+    added = meter.peak_mb - meter.base_mb
+    assert 90 <= added < 190, (meter.kind, meter.base_mb, meter.peak_mb)
