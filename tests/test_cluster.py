@@ -281,7 +281,7 @@ def test_cluster_flags():
     a = p.parse_args(["--ddp_timeout", "90", "--wandb_tags", "a, b,,c"])
     assert a.ddp_timeout == 90.0 and cluster.parse_tags(a.wandb_tags) == ["a", "b", "c"]
     d = p.parse_args([])
-    assert d.ddp_timeout is None and cluster.parse_tags(d.wandb_tags) == []
+    assert d.ddp_timeout == 1800 and cluster.parse_tags(d.wandb_tags) == []  # above rank-0-only stretches
 
 
 def test_wandb_init_options(monkeypatch, tmp_path):

@@ -417,3 +417,108 @@ def test_memory_meter_counts_only_what_happens_inside_it():
     del inside
     added = meter.peak_mb - meter.base_mb
     assert 90 <= added < 190, (meter.kind, meter.base_mb, meter.peak_mb)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# xformers built for another torch/CUDA: one line, not a traceback; the attention backend under hypernetworks
+
+NO_OPERATOR = ("No operator found for `memory_efficient_attention_forward` with inputs:\n"
+               "     query       : shape=(1, 2, 1, 40) (torch.float32)\n"
+               "`cutlassF-pt` is not supported because:\n    xFormers wasn't build with CUDA support")
+
+
+class _BrokenXformers:
+    """Stands in for an xformers build made for another torch: fails when its ops are used, or when imported."""
+
+    def __init__(self, at_import: bool):
+        self.at_import = at_import
+
+    @property
+    def ops(self):
+        if self.at_import:
+            raise ImportError("/site-packages/xformers/_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+        return self
+
+    def memory_efficient_attention(self, q, k, v):
+        raise NotImplementedError(NO_OPERATOR)
+
+
+@pytest.mark.parametrize("at_import", [False, True])
+def test_a_mismatched_xformers_build_is_one_line(tiny_sd1, monkeypatch, at_import):
+    import diffusers.models.attention_processor as ap
+    from diffusers import UNet2DConditionModel
+
+    from utils.errors import UserError
+    from utils.models import enable_xformers
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1 / "unet")
+    randn = torch.randn
+    monkeypatch.setattr(ap, "is_xformers_available", lambda: True)
+    monkeypatch.setattr(ap, "xformers", _BrokenXformers(at_import), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: randn(*a, **k))  # diffusers' probe tensor
+    with pytest.raises(UserError) as e:
+        enable_xformers(unet)
+    msg = str(e.value)
+    assert "\n" not in msg and "is installed but cannot run with torch" in msg
+    assert ("undefined symbol" if at_import else "No operator found for `memory_efficient_attention_forward`") in msg
+    assert "pip install -r requirements-cuda.txt" in msg and "SDPA" in msg
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_hypernetwork_runs_name_the_attention_they_run_on(tiny_sd1):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    from utils.cluster import attention_backend
+    from utils.hypernetwork import Hypernetwork, HypernetworkOptions, install_hypernetworks
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1 / "unet")
+    hn = Hypernetwork.create("hn", [32, 64], HypernetworkOptions())
+    install_hypernetworks(unet, [(hn, 1.0)])
+    assert attention_backend(unet) == "torch SDPA with hypernetworks"
+    unet.set_attn_processor(XFormersAttnProcessor())  # what --enable_xformers_memory_efficient_attention installs
+    install_hypernetworks(unet, [(hn, 1.0)])
+    assert attention_backend(unet) == "xformers with hypernetworks"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An error on one rank ends the others within seconds, not after the collective timeout
+
+FAILING_RANK = """
+import sys
+import torch
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from utils.errors import UserError, exit_on_user_error
+from utils.training import make_accelerator
+
+with exit_on_user_error("worker"):
+    acc = make_accelerator(Path(sys.argv[2]), "no", 1, "none", 0, ddp_timeout=1800)
+    for i in range(1000000):
+        if i == 3 and acc.process_index == 1:
+            raise UserError("rank 1 met a bad input")  # rank 0 is already waiting in the next all-reduce
+        acc.reduce(torch.ones(1), "sum")
+"""
+
+
+def test_an_error_on_one_rank_ends_the_others_without_waiting_for_the_timeout(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "worker.py"
+    script.write_text(FAILING_RANK)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.monotonic()
+    p = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                        str(root / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port",
+                        str(_free_port()), str(script), str(root), str(tmp_path)],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "worker: error: rank 1 met a bad input" in out, out[-3000:]
+    assert took < 120, took  # the launcher stops rank 0 at once; the collective timeout is 1800 s

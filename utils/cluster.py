@@ -20,13 +20,19 @@ from utils.errors import UserError
 # Flags
 
 
+# Collective timeout: PyTorch's NCCL default (600 s) can end a healthy run while the main process renders SDXL
+# previews or writes to slow shared storage and the others wait at a barrier. A rank that dies is noticed by the
+# launcher within seconds anyway; only a rank that hangs alive waits this long.
+DEFAULT_DDP_TIMEOUT = 1800.0
+
+
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("clusters")
-    g.add_argument("--ddp_timeout", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--ddp_timeout", type=float, default=DEFAULT_DDP_TIMEOUT, metavar="SECONDS",
                    help="How long a process waits for the others in a collective (gradient sync, barrier) before it "
-                        "fails with an error instead of hanging, e.g. when another rank died. Default: PyTorch's "
-                        "(600 s with NCCL on GPUs, 1800 s with gloo on CPUs). Keep it above the longest stretch one "
-                        "rank works alone (latent caching, previews).")
+                        "fails with an error instead of hanging, e.g. when another rank hangs. Default 1800 (PyTorch's "
+                        "own is 600 s with NCCL on GPUs). Keep it above the longest stretch one rank works alone "
+                        "(latent caching, previews and saves on the main process).")
     g.add_argument("--wandb_tags", default="", metavar="TAG,TAG",
                    help="Comma-separated W&B tags for the run (a 'slurm' tag is added inside Slurm jobs).")
 
@@ -152,11 +158,20 @@ def check_world_size(num_processes: int, environ: Mapping[str, str] | None = Non
 
 
 def attention_backend(unet) -> str:
-    """What the UNet's attention runs on, from its processors' classes."""
-    names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    """What the UNet's attention runs on, from its processors' classes; hypernetwork processors are named with the
+    processor they run (SDPA or xformers), which is what decides speed and memory."""
     known = {"AttnProcessor2_0": "torch SDPA", "AttnProcessor": "plain attention (no SDPA)",
              "XFormersAttnProcessor": "xformers"}
-    return ", ".join(known.get(n, n) for n in names) or "none"
+
+    def describe(processor) -> str:
+        from utils.hypernetwork import HypernetworkAttnProcessor
+
+        if isinstance(processor, HypernetworkAttnProcessor):
+            return f"{describe(processor.original)} with hypernetworks"
+        name = type(processor).__name__
+        return known.get(name, name)
+
+    return ", ".join(sorted({describe(p) for p in unet.attn_processors.values()})) or "none"
 
 
 @dataclass

@@ -419,13 +419,34 @@ def enable_xformers(unet) -> None:
     """Switch the UNet's attention to xformers, or say in one line why that cannot happen here."""
     try:
         unet.enable_xformers_memory_efficient_attention()
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+        if e.name not in (None, "xformers"):  # installed, but a part of it is missing: a broken build
+            raise UserError(_broken_xformers(e)) from None
         raise UserError("--enable_xformers_memory_efficient_attention: xformers is not installed; install it with "
                         "`pip install -r requirements-cuda.txt` (CUDA only), or drop the flag to use PyTorch's "
                         "built-in SDPA attention") from None
     except ValueError as e:
         raise UserError("--enable_xformers_memory_efficient_attention: xformers needs a CUDA GPU "
                         f"({_one_line(e)[:120]}); drop the flag to use PyTorch's built-in SDPA attention") from None
+    except Exception as e:  # noqa: BLE001 -- a build for another torch/CUDA fails in many ways (see below)
+        raise UserError(_broken_xformers(e)) from None
+
+
+def _broken_xformers(e: Exception) -> str:
+    """A build of xformers for another torch or CUDA imports with a warning and then fails when used: "No operator
+    found for memory_efficient_attention_forward" (NotImplementedError, many lines), undefined symbols (ImportError,
+    OSError), or CUDA errors (RuntimeError)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = f"xformers {version('xformers')}"
+    except PackageNotFoundError:
+        installed = "xformers"
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return (f"--enable_xformers_memory_efficient_attention: {installed} is installed but cannot run with torch "
+            f"{torch.__version__} on this GPU ({type(e).__name__}: {first[:160]}); install the xformers build made for "
+            f"this torch (`pip install -r requirements-cuda.txt`), or drop the flag to use PyTorch's built-in SDPA "
+            f"attention")
 
 
 def set_tf32(allow: bool) -> None:
