@@ -831,7 +831,8 @@ def main(argv=None) -> int:
             done = run_isolated(settings, group) if isolate else [run_case(settings, c) for c in group]
         except Exception as e:  # e.g. xformers missing: report it and measure the rest
             first = group[0]
-            errors.append({"mode": first.mode, "repeat": first.repeat, "error": " ".join(str(e).split())[-800:]})
+            errors.append({"mode": first.mode, "attention": first.attention, "repeat": first.repeat,
+                           "error": " ".join(str(e).split())[-800:]})
             print(f"[{i}/{len(groups)}] {first.mode}: FAILED: {errors[-1]['error']}", file=sys.stderr, flush=True)
             continue
         results += done

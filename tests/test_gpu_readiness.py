@@ -12,6 +12,7 @@ import torch
 # fp16 VAE decode honours force_upcast
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")  # the NaN picture of the failure case
 def test_fp16_vae_with_force_upcast_decodes_in_float32(tiny_sd1):
     from types import SimpleNamespace
 
@@ -332,14 +333,20 @@ def sd1_single_file(tiny_sd1, tmp_path_factory):
     return export_single_file(tiny_sd1, tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["folder", "single file"])
-def test_training_load_creates_components_in_their_dtype(tiny_sd1, sd1_single_file, kind, monkeypatch):
+@pytest.mark.parametrize("kind", ["folder", "safetensors", "ckpt"])
+def test_training_load_creates_components_in_their_dtype(tiny_sd1, sd1_single_file, kind, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
     from utils import training_setup
     from utils.models import ModelSource, load_pipeline
     from utils.training_setup import ModelOptions, load_model_for_training
 
+    single = sd1_single_file
+    if kind == "ckpt":  # a pickle with Lightning's state_dict wrapper
+        single = tmp_path / "tiny-sd1.ckpt"
+        torch.save({"state_dict": load_file(str(sd1_single_file))}, single)
     source = (ModelSource(str(tiny_sd1)) if kind == "folder" else
-              ModelSource(str(sd1_single_file), model_config=str(tiny_sd1)))
+              ModelSource(str(single), model_config=str(tiny_sd1)))
     reference = load_pipeline(source).pipeline  # float32, the files' own values
     seen = {}
 
@@ -522,3 +529,27 @@ def test_an_error_on_one_rank_ends_the_others_without_waiting_for_the_timeout(tm
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "worker: error: rank 1 met a bad input" in out, out[-3000:]
     assert took < 120, took  # the launcher stops rank 0 at once; the collective timeout is 1800 s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench/gpu_smoke.sh, CPU dry run: every command it will run on the first GPU still runs
+
+
+@pytest.mark.slow
+def test_gpu_smoke_script_tiny_mode_runs_and_prints_its_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_smoke.sh"), "--tiny", str(tmp_path)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[2] for line in p.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith("| check")}
+    for check in ("ti-bf16", "hn-bf16", "inference-bf16", "bench ours sdpa b1", "bench hypernetwork sdpa b1"):
+        assert table.get(check) == "ok", (check, p.stdout[-3000:])
+    assert table.get("bench ours xformers") == "n/a"  # no xformers on a CPU: reported, not a failure
+    assert "2 steps" in p.stdout and "image mean" in p.stdout
