@@ -48,7 +48,7 @@ def test_fp16_vae_with_force_upcast_decodes_in_float32(tiny_sd1):
 
 class Latents:
     """Random latents; rank r of W takes slice r of each global micro-batch. ``poison``: (epoch, batch index) slots
-    whose latents are NaN on every rank (a forward that overflows), found again after a resume."""
+    whose latents are NaN (a forward that overflows), found again after a resume."""
 
     def __init__(self, n=8, batch=2, rank=0, world=1, poison=()):
         self.latents = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1))
