@@ -167,9 +167,18 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
     path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume}: no such folder (give a checkpoint-N folder or 'latest')")
     if not (path / "progress.json").is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no progress.json)")
     return path
+
+
+def check_resume(output_dir: Path, resume: str | None) -> None:
+    """Before any model loads: the checkpoint to resume from exists and its files match its manifest."""
+    folder = resolve_resume(output_dir, resume)
+    if folder is not None:
+        checkpoints.verify(folder)
 
 
 class TrainerState:
