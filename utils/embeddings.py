@@ -227,7 +227,7 @@ def _safetensors_load(path: Path) -> tuple[dict, dict]:
 def _load_image_embedding(path: Path) -> Embedding | None:
     from PIL import Image, UnidentifiedImageError
 
-    from utils.png_embedding import CardTooLarge, PayloadError, read_image_payload
+    from utils.png_embedding import MAX_CARD_PIXELS, CardTooLarge, PayloadError, read_image_payload
 
     if path.stem.lower().endswith(".preview"):  # extra-network thumbnails, never embeddings
         return None
@@ -237,8 +237,11 @@ def _load_image_embedding(path: Path) -> Embedding | None:
         raise EmbeddingError(f"{path}: broken embedding in image ({e})") from None
     except CardTooLarge as e:
         raise EmbeddingError(f"{path}: image too large to be an embedding card ({e})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise EmbeddingError(f"{path}: image too large to be an embedding card ({_first_line(e)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's limit, hit while opening
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        declared = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise EmbeddingError(f"{path}: image too large to be an embedding card ({declared} declared in its header; "
+                             f"budget {MAX_CARD_PIXELS})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
             MemoryError) as e:
         raise EmbeddingError(f"{path}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None

@@ -325,13 +325,15 @@ def read_image_payload(path, limits: DecodeLimits | None = None,
                        max_pixels: int = MAX_CARD_PIXELS) -> tuple[dict, str] | None:
     """``(payload, "text" | "pixels")`` from an image file, text chunk first; None if it carries no embedding.
 
-    A text chunk before the pixel data (where A1111, through Pillow, writes it) is read with the header, whatever the
-    picture's size. Pixels are decoded only for pictures of at most ``max_pixels``; a larger one raises CardTooLarge.
+    A text chunk before the pixel data (where A1111, through Pillow, writes it) is read with the header, without
+    decoding any pixels. Pixels are decoded only for pictures of at most ``max_pixels``; a larger one raises
+    CardTooLarge.
     Raises PayloadError for a broken payload and OSError/PIL errors for a file that is not a readable image.
     """
     limits = limits or DEFAULT_LIMITS
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Our budget, checked before any decoding, is far below Pillow's warning level (its error level still holds).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             text = img.info.get(TEXT_KEY)
             if text:
