@@ -276,13 +276,14 @@ def data_dir(tmp_path_factory) -> Path:
 # 2. PNG cards: a decode budget, no full-size copies, unchanged folders not read again
 
 
-def test_a_huge_picture_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+@pytest.mark.parametrize("side", [5000, 16384])  # over our budget but under Pillow's limits; the red team's size
+def test_a_huge_picture_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch, side):
     from PIL import ImageFile
 
     from utils.embeddings import EmbeddingError, load_embedding
 
     path = tmp_path / "huge.png"
-    path.write_bytes(png_header_only(16384, 16384))  # 268M pixels: 800 MB decoded, more with copies
+    path.write_bytes(png_header_only(side, side))  # 16384: 268M pixels, 800 MB decoded, more with copies
 
     def no_decode(self, *a, **k):
         raise AssertionError("the pixels were decoded")
