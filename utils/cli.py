@@ -203,6 +203,7 @@ _FLOAT_RULES = {
 
 
 def check_numbers(a: argparse.Namespace) -> None:
+    """Every float flag in _FLOAT_RULES is a finite number within its rule."""
     for name, (ok, rule) in _FLOAT_RULES.items():
         value = getattr(a, name, None)
         if value is not None and not (math.isfinite(value) and ok(value)):
