@@ -4,8 +4,9 @@
         --prompt "a photo of a cat, style of my-embedding" --negative_prompt "EasyNegative" --seed 42
 
 Embeddings are every file under --embeddings_dir (A1111 .pt, diffusers .bin/.safetensors, kohya, embedding PNGs),
-used by writing their name in the prompt; folders are re-checked before each prompt, so files added or replaced
-while a prompt file runs are picked up. Images are saved as ``NNNNN-<seed>.png`` with A1111's ``parameters`` text.
+used by writing their name in the prompt; folders are re-checked before each prompt (only new or changed files are
+read), so files added or replaced while a prompt file runs are picked up. Images are saved as ``NNNNN-<seed>.png``
+with A1111's ``parameters`` text.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import sys
 from pathlib import Path
 
 from utils.errors import UserError, exit_on_user_error
+from utils.fileio import check_writable_folder
 from utils.generation import (GenerationParams, HypernetworkLibrary, generate, image_grid, next_image_number,
-                              resolve_seed, split_hypernet_tags)
+                              resolve_seed, split_hypernet_tags, validate)
 from utils.infotext import save_png
 from utils.models import ModelSource, load_pipeline, weight_dtype
 from utils.prompts import EmbeddingDatabase, PromptEncoder
@@ -135,18 +137,37 @@ def print_embeddings(db: EmbeddingDatabase, width: int) -> None:
 def device_of(args) -> str:
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    return device
+
+
+def generation_params(args, prompt: str) -> GenerationParams:
+    return GenerationParams(
+        prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
+        cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=args.width, height=args.height,
+        batch_size=args.batch_size, n_iter=args.n_iter)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with exit_on_user_error("inference.py"):
-        prompts = [] if args.list_embeddings else read_prompts(args)  # bad input fails before the model loads
+        # Everything the flags alone can show is checked before the model loads.
+        prompts = [] if args.list_embeddings else read_prompts(args)
+        dirs = embedding_dirs(args)
+        always_on = hypernetwork_tags(args.hypernetwork)
+        device = device_of(args)
+        if not args.list_embeddings:
+            validate(generation_params(args, ""))
+            check_writable_folder(args.outdir, "--outdir")
         source = ModelSource(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                              vae=args.vae)
         model = load_pipeline(source, torch_dtype=weight_dtype(args.mixed_precision))
-        model.pipeline.to(device_of(args))
-        db = EmbeddingDatabase(embedding_dirs(args))
+        model.pipeline.to(device)
+        db = EmbeddingDatabase(dirs)
         encoder = PromptEncoder(model.pipeline, db)
 
         if args.list_embeddings:
@@ -155,15 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         hypernetworks = HypernetworkLibrary(args.hypernetwork_dir or [DEFAULT_HYPERNETWORK_DIR])
-        always_on = hypernetwork_tags(args.hypernetwork)
         outdir = Path(args.outdir)
-        outdir.mkdir(parents=True, exist_ok=True)
         for prompt in prompts:
-            params = GenerationParams(
-                prompt=prompt + always_on, negative_prompt=args.negative_prompt, steps=args.steps,
-                sampler=args.sampler, cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=args.width,
-                height=args.height, batch_size=args.batch_size, n_iter=args.n_iter)
-            encoder.refresh()  # pick up embedding files changed since the last prompt
+            params = generation_params(args, prompt + always_on)
+            encoder.refresh()  # pick up embedding files changed since the last prompt (only changed files are read)
+            for message in db.new_errors():  # once per file: its name in a prompt is read as plain words
+                print(f"inference.py: warning: {message}; its name is used as plain words", file=sys.stderr)
             for label, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
                 used, limit = encoder.count_tokens(split_hypernet_tags(text)[0])
                 print(f"{label}: {used}/{limit} tokens", file=sys.stderr)

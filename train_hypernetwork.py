@@ -64,15 +64,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return cli.parse_with_config(build_parser(), argv)
 
 
-def hypernetwork_options(a: argparse.Namespace):
-    from utils.hypernetwork import HypernetworkOptions, parse_layer_structure
+def parse_sizes(text: str) -> list[int]:
+    """``--sizes '768, 320'`` -> [768, 320]; anything but positive whole numbers is a one-line error."""
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--sizes {text!r}: expected comma-separated widths such as '768, 320, 640, 1280'") from None
+    if not sizes or min(sizes) <= 0:
+        raise UserError(f"--sizes {text!r}: expected comma-separated positive widths such as '768, 320, 640, 1280'")
+    return sizes
 
-    dropout = [float(x) for x in a.dropout_structure.split(",") if x.strip()] if a.dropout_structure else None
-    return HypernetworkOptions(
+
+def hypernetwork_options(a: argparse.Namespace):
+    from utils.hypernetwork import HypernetworkOptions, check_options, parse_layer_structure
+
+    try:
+        dropout = [float(x) for x in a.dropout_structure.split(",") if x.strip()] if a.dropout_structure else None
+    except ValueError:
+        raise UserError(f"--dropout_structure {a.dropout_structure!r}: expected comma-separated numbers") from None
+    return check_options(HypernetworkOptions(
         layer_structure=parse_layer_structure(a.layer_structure), activation_func=a.activation_func.lower(),
         is_layer_norm=a.layer_norm, weight_initialization=a.weight_init, activate_output=a.activate_output,
         use_dropout=a.use_dropout or bool(dropout), dropout_structure=dropout,
-        last_layer_dropout=a.last_layer_dropout)
+        last_layer_dropout=a.last_layer_dropout))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.training_setup import finish_run, load_model_for_training, start_run, training_noise_scheduler
 
     options = hypernetwork_options(args)  # validates the architecture flags before any model loads
+    sizes = parse_sizes(args.sizes) if args.sizes else None
     resumed = load_hypernetwork(args.resume_hypernetwork) if args.resume_hypernetwork else None
     name = sanitize_name(args.hypernetwork_name or resumed.name)
     source = cli.model_source(args)
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output_dir)
     accelerator, summary = start_run(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
                                      args.seed, args.ddp_timeout, data_cfg, prompt_cfg, args.logging_dir)
+    cli.check_data_fits(args, accelerator, summary, data_cfg)
 
     loaded = load_model_for_training(source, cli.model_options(args, accelerator.mixed_precision), accelerator.device)
     if resumed is not None:
@@ -105,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         hn.name = name
     else:
         text_width = loaded.pipeline.unet.config.cross_attention_dim
-        sizes = ([int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes
-                 else sorted(attention_context_widths(loaded.pipeline.unet) | {text_width}))
+        sizes = sizes or sorted(attention_context_widths(loaded.pipeline.unet) | {text_width})
         set_seed(args.seed)  # the new modules' initial weights are the same on every rank
         hn = Hypernetwork.create(name, sizes, options)
     trainable = HypernetworkTrainable.build(loaded, hn, accelerator.device, args.offload_text_encoder,

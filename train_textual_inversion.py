@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
 
     from utils import ti_outputs
-    from utils.embeddings import load_embedding, sanitize_name
+    from utils.embeddings import MAX_VECTORS, load_embedding, sanitize_name
     from utils.textual_inversion import TextualInversion
     from utils.training import config_for_trackers, train
     from utils.training_setup import finish_run, load_model_for_training, start_run, training_noise_scheduler
@@ -102,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     resumed = load_embedding(args.resume_embedding) if args.resume_embedding else None
     if args.resume_embedding and resumed is None:
         raise UserError(f"--resume_embedding {args.resume_embedding}: the file holds no embedding")
+    if resumed is None and not 1 <= args.num_vectors <= MAX_VECTORS:
+        raise UserError(f"--num_vectors must be 1..{MAX_VECTORS} (got {args.num_vectors})")
     name = sanitize_name(args.placeholder_token or resumed.name)
     source = cli.model_source(args)
     data_cfg, prompt_cfg, latent_cfg = cli.data_options(args, placeholder=name)
     out_dir = Path(args.output_dir)
     accelerator, summary = start_run(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
                                      args.seed, args.ddp_timeout, data_cfg, prompt_cfg, args.logging_dir)
+    cli.check_data_fits(args, accelerator, summary, data_cfg)
 
     loaded = load_model_for_training(source, cli.model_options(args, accelerator.mixed_precision), accelerator.device)
     embedding = resumed if resumed is not None else ti_outputs.new_embedding(

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from utils.data import DataConfig, PromptConfig
 from utils.errors import UserError
+from utils.fileio import check_writable_folder
 from utils.latents import LatentConfig
+from utils.lr_schedule import validate_scheduler
 from utils.models import ModelSource
-from utils.training import LoopConfig, OptimConfig
+from utils.training import LoopConfig, OptimConfig, check_resume
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -181,6 +184,41 @@ def check_trainer_flags(a: argparse.Namespace) -> None:
     for n in ("save_every", "checkpointing_steps", "preview_every", "lr_warmup_steps"):
         if getattr(a, n) < 0:
             raise UserError(f"--{n} must be >= 0 (got {getattr(a, n)})")
+    check_numbers(a)
+    validate_scheduler(a.lr_scheduler, a.lr_warmup_steps, a.lr_num_cycles, a.lr_power)
+    check_writable_folder(a.output_dir, "--output_dir")
+    check_resume(Path(a.output_dir), a.resume_from_checkpoint)
+
+
+# Float flags whose bad values would otherwise surface only after the model has loaded (AdamW's own checks) or never
+# (a NaN guidance scale, a negative timeout): flag -> (test, the rule in words). nan and inf parse as floats.
+_FLOAT_RULES = {
+    "adam_beta1": (lambda v: 0 <= v < 1, " in [0, 1)"), "adam_beta2": (lambda v: 0 <= v < 1, " in [0, 1)"),
+    "adam_epsilon": (lambda v: v > 0, " > 0"), "adam_weight_decay": (lambda v: v >= 0, " >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, " >= 0"), "snr_gamma": (lambda v: v >= 0, " >= 0"),
+    "lr_power": (lambda v: True, ""), "preview_cfg_scale": (lambda v: True, ""),
+    "ddp_timeout": (lambda v: v > 0, " > 0 (seconds)"), "flip_p": (lambda v: 0 <= v <= 1, " in [0, 1]"),
+    "tag_dropout": (lambda v: 0 <= v <= 1, " in [0, 1]"),
+}
+
+
+def check_numbers(a: argparse.Namespace) -> None:
+    """Every float flag in _FLOAT_RULES is a finite number within its rule."""
+    for name, (ok, rule) in _FLOAT_RULES.items():
+        value = getattr(a, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name} must be a finite number{rule} (got {value})")
+
+
+def check_data_fits(a: argparse.Namespace, accelerator, summary, data_cfg: DataConfig) -> None:
+    """After the data scan, before the model: one epoch must hold at least one optimizer step on every process."""
+    from utils.data import steps_per_epoch
+
+    batches = steps_per_epoch(summary, data_cfg, a.train_batch_size, accelerator.num_processes)
+    if batches < a.gradient_accumulation_steps:
+        raise UserError(
+            f"one epoch has {batches} batch(es) per process, fewer than --gradient_accumulation_steps "
+            f"{a.gradient_accumulation_steps}; use more images, a smaller batch or less accumulation")
 
 
 def add_data_args(p: argparse.ArgumentParser, default_template: str | None) -> None:

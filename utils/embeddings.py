@@ -18,8 +18,10 @@ import json
 import os
 import pickle
 import re
+import struct
 import sys
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +123,11 @@ def _vectors_from(value, path: Path, what: str) -> torch.Tensor:
     if value.is_complex() or value.dtype == torch.bool:
         raise EmbeddingError(f"{path}: {what} has dtype {value.dtype}, not a float type")
     # Files saved from a training GPU hold cuda tensors with requires_grad; always hand out plain CPU float32.
-    return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    value = value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if not bool(torch.isfinite(value).all()):  # e.g. saved from a diverged run: it would turn every image into NaN
+        bad = int((~torch.isfinite(value)).sum())
+        raise EmbeddingError(f"{path}: {what} holds {bad} NaN or infinite value(s); refusing a broken embedding")
+    return value
 
 
 def _int_or_none(value) -> int | None:
@@ -221,7 +227,7 @@ def _safetensors_load(path: Path) -> tuple[dict, dict]:
 def _load_image_embedding(path: Path) -> Embedding | None:
     from PIL import Image, UnidentifiedImageError
 
-    from utils.png_embedding import PayloadError, read_image_payload
+    from utils.png_embedding import MAX_CARD_PIXELS, CardTooLarge, PayloadError, read_image_payload
 
     if path.stem.lower().endswith(".preview"):  # extra-network thumbnails, never embeddings
         return None
@@ -229,9 +235,16 @@ def _load_image_embedding(path: Path) -> Embedding | None:
         found = read_image_payload(path)
     except PayloadError as e:
         raise EmbeddingError(f"{path}: broken embedding in image ({e})") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, ValueError,
-            SyntaxError) as e:
-        raise EmbeddingError(f"{path}: not a readable image ({_first_line(e)})") from None
+    except CardTooLarge as e:
+        raise EmbeddingError(f"{path}: image too large to be an embedding card ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's limit, hit while opening
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        declared = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise EmbeddingError(f"{path}: image too large to be an embedding card ({declared} declared in its header; "
+                             f"budget {MAX_CARD_PIXELS})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+            MemoryError) as e:
+        raise EmbeddingError(f"{path}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None
     if found is None:
         return None  # a plain picture: A1111 ignores it silently
     data, source = found
@@ -586,9 +599,10 @@ def _cmd_inspect(args) -> None:
     for path in args.files:
         try:
             info = describe(_load_or_fail(path))
-        except UserError as e:  # report and go on: one bad file should not hide the others
+        except Exception as e:  # noqa: BLE001 - report and go on: one bad file should not hide the others
             failed += 1
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            reason = str(e) if isinstance(e, UserError) else f"{path}: unreadable ({type(e).__name__}: {_first_line(e)})"
+            print(f"error: {' '.join(reason.split())}", file=sys.stderr)
             continue
         if args.json:
             print(json.dumps(info))
@@ -599,7 +613,7 @@ def _cmd_inspect(args) -> None:
         for key, value in info.items():
             print(f"{key + ':':20s}{'-' if value is None else value}")
     if failed:
-        raise UserError(f"{failed} of {len(args.files)} files could not be read as embeddings")
+        raise UserError(f"{failed} of {len(args.files)} files could not be read as embeddings (reasons above)")
 
 
 def _load_text_side(folder: Path, suffix: str = ""):

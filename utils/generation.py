@@ -7,6 +7,7 @@ depend only on its seed, not on the device or on which batch it was in.
 
 from __future__ import annotations
 
+import math
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ def resolve_seed(seed: int | None) -> int:
 def validate(params: GenerationParams, multiple: int = 8) -> None:
     if params.steps < 1:
         raise UserError(f"steps must be at least 1 (got {params.steps})")
+    if not math.isfinite(params.cfg_scale):
+        raise UserError(f"cfg scale must be a finite number (got {params.cfg_scale})")
     if params.batch_size < 1 or params.n_iter < 1:
         raise UserError(f"batch size and batch count must be at least 1 (got {params.batch_size}, {params.n_iter})")
     for name, value in (("width", params.width), ("height", params.height)):

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import inspect
 import json
+import math
 import os
 import pickle
 import re
@@ -85,7 +86,7 @@ def _check_layer_structure(layer_structure: Sequence[float]) -> None:
             f"hypernetwork layer structure {list(layer_structure)} must have at least two entries "
             "and start and end with 1"
         )
-    if any(a <= 0 for a in layer_structure):
+    if any(not math.isfinite(a) or a <= 0 for a in layer_structure):
         raise UserError(f"hypernetwork layer structure {list(layer_structure)} must contain only positive numbers")
 
 
@@ -208,6 +209,18 @@ def _make_activation(name: str) -> nn.Module:
         return cls()
     except TypeError as e:
         raise UserError(f"hypernetwork activation function {name!r} cannot be used: {e}") from None
+
+
+def check_options(options: HypernetworkOptions) -> HypernetworkOptions:
+    """Every architecture option checked without building a module (so before any model loads); returns them."""
+    resolved = options.resolved()
+    _check_layer_structure(resolved.layer_structure)
+    _check_dropout_structure(resolved.dropout_structure, resolved.layer_structure)
+    _make_activation(resolved.activation_func or "linear")
+    if resolved.weight_initialization not in WEIGHT_INITS:
+        raise UserError(f"unknown hypernetwork weight init {resolved.weight_initialization!r}; choose one of "
+                        f"{', '.join(WEIGHT_INITS)}")
+    return options
 
 
 _LEGACY_KEYS = {"linear1.": "linear.0.", "linear2.": "linear.1."}
@@ -390,6 +403,10 @@ def hypernetwork_from_a1111_dict(data: dict, path: str | os.PathLike) -> Hyperne
                 except (RuntimeError, AttributeError, TypeError) as e:
                     first = str(e).strip().splitlines()[0]
                     raise UserError(f"weights for width {dim} do not match the stored options ({first})") from None
+                if not all(bool(torch.isfinite(t).all()) for t in module.state_dict().values()):
+                    # e.g. saved from a diverged run: every image it touched would turn NaN
+                    raise UserError(f"weights for width {dim} hold NaN or infinite values; refusing a broken "
+                                    f"hypernetwork")
                 modules.append(module)
             hn.layers[dim] = (modules[0], modules[1])
     except UserError as e:

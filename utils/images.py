@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -72,6 +73,12 @@ def open_image(path: str | os.PathLike) -> LoadedImage:
     return _decode(path)
 
 
+def _too_large(e: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    declared = f"{found.group(1)} pixels" if found else "too many pixels"
+    return f"image too large ({declared} declared in its header; limit {MAX_IMAGE_PIXELS})"
+
+
 def _decode(source) -> LoadedImage:
     """Decode a path or file object fully, refusing oversized images before their pixels are read."""
     try:
@@ -86,7 +93,7 @@ def _decode(source) -> LoadedImage:
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"image too large ({e})") from None
+        raise ImageLoadError(_too_large(e)) from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -215,14 +222,19 @@ def image_size(path_or_bytes) -> tuple[int, int]:
         src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
         if not isinstance(src, io.BytesIO) and os.path.getsize(src) == 0:
             raise ImageLoadError("empty file")
-        with Image.open(src) as img:
-            w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise ImageLoadError(f"image too large ({w}x{h} pixels; limit {MAX_IMAGE_PIXELS})")
-            orientation = _header_orientation(img)
-            return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageLoadError(f"image too large ({w}x{h} pixels; limit {MAX_IMAGE_PIXELS})")
+                orientation = _header_orientation(img)
+                return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     except ImageLoadError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow refuses a header that declares far more pixels than our limit while opening it.
+        raise ImageLoadError(_too_large(e)) from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image") from None
     except (OSError, SyntaxError, ValueError) as e:

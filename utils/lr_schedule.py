@@ -7,6 +7,7 @@ the same rates as an uninterrupted run on any number of processes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from utils.errors import UserError
@@ -61,14 +62,23 @@ def parse_schedule(text: str, max_steps: int, cur_step: int = 0) -> list[Schedul
 
 
 def validate_learning_rate(text: str) -> None:
-    """Fail early (before any model loads) on a learning rate that is neither a number nor a valid schedule."""
+    """Fail early (before any model loads) on a learning rate that is neither a number nor a valid schedule, or
+    whose rates are not finite non-negative numbers (``nan`` parses as a float but would train NaN)."""
     if is_schedule_string(text):
-        parse_schedule(text, max_steps=1 << 62)
+        rates = [p.rate for p in parse_schedule(text, max_steps=1 << 62)]
     else:
         try:
-            float(text)
+            rates = [float(text)]
         except ValueError:
             raise UserError(_INVALID.format(text=text)) from None
+    bad = [r for r in rates if not math.isfinite(r) or r < 0]
+    if bad:
+        raise UserError(f"--learning_rate {text!r}: {bad[0]:g} is not a usable rate (it must be a finite number >= 0)")
+
+
+def validate_scheduler(name: str, warmup_steps: int = 0, num_cycles: int = 1, power: float = 1.0) -> None:
+    """Fail early on an unknown ``--lr_scheduler`` (the step count does not matter for that)."""
+    _diffusers_multiplier(name, warmup_steps, max(1, warmup_steps) + 1, num_cycles, power)
 
 
 class LearningRate:

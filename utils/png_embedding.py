@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.images import MAX_IMAGE_PIXELS
 
 TEXT_KEY = "sd-ti-embedding"
 TENSOR_KEY = "TORCHTENSOR"
@@ -39,6 +38,10 @@ MAX_PAYLOAD_BYTES = 16 << 20
 MAX_TEXT_CHARS = (MAX_PAYLOAD_BYTES // 3 + 1) * 4
 # Real payloads nest 5 deep (dict > dict > dict > list > list).
 MAX_JSON_DEPTH = 16
+# Real cards are a preview picture (512-2048 px a side) between two narrow data blocks. Pixels are decoded only up to
+# this budget (far below the limit for training pictures), so a file in an embeddings folder costs at most ~70 MB.
+MAX_CARD_PIXELS = 4096 * 4096
+STRIP_ROWS = 64
 
 _LCG_A = 1664525
 _LCG_C = 1013904223
@@ -237,15 +240,6 @@ def insert_pixel_payload(image: Image.Image, data: dict, padding: str = "cyclic"
     return compose_card(image, low, high)
 
 
-def _crop_black(arr: np.ndarray) -> np.ndarray:
-    # A pixel is "black" unless all three channels are > 0; crop to the box of non-black pixels.
-    lit = (arr > 0).all(axis=2)
-    rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
-    if rows.size == 0:
-        return arr[:0, :0]
-    return arr[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-
-
 def _looks_like_zlib(head: bytes) -> bool:
     return len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
 
@@ -263,21 +257,59 @@ def _inflate_bounded(raw: bytes, limit: int) -> bytes:
     return out
 
 
+def _strips(image: Image.Image, box: tuple[int, int, int, int]):
+    """(top, RGB uint8 array) for ``box`` in bands of STRIP_ROWS rows: never a full-size copy of the picture."""
+    left, top, right, bottom = box
+    for y in range(top, bottom, STRIP_ROWS):
+        yield y, np.asarray(image.crop((left, y, right, min(y + STRIP_ROWS, bottom))).convert("RGB"), dtype=np.uint8)
+
+
+def _region(image: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+    return np.asarray(image.crop(box).convert("RGB"), dtype=np.uint8)
+
+
 def extract_pixel_payload(image: Image.Image, limits: DecodeLimits = DEFAULT_LIMITS) -> dict | None:
-    """Decode the pixel copy, or None when the image has no data blocks (a plain picture)."""
-    arr = _crop_black(np.asarray(image.convert("RGB"), dtype=np.uint8)) & 0x0F
-    if arr.size == 0:
+    """Decode the pixel copy, or None when the image has no data blocks (a plain picture).
+
+    The picture is cropped to its box of non-black pixels (black: any channel 0); inside it, the first and last
+    columns whose low nibbles are all 0 separate the two data blocks from the card image. Read in bands of rows, so
+    the memory beyond the decoded picture is one band plus the two data blocks."""
+    width, height = image.size
+    rows_lit, cols_lit = np.zeros(height, dtype=bool), np.zeros(width, dtype=bool)
+    for y, band in _strips(image, (0, 0, width, height)):
+        lit = (band > 0).all(axis=2)
+        rows_lit[y:y + lit.shape[0]] = lit.any(axis=1)
+        cols_lit |= lit.any(axis=0)
+    rows, cols = np.flatnonzero(rows_lit), np.flatnonzero(cols_lit)
+    if rows.size == 0:
         return None
-    empty_cols = np.flatnonzero(arr.sum(axis=(0, 2)) == 0)
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    low_sums = np.zeros(box[2] - box[0], dtype=np.int64)
+    for _, band in _strips(image, box):
+        low_sums += (band & 0x0F).sum(axis=(0, 2), dtype=np.int64)
+    empty_cols = np.flatnonzero(low_sums == 0)
     if empty_cols.size < 2:
         return None
-    left = np.ascontiguousarray(arr[:, : empty_cols[0]])
-    right = np.ascontiguousarray(arr[:, empty_cols[-1] + 1 :])
-    if left.size == 0 or left.shape != right.shape:
+    left_box = (box[0], box[1], box[0] + int(empty_cols[0]), box[3])
+    right_box = (box[0] + int(empty_cols[-1]) + 1, box[1], box[2], box[3])
+    block_width = left_box[2] - left_box[0]
+    if block_width == 0 or block_width != right_box[2] - right_box[0]:
         return None  # black columns, but not two equal data blocks: not an embedding card
-    raw = ((xor_block(right) << 4) | xor_block(left)).tobytes()
-    if not _looks_like_zlib(raw[:2]):
+    first = (box[1], box[1] + 1)
+    head_low = _region(image, (left_box[0], first[0], left_box[0] + 1, first[1])).reshape(-1)[:2] & 0x0F
+    head_high = _region(image, (right_box[0], first[0], right_box[0] + 1, first[1])).reshape(-1)[:2] & 0x0F
+    mask = lcg_values(2) & 0x0F
+    if not _looks_like_zlib((((head_high ^ mask) << 4) | (head_low ^ mask)).tobytes()):
         return None  # a picture that happens to contain black columns
+    rows_in_box = box[3] - box[1]
+    block_bytes = rows_in_box * block_width * 3
+    # A1111 pads the compressed payload by at most a column and a bit; anything bigger is not a payload we accept.
+    if block_bytes > limits.max_payload_bytes + 6 * rows_in_box:
+        raise PayloadError(f"pixel data blocks hold {block_bytes} bytes, more than the limit of "
+                           f"{limits.max_payload_bytes}")
+    left = _region(image, left_box) & 0x0F
+    right = _region(image, right_box) & 0x0F
+    raw = ((xor_block(right) << 4) | xor_block(left)).tobytes()
     return json_bytes_to_payload(_inflate_bounded(raw, limits.max_payload_bytes), limits)
 
 
@@ -285,17 +317,30 @@ def extract_pixel_payload(image: Image.Image, limits: DecodeLimits = DEFAULT_LIM
 # Reading an image file
 
 
-def read_image_payload(path, limits: DecodeLimits | None = None) -> tuple[dict, str] | None:
+class CardTooLarge(ValueError):
+    """An image over the decode budget for embedding cards: its pixels are not checked for a payload."""
+
+
+def read_image_payload(path, limits: DecodeLimits | None = None,
+                       max_pixels: int = MAX_CARD_PIXELS) -> tuple[dict, str] | None:
     """``(payload, "text" | "pixels")`` from an image file, text chunk first; None if it carries no embedding.
 
+    A text chunk before the pixel data (where A1111, through Pillow, writes it) is read with the header, without
+    decoding any pixels. Pixels are decoded only for pictures of at most ``max_pixels``; a larger one raises
+    CardTooLarge.
     Raises PayloadError for a broken payload and OSError/PIL errors for a file that is not a readable image.
     """
     limits = limits or DEFAULT_LIMITS
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Our budget, checked before any decoding, is far below Pillow's warning level (its error level still holds).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise PayloadError(f"image too large ({img.width}x{img.height} pixels)")
+            text = img.info.get(TEXT_KEY)
+            if text:
+                return decode_text_payload(text, limits), "text"
+            if img.width * img.height > max_pixels:
+                raise CardTooLarge(f"{img.width}x{img.height} pixels, over the {max_pixels}-pixel budget for "
+                                   f"embedding cards; its pixels were not read")
             img.load()  # PNG text chunks after the image data are only seen once it is loaded
             text = (getattr(img, "text", None) or {}).get(TEXT_KEY) or img.info.get(TEXT_KEY)
             if text:

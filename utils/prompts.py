@@ -4,7 +4,8 @@ Three parts:
 
 * :class:`EmbeddingDatabase` — every embedding file under some folders, re-checked before each generation so files
   added, replaced in place or removed are picked up without a restart; sorted into ``loaded`` and ``skipped`` (wrong
-  width for the model) plus ``errors`` for files that are not embeddings.
+  width for the model) plus ``errors`` for files that are not embeddings. A re-check lists the folders and reads each
+  file's stat; only new or changed files are opened (files that failed are remembered too).
 * :func:`parse_emphasis` and :class:`PromptChunker` — a prompt becomes chunks of 75 tokens, each wrapped in BOS/EOS.
   An embedding name is matched as a token-id sequence (longest first) and replaced by as many placeholder slots as it
   has vectors; an embedding never straddles two chunks; ``BREAK`` starts a new chunk; a chunk that fills up moves the
@@ -80,6 +81,7 @@ class EmbeddingDatabase:
         self._files: dict[str, _FileEntry] = {}
         self._registered: dict[str, Embedding] = {}
         self._state: tuple | None = None
+        self._reported: set[tuple[str, tuple]] = set()
 
     def register(self, embedding: Embedding) -> None:
         """Add an in-memory embedding (e.g. the one being trained, for previews); it wins over files of that name."""
@@ -129,6 +131,16 @@ class EmbeddingDatabase:
         self._state = state
         self.version += 1
         return True
+
+    def new_errors(self) -> list[str]:
+        """One line per file in ``errors`` not reported by an earlier call (again only once the file changes)."""
+        out = []
+        for path, message in self.errors.items():
+            key = (path, self._files[path].stamp)
+            if key not in self._reported:
+                self._reported.add(key)
+                out.append(message if message.startswith(path) else f"{path}: {message}")
+        return out
 
     def _rebuild(self, expected_width: int | None) -> None:
         loaded: dict[str, Embedding] = {}

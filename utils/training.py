@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from utils import checkpoints
 from utils.diffusion_loss import (
     denoising_loss,
     draw_noise_and_timesteps,
@@ -34,7 +35,7 @@ from utils.diffusion_loss import (
 )
 from utils.distributed import sync_only_trainables
 from utils.errors import UserError
-from utils.fileio import atomic_path
+from utils.fileio import WriteError, atomic_path, write_error
 from utils.lr_schedule import LearningRate
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -167,13 +168,22 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
     path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume}: no such folder (give a checkpoint-N folder or 'latest')")
     if not (path / "progress.json").is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no progress.json)")
     return path
 
 
+def check_resume(output_dir: Path, resume: str | None) -> None:
+    """Before any model loads: the checkpoint to resume from exists and its files match its manifest."""
+    folder = resolve_resume(output_dir, resume)
+    if folder is not None:
+        checkpoints.verify(folder)
+
+
 class TrainerState:
-    """Progress saved with every checkpoint (accelerate saves it through register_for_checkpointing)."""
+    """Progress saved with every checkpoint, as JSON (trainer_state.json; see utils/checkpoints.py)."""
 
     def __init__(self, identity: dict | None = None, layout: dict | None = None):
         self.step = 0
@@ -207,6 +217,32 @@ class TrainerState:
                 f"the global micro-batch (--train_batch_size x processes) and --gradient_accumulation_steps.")
 
 
+def _checkpoint_write(final_dir: Path, write: Callable[[], object]) -> UserError | None:
+    """Run ``write``; a failure the OS reports (full disk, permissions) comes back as a one-line error naming the
+    checkpoint, any other error propagates."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - torch and safetensors report a full disk as RuntimeError and their own types
+        error = write_error(final_dir, e)
+        if error is None:
+            raise
+        return error
+    return None
+
+
+def _finish_checkpoint(folder: Path, state: TrainerState, step: int) -> None:
+    """The loop's state as JSON, the progress marker, and last the manifest over everything (main process)."""
+    (folder / checkpoints.TRAINER_STATE).write_text(json.dumps(state.state_dict()))
+    (folder / checkpoints.PROGRESS).write_text(json.dumps({"step": step}))
+    checkpoints.write_manifest(folder)
+
+
+def _any_rank(accelerator: Accelerator, failure) -> bool:
+    """Whether any rank reports a failure (a collective: every rank must call it)."""
+    flag = torch.tensor(float(failure is not None), device=accelerator.device)
+    return float(accelerator.reduce(flag, "sum")) > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Logs
 
@@ -222,7 +258,7 @@ class LossLog:
         if resume_step is not None and path.is_file():
             with open(path, newline="", encoding="utf-8") as f:
                 kept = [r for r in csv.reader(f)][1:]
-            kept = [r for r in kept if r and int(r[0]) <= resume_step]
+            kept = [r for r in kept if r and r[0].isdigit() and int(r[0]) <= resume_step]
             self._write(kept, mode="w")
         elif resume_step is None and path.is_file():
             path.unlink()  # a fresh run in an old folder starts a fresh log
@@ -236,8 +272,16 @@ class LossLog:
                     w.writerow(self.HEADER)
                     w.writerows(rows)
         else:
-            with open(self.path, "a", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows(rows)
+            size = self.path.stat().st_size
+            try:
+                with open(self.path, "a", newline="", encoding="utf-8") as f:
+                    csv.writer(f).writerows(rows)
+            except OSError as e:  # a full disk: cut off the partial row, keep every complete one
+                try:
+                    os.truncate(self.path, size)
+                except OSError:
+                    pass
+                raise write_error(self.path, e) from None
 
     def add(self, step: int, epoch: int, epoch_step: int, loss: float, lr: float) -> None:
         self.rows.append([step, epoch, epoch_step, f"{loss:.7f}", f"{lr:g}"])
@@ -332,25 +376,21 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     model, optimizer = accelerator.prepare(trainable.model, optimizer)
     params = trainable.parameters()
 
-    # Checkpoints hold only what is trained (a few KB for an embedding), never the frozen models.
+    # Checkpoints hold only what is trained (a few KB for an embedding), never the frozen models. The loop's own state
+    # is JSON written beside accelerate's files; resuming reads every file itself (utils/checkpoints.py).
     def save_hook(models, weights, ckpt_dir):
         if accelerator.is_main_process:
-            torch.save(trainable.state_dict(), os.path.join(ckpt_dir, "trainable.pt"))
+            torch.save(trainable.state_dict(), os.path.join(ckpt_dir, checkpoints.TRAINABLE))
         weights.clear()
 
-    def load_hook(models, ckpt_dir):
-        trainable.load_state_dict(torch.load(os.path.join(ckpt_dir, "trainable.pt"), map_location="cpu",
-                                             weights_only=True))
-        models.clear()
-
     accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-    accelerator.register_for_checkpointing(state)
 
     resume_dir = resolve_resume(out_dir, cfg.resume_from_checkpoint)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        state.check_resumable(resume_dir)
+        notes = checkpoints.load_checkpoint(resume_dir, state=state, trainable=trainable, optimizer=optimizer,
+                                            scaler=accelerator.scaler, process_index=accelerator.process_index)
+        for note in notes:
+            accelerator.print(f"Note: {note}")
         accelerator.step = 0  # checkpoints sit on optimizer-step boundaries: accumulation restarts at its first batch
         accelerator.print(f"Resumed from {resume_dir} at step {state.step}")
     resumed_step = state.step if resume_dir is not None else None
@@ -383,10 +423,18 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
         if accelerator.is_main_process:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp_dir))
-        accelerator.wait_for_everyone()
+        # A write the disk refuses ends every rank with one line (all learn of it in the same collective, so none is
+        # left waiting); the temporary folder goes and the previous checkpoint stays.
+        failure = _checkpoint_write(final_dir, lambda: accelerator.save_state(str(tmp_dir)))
+        if not _any_rank(accelerator, failure) and accelerator.is_main_process:
+            failure = _checkpoint_write(final_dir, lambda: _finish_checkpoint(tmp_dir, state, step))
+        if _any_rank(accelerator, failure):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            previous = list_checkpoints(out_dir)
+            kept = f" ({previous[-1][1].name} is intact)" if previous else ""
+            raise WriteError(f"{failure or f'another process could not write {final_dir}; see its message'}{kept}")
         if accelerator.is_main_process:
-            (tmp_dir / "progress.json").write_text(json.dumps({"step": step}))
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp_dir, final_dir)
             if log:
