@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Train an A1111-compatible hypernetwork for Stable Diffusion, on one or many GPUs.
 
-    accelerate launch train_hypernetwork.py --pretrained_model_name_or_path MODEL --train_data_dir DATA \
+    python train_hypernetwork.py --pretrained_model_name_or_path MODEL --train_data_dir DATA \\
         --hypernetwork_name my-style --layer_structure "1, 2, 1" --output_dir out
+    accelerate launch --config_file configs/accelerate/multi_gpu_1node.yaml --num_processes 4 \\
+        train_hypernetwork.py ...                     # the same on 4 GPUs
 
 Uses the same loop, data, checkpoints, resume, signals, trackers and previews as train_textual_inversion.py. Writes
 <output_dir>/<name>.pt (A1111 layout) and <name>.safetensors, periodic copies in hypernetworks/, previews in images/,
-the loss log hypernetwork_loss.csv, resumable checkpoint-N/ folders and training_settings.json.
+the loss log hypernetwork_loss.csv, resumable checkpoint-N/ folders, training_settings.json and a model card
+README.md (uploaded with the final files by --push_to_hub).
 """
 
 from __future__ import annotations

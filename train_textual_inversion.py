@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Train a Textual Inversion embedding for Stable Diffusion 1.x / 2.x / SDXL, on one or many GPUs.
 
-    accelerate launch train_textual_inversion.py --pretrained_model_name_or_path MODEL \
+    python train_textual_inversion.py --pretrained_model_name_or_path MODEL \\
         --train_data_dir DATA --placeholder_token my-thing --initializer_token object --output_dir out
+    accelerate launch --config_file configs/accelerate/multi_gpu_1node.yaml --num_processes 4 \\
+        train_textual_inversion.py ...                # the same on 4 GPUs
     python train_textual_inversion.py --demo          # tiny built-in model and sample images, CPU, ~1 minute
 
 Writes <output_dir>/<name>.pt (A1111), learned_embeds.safetensors (diffusers), periodic copies in embeddings/,
-previews in images/, the loss log textual_inversion_loss.csv, resumable checkpoint-N/ folders and training_settings.json.
+previews in images/, the loss log textual_inversion_loss.csv, resumable checkpoint-N/ folders, training_settings.json
+and a model card README.md (uploaded with the final files by --push_to_hub).
 """
 
 from __future__ import annotations
