@@ -119,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                                           initial_step=trainable.initial_step)
     settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, hypernetwork_name=name,
                                 sizes=sorted(hn.layers))
-    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
+    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings),
+                               batches.micro_batches_per_epoch)
     outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
                                   settings=settings, save_optimizer_state=args.save_optimizer_state)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,
                    outputs.callbacks(previews=not args.no_previews))
-    finish_run(accelerator, result, name, "hypernetwork", out_dir)
+    finish_run(accelerator, result, name, "hypernetwork", out_dir, hub=cli.hub_target(args))
     return 0
 
 

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Continue training this embedding file (any supported format); its step counter continues.")
     g.add_argument("--save_image_embeddings", action="store_true",
                    help="Also save A1111 PNG cards with the embedding inside, in image_embeddings/.")
+    g.add_argument("--save_as_full_pipeline", action="store_true",
+                   help="Also save the whole model with the embedding added (new tokenizer tokens and text-encoder "
+                        "rows) as a diffusers pipeline in --output_dir, as diffusers' example does.")
     cli.add_data_args(p, default_template=None)
     # Batch 4: measured on the tiny-world model, batch 1 did not reliably learn the concept in 200 steps (README).
     cli.add_optim_args(p, default_lr="0.005", default_weight_decay=0.0, default_batch_size=4)
@@ -122,14 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                                           initial_step=trainable.initial_step)
     settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, embedding_name=name)
-    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
+    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings),
+                               batches.micro_batches_per_epoch)
     outputs = ti_outputs.TextualInversionOutputs(
         accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
         save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
         settings=settings, save_optimizer_state=args.save_optimizer_state).callbacks(previews=not args.no_previews)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs)
-    finish_run(accelerator, result, name, "embedding", out_dir)
+    if args.save_as_full_pipeline and accelerator.is_main_process:
+        from utils.full_pipeline import save_full_pipeline
+
+        save_full_pipeline(source, name, out_dir)
+    finish_run(accelerator, result, name, "embedding", out_dir, hub=cli.hub_target(args))
     return 0
 
 
