@@ -19,6 +19,7 @@ from utils.generation import (GenerationParams, HypernetworkLibrary, generate, i
                               resolve_seed, split_hypernet_tags)
 from utils.infotext import save_png
 from utils.models import ModelSource, load_pipeline, weight_dtype
+from utils.embeddings import duplicate_note
 from utils.prompts import EmbeddingDatabase, PromptEncoder
 from utils.samplers import sampler_names
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = p.add_argument_group("embeddings and hypernetworks")
     e.add_argument("--embeddings_dir", action="append", default=None,
-                   help=f"Folder of embeddings, searched recursively; repeat for several. Default: "
+                   help=f"Folder of embeddings, searched recursively; repeat for several. A training --output_dir "
+                        f"works as is (its checkpoints and diffusers copies are left out). Default: "
                         f"{DEFAULT_EMBEDDINGS_DIR}/ (if it exists).")
     e.add_argument("--list_embeddings", action="store_true",
                    help="Print the embeddings usable with this model (and those skipped, with the reason), then exit.")
@@ -64,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=-1,
                    help="Seed of the first image; image i of a prompt uses seed + i. -1: random (a new one per prompt "
                         "line).")
-    g.add_argument("--width", type=int, default=512, help="Image width (multiple of 8).")
-    g.add_argument("--height", type=int, default=512, help="Image height (multiple of 8).")
+    g.add_argument("--width", type=int, default=None,
+                   help="Image width (multiple of 8). Default: the model's own size, its UNet sample size x VAE "
+                        "factor (512 for SD-1.5, 768 for SD-2 768-v, 1024 for SDXL, 64 for the tiny test models).")
+    g.add_argument("--height", type=int, default=None,
+                   help="Image height (multiple of 8). Default: the model's own size, as --width.")
     g.add_argument("--batch_size", type=int, default=1, help="Images generated together.")
     g.add_argument("--n_iter", type=int, default=1, help="Batches per prompt (A1111's batch count).")
 
@@ -130,6 +135,24 @@ def print_embeddings(db: EmbeddingDatabase, width: int) -> None:
         print(f"Not embeddings ({len(db.errors)}):")
         for path, message in db.errors.items():
             print(f"  {message if message.startswith(path) else f'{path}: {message}'}")
+    if db.duplicates:
+        print(f"Names given by several files ({len(db.duplicates)}):")
+        for name, files in db.duplicates.items():
+            print(f"  {duplicate_note(name, files)}")
+
+
+def report_duplicates(db: EmbeddingDatabase, limit: int = 3) -> None:
+    """Say which file is used when several give one name: one line each, the first ``limit`` names."""
+    for name, files in list(db.duplicates.items())[:limit]:
+        print(f"note: {duplicate_note(name, files)}", file=sys.stderr)
+    if len(db.duplicates) > limit:
+        print(f"note: {len(db.duplicates) - limit} more names are given by several files (the same rule; "
+              "--list_embeddings shows them)", file=sys.stderr)
+
+
+def model_default_size(pipeline) -> int:
+    """The size the model was made for: its UNet sample size times the VAE's down-scaling factor."""
+    return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
 
 
 def device_of(args) -> str:
@@ -158,12 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         always_on = hypernetwork_tags(args.hypernetwork)
         outdir = Path(args.outdir)
         outdir.mkdir(parents=True, exist_ok=True)
+        size = model_default_size(model.pipeline)
+        width, height = args.width or size, args.height or size
+        reported = None
         for prompt in prompts:
             params = GenerationParams(
                 prompt=prompt + always_on, negative_prompt=args.negative_prompt, steps=args.steps,
-                sampler=args.sampler, cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=args.width,
-                height=args.height, batch_size=args.batch_size, n_iter=args.n_iter)
+                sampler=args.sampler, cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=width,
+                height=height, batch_size=args.batch_size, n_iter=args.n_iter)
             encoder.refresh()  # pick up embedding files changed since the last prompt
+            if db.version != reported:
+                report_duplicates(db)
+                reported = db.version
             for label, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
                 used, limit = encoder.count_tokens(split_hypernet_tags(text)[0])
                 print(f"{label}: {used}/{limit} tokens", file=sys.stderr)
