@@ -138,7 +138,7 @@ def model_card(info: CardInfo) -> str:
         lines += ["## Samples", "", f"Previews rendered at the end of training (step {info.step}):", ""]
         lines += [f"![{Path(s).stem}](./{s})" for s in info.samples] + [""]
     lines += ["## Training", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in info.settings.items()]
+    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in info.settings.items()]  # a | would end the cell
     lines += ["", f"Every option of the run is in `{SETTINGS_FILE}`."]
     if info.run_link:
         lines += ["", f"Training run: {info.run_link}"]
@@ -268,11 +268,11 @@ def check_can_push(target: HubTarget) -> None:
     from huggingface_hub import get_token
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise UserError("--push_to_hub needs the network but HF_HUB_OFFLINE is set; train without it and publish "
-                        "later with: python -m utils.hub OUTPUT_DIR --hub_model_id ID")
+        raise UserError("publishing to the Hub (--push_to_hub) needs the network but HF_HUB_OFFLINE is set; train "
+                        "without it and publish later with: python -m utils.hub OUTPUT_DIR --hub_model_id ID")
     if not (target.token or get_token()):
-        raise UserError("--push_to_hub needs a Hugging Face token: give --hub_token, set HF_TOKEN, or run "
-                        "`hf auth login` once")
+        raise UserError("publishing to the Hub (--push_to_hub) needs a Hugging Face token: give --hub_token, set "
+                        "HF_TOKEN, or run `hf auth login` once")
 
 
 def publish(out_dir: Path, target: HubTarget, run_link: str | None = None) -> str:
@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             path = write_model_card(out_dir, card_info(out_dir, read_settings(out_dir), repo_id=a.hub_model_id))
             print(path or "card not written")
             return 0
+        read_settings(out_dir)  # a folder that is not a run's output fails first
         target = HubTarget(a.hub_model_id, a.hub_token)
         check_can_push(target)
         repo_id = publish(out_dir, target)
