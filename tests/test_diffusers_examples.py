@@ -124,6 +124,7 @@ def test_cat_toy_readme_command_runs_with_diffusers_meaning(tiny_sd1, tmp_path, 
     assert "cat-toy.pt" in up["files"] and "README.md" in up["files"]
 
 
+@pytest.mark.slow
 def test_sdxl_readme_command_saves_a_full_pipeline_that_knows_the_word(tiny_sdxl, tmp_path, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
 
