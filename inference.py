@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from utils.embeddings import duplicate_note
 from utils.errors import UserError, exit_on_user_error
 from utils.fileio import check_writable_folder
 from utils.generation import (GenerationParams, HypernetworkLibrary, generate, image_grid, next_image_number,
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = p.add_argument_group("embeddings and hypernetworks")
     e.add_argument("--embeddings_dir", action="append", default=None,
-                   help=f"Folder of embeddings, searched recursively; repeat for several. Default: "
+                   help=f"Folder of embeddings, searched recursively; repeat for several. A training --output_dir "
+                        f"works as is (its checkpoints and diffusers copies are left out). Default: "
                         f"{DEFAULT_EMBEDDINGS_DIR}/ (if it exists).")
     e.add_argument("--list_embeddings", action="store_true",
                    help="Print the embeddings usable with this model (and those skipped, with the reason), then exit.")
@@ -66,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=-1,
                    help="Seed of the first image; image i of a prompt uses seed + i. -1: random (a new one per prompt "
                         "line).")
-    g.add_argument("--width", type=int, default=512, help="Image width (multiple of 8).")
-    g.add_argument("--height", type=int, default=512, help="Image height (multiple of 8).")
+    g.add_argument("--width", type=int, default=None,
+                   help="Image width (multiple of 8). Default: the model's own size, its UNet sample size x VAE "
+                        "factor (512 for SD-1.5, 768 for SD-2 768-v, 1024 for SDXL, 64 for the tiny test models).")
+    g.add_argument("--height", type=int, default=None,
+                   help="Image height (multiple of 8). Default: the model's own size, as --width.")
     g.add_argument("--batch_size", type=int, default=1, help="Images generated together.")
     g.add_argument("--n_iter", type=int, default=1, help="Batches per prompt (A1111's batch count).")
 
@@ -132,6 +137,24 @@ def print_embeddings(db: EmbeddingDatabase, width: int) -> None:
         print(f"Not embeddings ({len(db.errors)}):")
         for path, message in db.errors.items():
             print(f"  {message if message.startswith(path) else f'{path}: {message}'}")
+    if db.duplicates:
+        print(f"Names given by several files ({len(db.duplicates)}):")
+        for name, files in db.duplicates.items():
+            print(f"  {duplicate_note(name, files)}")
+
+
+def report_duplicates(db: EmbeddingDatabase, limit: int = 3) -> None:
+    """Say which file is used when several give one name: one line each, the first ``limit`` names."""
+    for name, files in list(db.duplicates.items())[:limit]:
+        print(f"note: {duplicate_note(name, files)}", file=sys.stderr)
+    if len(db.duplicates) > limit:
+        print(f"note: {len(db.duplicates) - limit} more names are given by several files (the same rule; "
+              "--list_embeddings shows them)", file=sys.stderr)
+
+
+def model_default_size(pipeline) -> int:
+    """The size the model was made for: its UNet sample size times the VAE's down-scaling factor."""
+    return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
 
 
 def device_of(args) -> str:
@@ -145,11 +168,12 @@ def device_of(args) -> str:
     return device
 
 
-def generation_params(args, prompt: str) -> GenerationParams:
+def generation_params(args, prompt: str, default_size: int) -> GenerationParams:
+    """--width/--height not given: the model's own size (``default_size``)."""
     return GenerationParams(
         prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
-        cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=args.width, height=args.height,
-        batch_size=args.batch_size, n_iter=args.n_iter)
+        cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=default_size if args.width is None else args.width,
+        height=default_size if args.height is None else args.height, batch_size=args.batch_size, n_iter=args.n_iter)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         always_on = hypernetwork_tags(args.hypernetwork)
         device = device_of(args)
         if not args.list_embeddings:
-            validate(generation_params(args, ""))
+            # Sizes left unset come from the model later; any multiple of 8 stands in for them here.
+            validate(generation_params(args, "", default_size=64))
             check_writable_folder(args.outdir, "--outdir")
         source = ModelSource(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                              vae=args.vae)
@@ -177,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
 
         hypernetworks = HypernetworkLibrary(args.hypernetwork_dir or [DEFAULT_HYPERNETWORK_DIR])
         outdir = Path(args.outdir)
+        size = model_default_size(model.pipeline)
+        reported = None
         for prompt in prompts:
-            params = generation_params(args, prompt + always_on)
+            params = generation_params(args, prompt + always_on, size)
             encoder.refresh()  # pick up embedding files changed since the last prompt (only changed files are read)
             for message in db.new_errors():  # once per file: its name in a prompt is read as plain words
                 print(f"inference.py: warning: {message}; its name is used as plain words", file=sys.stderr)
+            if db.version != reported:
+                report_duplicates(db)
+                reported = db.version
             for label, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt)):
                 used, limit = encoder.count_tokens(split_hypernet_tags(text)[0])
                 print(f"{label}: {used}/{limit} tokens", file=sys.stderr)

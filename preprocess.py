@@ -7,7 +7,9 @@ index) with the caption in a `.txt` beside it: split into tiles, focal-point cro
 combined with existing `<stem>.txt` files. The source folder is only read.
 
 Safe to interrupt: every file is written atomically and a source counts as done only once a marker listing all its
-outputs is written (in `<dst>/.preprocess/`), so a rerun with the same settings skips it.
+outputs is written (in `<dst>/.preprocess/`), so a rerun with the same settings skips it. A rerun with other settings
+(or after sources changed) stops before touching anything and lists the earlier outputs it would replace or delete,
+unless --overwrite is given. Files it did not write are never touched.
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="old A1111 layout: put the caption in the file name (00000-0-<caption>.png), no .txt files")
     g.add_argument("--device", default=None, help="device for caption models (default: cuda when present, else cpu)")
     p.add_argument("--workers", type=int, default=1, help="processes cropping pictures in parallel (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow this run to replace or delete files an earlier run wrote into --dst with other settings "
+                        "(or for sources changed since); without it such a run stops first and lists what would go")
     return p
 
 
@@ -219,6 +224,40 @@ def read_marker(dst: Path, source_name: str) -> dict | None:
 def is_done(dst: Path, source_name: str, fp: str) -> bool:
     marker = read_marker(dst, source_name)
     return bool(marker) and marker.get("fingerprint") == fp and all((dst / f).is_file() for f in marker.get("files", []))
+
+
+def outputs_at_stake(dst: Path, fingerprints: dict[str, str]) -> list[str]:
+    """Files a finished earlier run wrote for sources whose settings, content or index changed since: redoing those
+    sources replaces or deletes them (a caption the user edited among them). Sources without a marker never
+    finished, so nothing of theirs is at stake; sources with the same fingerprint come out identical."""
+    at_stake = []
+    for source_name, fp in fingerprints.items():
+        marker = read_marker(dst, source_name)
+        if marker and marker.get("fingerprint") != fp:
+            at_stake += [f for f in marker.get("files", []) if (dst / f).is_file()]
+    return at_stake
+
+
+def describe_files(names: list[str], examples: int = 3) -> str:
+    """"46 files (38 pictures, 8 captions: 00000-0-a.png, 00000-0-a.txt, 00001-0-b.png, ...)"."""
+    kinds = Counter("pictures" if n.endswith(".png") else "captions" if n.endswith(".txt") else "other files"
+                    for n in names)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    shown = ", ".join(sorted(names)[:examples]) + (", ..." if len(names) > examples else "")
+    return f"{len(names)} file(s) ({counts}: {shown})"
+
+
+def check_nothing_lost(dst: Path, fingerprints: dict[str, str], overwrite: bool) -> None:
+    """Never replace or delete what an earlier run made with other settings without being told to."""
+    at_stake = outputs_at_stake(dst, fingerprints)
+    if not at_stake:
+        return
+    what = describe_files(at_stake)
+    if not overwrite:
+        raise UserError(f"--dst {dst} holds {what} that an earlier run made with other settings or from sources "
+                        "changed since; this run would replace or delete them. Give --overwrite to allow that, "
+                        "or choose another --dst")
+    print(f"{PROG}: replacing or deleting {what} from an earlier run (--overwrite)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- worker side
@@ -397,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
         fingerprints = {p.name: fingerprint(settings, i, p) for i, p in enumerate(sources)}
         tasks = [(i, str(p)) for i, p in enumerate(sources) if not is_done(dst, p.name, fingerprints[p.name])]
         done = len(sources) - len(tasks)
+        check_nothing_lost(dst, fingerprints, args.overwrite)
         captioner = make_captioner(cap) if tasks else None
         dst.mkdir(parents=True, exist_ok=True)
 

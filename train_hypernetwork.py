@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Train an A1111-compatible hypernetwork for Stable Diffusion, on one or many GPUs.
 
-    accelerate launch train_hypernetwork.py --pretrained_model_name_or_path MODEL --train_data_dir DATA \
+    python train_hypernetwork.py --pretrained_model_name_or_path MODEL --train_data_dir DATA \\
         --hypernetwork_name my-style --layer_structure "1, 2, 1" --output_dir out
+    accelerate launch --config_file configs/accelerate/multi_gpu_1node.yaml --num_processes 4 \\
+        train_hypernetwork.py ...                     # the same on 4 GPUs
 
 Uses the same loop, data, checkpoints, resume, signals, trackers and previews as train_textual_inversion.py. Writes
 <output_dir>/<name>.pt (A1111 layout) and <name>.safetensors, periodic copies in hypernetworks/, previews in images/,
-the loss log hypernetwork_loss.csv, resumable checkpoint-N/ folders and training_settings.json.
+the loss log hypernetwork_loss.csv, resumable checkpoint-N/ folders, training_settings.json and a model card
+README.md (uploaded with the final files by --push_to_hub).
 """
 
 from __future__ import annotations
@@ -131,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                                           initial_step=trainable.initial_step)
     settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, hypernetwork_name=name,
                                 sizes=sorted(hn.layers))
-    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
+    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings),
+                               batches.micro_batches_per_epoch)
     outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
                                   settings=settings, save_optimizer_state=args.save_optimizer_state)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,
                    outputs.callbacks(previews=not args.no_previews))
-    finish_run(accelerator, result, name, "hypernetwork", out_dir)
+    finish_run(accelerator, result, name, "hypernetwork", out_dir, hub=cli.hub_target(args))
     return 0
 
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Train a Textual Inversion embedding for Stable Diffusion 1.x / 2.x / SDXL, on one or many GPUs.
 
-    accelerate launch train_textual_inversion.py --pretrained_model_name_or_path MODEL \
+    python train_textual_inversion.py --pretrained_model_name_or_path MODEL \\
         --train_data_dir DATA --placeholder_token my-thing --initializer_token object --output_dir out
+    accelerate launch --config_file configs/accelerate/multi_gpu_1node.yaml --num_processes 4 \\
+        train_textual_inversion.py ...                # the same on 4 GPUs
     python train_textual_inversion.py --demo          # tiny built-in model and sample images, CPU, ~1 minute
 
 Writes <output_dir>/<name>.pt (A1111), learned_embeds.safetensors (diffusers), periodic copies in embeddings/,
-previews in images/, the loss log textual_inversion_loss.csv, resumable checkpoint-N/ folders and training_settings.json.
+previews in images/, the loss log textual_inversion_loss.csv, resumable checkpoint-N/ folders, training_settings.json
+and a model card README.md (uploaded with the final files by --push_to_hub).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Continue training this embedding file (any supported format); its step counter continues.")
     g.add_argument("--save_image_embeddings", action="store_true",
                    help="Also save A1111 PNG cards with the embedding inside, in image_embeddings/.")
+    g.add_argument("--save_as_full_pipeline", action="store_true",
+                   help="Also save the whole model with the embedding added (new tokenizer tokens and text-encoder "
+                        "rows) as a diffusers pipeline in --output_dir, as diffusers' example does.")
     cli.add_data_args(p, default_template=None)
     # Batch 4: measured on the tiny-world model, batch 1 did not reliably learn the concept in 200 steps (README).
     cli.add_optim_args(p, default_lr="0.005", default_weight_decay=0.0, default_batch_size=4)
@@ -122,14 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                                           initial_step=trainable.initial_step)
     settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, embedding_name=name)
-    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings))
+    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings),
+                               batches.micro_batches_per_epoch)
     outputs = ti_outputs.TextualInversionOutputs(
         accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
         save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
         settings=settings, save_optimizer_state=args.save_optimizer_state).callbacks(previews=not args.no_previews)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs)
-    finish_run(accelerator, result, name, "embedding", out_dir)
+    if args.save_as_full_pipeline and accelerator.is_main_process:
+        from utils.full_pipeline import save_full_pipeline
+
+        save_full_pipeline(source, name, out_dir)
+    finish_run(accelerator, result, name, "embedding", out_dir, hub=cli.hub_target(args))
     return 0
 
 

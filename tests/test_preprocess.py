@@ -224,12 +224,46 @@ def test_rerun_skips_complete_sources_and_redoes_incomplete_ones(tmp_path):
     (dst / "00002-0-c.png").unlink()
     assert run(src, dst, "--flip", "horizontal")["processed"] == 1
 
-    # Other settings: everything is redone and outputs the new settings no longer make are removed.
-    fourth = run(src, dst)
+    # Other settings: only with --overwrite (test_rerun_with_other_settings_never_deletes_silently); then everything
+    # is redone and outputs the new settings no longer make are removed.
+    fourth = run(src, dst, "--overwrite")
     assert fourth["processed"] == 3 and outputs(dst) == ["00000-0-a.png", "00001-0-b.png", "00002-0-c.png"]
-    # A changed source is redone.
+    # A changed source is redone (replacing its outputs needs --overwrite too).
     noise(90, 60, seed=9).save(src / "a.png")
-    assert run(src, dst)["processed"] == 1
+    assert run(src, dst, "--overwrite")["processed"] == 1
+
+
+def test_rerun_with_other_settings_never_deletes_silently(tmp_path, capsys):
+    """The reported case: a rerun into the same --dst with other settings deleted every earlier output, captions
+    included. Now it stops before touching anything and says what would go; --overwrite allows it."""
+    src = make_src(tmp_path / "src", {f"{c}.png": (80, 60) for c in "abcd"})
+    for c in "ab":
+        (src / f"{c}.txt").write_text(f"a photo of {c}", encoding="utf-8")
+    dst = tmp_path / "dst"
+    first = run(src, dst, "--flip", "horizontal", "--existing_caption", "copy")
+    assert first["written"] == 8 and first["captions_written"] == 4
+    (dst / "00000-0-a.txt").write_text("a photo of a, edited by hand", encoding="utf-8")
+    (dst / "my-notes.txt").write_text("not ours", encoding="utf-8")
+    before = tree_digest(dst)
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as e:
+        run(src, dst, "--existing_caption", "copy")  # no flips now: half the pictures would go
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert "12 file(s) (8 pictures, 4 captions: 00000-0-a.png, 00000-0-a.txt, 00000-1-a.png, ...)" in err
+    assert tree_digest(dst) == before  # nothing touched, not even the summary
+
+    # The same settings as before are no change at all: nothing is redone, nothing asked.
+    assert run(src, dst, "--flip", "horizontal", "--existing_caption", "copy")["processed"] == 0
+    assert tree_digest(dst) == {**before, "preprocess_summary.json": tree_digest(dst)["preprocess_summary.json"]}
+
+    second = run(src, dst, "--existing_caption", "copy", "--overwrite")
+    assert second["processed"] == 4
+    assert "replacing or deleting 12 file(s)" in capsys.readouterr().err
+    assert outputs(dst) == ["00000-0-a.png", "00001-0-b.png", "00002-0-c.png", "00003-0-d.png"]
+    assert (dst / "my-notes.txt").read_text(encoding="utf-8") == "not ours"  # never a file we did not write
 
 
 def test_two_workers_write_the_same_files(tmp_path):

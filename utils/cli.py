@@ -29,6 +29,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help="Replace the model's VAE (folder or single file), e.g. an fp16-safe VAE.")
     g.add_argument("--model_config", help="Diffusers config folder for a single-file checkpoint whose architecture "
                    "is not detected automatically.")
+    g.add_argument("--tokenizer_name", help="Use this CLIP tokenizer (a folder, a model folder with tokenizer/, or a "
+                   "Hub id) instead of the model's own (diffusers' flag; SDXL: the first tokenizer).")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Frozen models run in this precision; trained weights stay float32. Default: accelerate's config.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs (faster).")
@@ -94,6 +96,16 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
                    help="Accepted for old launchers that pass it; the rank comes from the launcher's environment.")
     g.add_argument("--no_safe_serialization", action="store_true",
                    help="Also write the diffusers learned_embeds as .bin (pickle) next to the .safetensors.")
+    g = p.add_argument_group("publishing (the model card README.md is written in --output_dir either way)")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="At the end, upload the final files, the model card, the final previews, the loss log and "
+                        "training_settings.json to a Hugging Face Hub model repository (not checkpoints).")
+    g.add_argument("--hub_model_id", default=None,
+                   help="The repository, 'name' or 'owner/name'; created if missing. Default: the --output_dir "
+                        "folder's name under your account.")
+    g.add_argument("--hub_token", default=None,
+                   help="Hub token for --push_to_hub. Default: HF_TOKEN, or the login saved by `hf auth login`. "
+                        "Never written to training_settings.json or trackers.")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +127,8 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preview_seed", type=int, default=0, help="Seed for previews (the same each time).")
     g.add_argument("--num_preview_images", "--num_validation_images", dest="num_preview_images", type=int,
                    default=1, help="Images per preview.")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="Previews every N epochs instead of --preview_every steps (diffusers' older flag).")
     g.add_argument("--no_previews", action="store_true", help="Do not generate previews at all.")
 
 
@@ -159,15 +173,32 @@ def optim_config(a: argparse.Namespace) -> OptimConfig:
         max_grad_norm=a.max_grad_norm, clip_grad_mode=a.clip_grad_mode)
 
 
-def loop_config(a: argparse.Namespace, max_train_steps: int, prediction_type: str, tracker_config: dict) -> LoopConfig:
+def loop_config(a: argparse.Namespace, max_train_steps: int, prediction_type: str, tracker_config: dict,
+                micro_batches_per_epoch: int | None = None) -> LoopConfig:
     return LoopConfig(
         output_dir=Path(a.output_dir), max_train_steps=max_train_steps, train_batch_size=a.train_batch_size,
         gradient_accumulation_steps=a.gradient_accumulation_steps, seed=a.seed, prediction_type=prediction_type,
         snr_gamma=a.snr_gamma, save_every=a.save_every, checkpointing_steps=a.checkpointing_steps,
         checkpoints_total_limit=a.checkpoints_total_limit, resume_from_checkpoint=a.resume_from_checkpoint,
-        preview_every=0 if a.no_previews else a.preview_every, log_every=a.log_every, report_to=a.report_to,
+        preview_every=preview_every(a, micro_batches_per_epoch), log_every=a.log_every, report_to=a.report_to,
         tracker_project_name=a.tracker_project_name, run_name=a.run_name, tracker_config=tracker_config,
         optim=optim_config(a))
+
+
+def preview_every(a: argparse.Namespace, micro_batches_per_epoch: int | None) -> int:
+    """Optimizer steps between previews: --preview_every, or --validation_epochs epochs of steps (diffusers)."""
+    if a.no_previews:
+        return 0
+    if a.validation_epochs and micro_batches_per_epoch:
+        return a.validation_epochs * max(1, micro_batches_per_epoch // a.gradient_accumulation_steps)
+    return a.preview_every
+
+
+def hub_target(a: argparse.Namespace):
+    """Where --push_to_hub publishes (None without it)."""
+    from utils.hub import HubTarget
+
+    return HubTarget(a.hub_model_id, a.hub_token) if a.push_to_hub else None
 
 
 def check_positive(a: argparse.Namespace, *names: str) -> None:
@@ -180,13 +211,17 @@ def check_positive(a: argparse.Namespace, *names: str) -> None:
 def check_trainer_flags(a: argparse.Namespace) -> None:
     """Numbers both trainers take, checked before anything loads."""
     check_positive(a, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-                   "log_every", "preview_steps", "num_preview_images")
+                   "log_every", "preview_steps", "num_preview_images", "validation_epochs")
     for n in ("save_every", "checkpointing_steps", "preview_every", "lr_warmup_steps"):
         if getattr(a, n) < 0:
             raise UserError(f"--{n} must be >= 0 (got {getattr(a, n)})")
     check_numbers(a)
     validate_scheduler(a.lr_scheduler, a.lr_warmup_steps, a.lr_num_cycles, a.lr_power)
-    check_writable_folder(a.output_dir, "--output_dir")
+    if a.push_to_hub:
+        from utils.hub import check_can_push
+
+        check_can_push(hub_target(a))
+    check_writable_folder(a.output_dir, "--output_dir")  # creates it: the last check
     check_resume(Path(a.output_dir), a.resume_from_checkpoint)
 
 
@@ -289,7 +324,8 @@ def data_options(a: argparse.Namespace, placeholder: str) -> tuple[DataConfig, P
 def model_source(a: argparse.Namespace) -> ModelSource:
     if not a.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required (or --demo for the built-in tiny model)")
-    return ModelSource(a.pretrained_model_name_or_path, a.revision, a.variant, a.vae, a.model_config)
+    return ModelSource(a.pretrained_model_name_or_path, a.revision, a.variant, a.vae, a.model_config,
+                       tokenizer=a.tokenizer_name)
 
 
 def model_options(a: argparse.Namespace, mixed_precision: str):
@@ -313,8 +349,9 @@ def plan_batches(a: argparse.Namespace, accelerator, summary, data_cfg, prompt_c
 
 def run_settings(a: argparse.Namespace, accelerator, loaded, summary, max_steps: int, **extra) -> dict:
     """Every option of the run plus what it resolved to, for training_settings.json and the trackers."""
-    return {**{k: v for k, v in vars(a).items() if k != "config"}, **extra, "max_train_steps": max_steps,
-            "model_hash": loaded.identity.shorthash, "model_name": loaded.identity.name,
+    return {**{k: v for k, v in vars(a).items() if k not in ("config", "hub_token")}, **extra,
+            "max_train_steps": max_steps, "model_hash": loaded.identity.shorthash, "model_name": loaded.identity.name,
+            "model_family": loaded.family, "mixed_precision_used": str(accelerator.mixed_precision),
             "num_of_dataset_images": summary.num_examples, "world_size": accelerator.num_processes}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -143,7 +144,8 @@ def cpu_only_multiprocess_launch(environ: Mapping[str, str] | None = None) -> bo
 
 
 def check_world_size(num_processes: int, environ: Mapping[str, str] | None = None) -> None:
-    """The processes the launcher started must all be in one process group (see cpu_only_multiprocess_launch)."""
+    """The processes the launcher started must all be in one process group (see cpu_only_multiprocess_launch), and
+    a launcher that was asked for more processes than it started is reported in one line (launcher_shortfall)."""
     env = os.environ if environ is None else environ
     launched = int(env.get("WORLD_SIZE") or 1)
     if launched != num_processes:
@@ -151,6 +153,31 @@ def check_world_size(num_processes: int, environ: Mapping[str, str] | None = Non
             f"the launcher started {launched} processes but accelerate joined them into a group of {num_processes}; "
             "on a machine without GPUs launch with ACCELERATE_USE_CPU=true and --multi_gpu "
             "(configs/accelerate/cpu_2proc.yaml), see docs/cluster.md")
+    shortfall = launcher_shortfall(num_processes, env)
+    if shortfall:
+        print(f"warning: {shortfall}", file=sys.stderr, flush=True)
+
+
+_MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launcher_shortfall(num_processes: int, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this run has one process although ``accelerate launch`` was asked for several, or None.
+
+    accelerate's single-process launcher (what ``--cpu``, ``use_cpu: true`` and a bare ``--num_processes N`` on a
+    machine without GPUs end up in) sets MASTER_ADDR only when it was given more than one process or machine, and
+    starts one process anyway; a launcher that really starts several sets WORLD_SIZE (torchrun) or an MPI size."""
+    env = os.environ if environ is None else environ
+    from_accelerate = "ACCELERATE_USE_CPU" in env and "ACCELERATE_MIXED_PRECISION" in env
+    several_asked = bool(env.get("MASTER_ADDR"))
+    started_one = not env.get("WORLD_SIZE") and not any(env.get(k) for k in _MPI_WORLD_SIZES)
+    if not (num_processes == 1 and from_accelerate and several_asked and started_one):
+        return None
+    return ("accelerate launch was asked for several processes but started only this one (its single-process "
+            "launcher runs for --cpu, use_cpu: true, or --num_processes N on a machine without GPUs); for N "
+            "processes on CPUs use: ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 accelerate launch --multi_gpu "
+            "--num_processes N --num_machines 1 --mixed_precision no --dynamo_backend no SCRIPT ... "
+            "(or --config_file configs/accelerate/cpu_2proc.yaml)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -96,8 +96,32 @@ def _is_our_temp_file(name: str) -> bool:
     return name.startswith(".") and ".tmp." in name
 
 
+# Folders and files that a training output folder holds besides embeddings (see list_embedding_files).
+_CHECKPOINT_DIR = re.compile(r"^\.?checkpoint-\d+(\.tmp)?$")
+_DIFFUSERS_COPY = re.compile(r"^learned_embeds(_2)?\.(safetensors|bin)$")
+_RUN_SETTINGS = "training_settings.json"
+
+
+def _model_component_dirs(root: str, files: list[str]) -> set[str]:
+    """The sub-folders a diffusers pipeline folder (model_index.json) keeps its models in."""
+    if "model_index.json" not in files:
+        return set()
+    try:
+        with open(os.path.join(root, "model_index.json"), encoding="utf-8") as f:
+            return {k for k in json.load(f) if not k.startswith("_")}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
 def list_embedding_files(folder: str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
-    """Files in ``folder`` with an embedding extension (sorted, symlinks followed, each real folder visited once)."""
+    """Files in ``folder`` with an embedding extension (sorted, symlinks followed, each real folder visited once).
+
+    A training run's output folder can be given as is: what it holds besides embeddings is left out -- resumable
+    ``checkpoint-N/`` folders (their trainable.pt is training state), the model folders of a pipeline saved with
+    ``--save_as_full_pipeline`` (unet/, text_encoder/, ...), and, in a folder with training_settings.json,
+    ``learned_embeds(_2).safetensors|.bin``, the diffusers copies of ``<name>.pt`` (A1111 would name them
+    "learned_embeds"). The final ``<name>`` files and the periodic ``<name>-<step>`` copies count. A learned_embeds file
+    anywhere else (a downloaded diffusers concept) loads as A1111 loads it."""
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -105,12 +129,45 @@ def list_embedding_files(folder: str | os.PathLike, recursive: bool = True) -> I
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()
+        components = _model_component_dirs(root, files)
+        dirs[:] = sorted(d for d in dirs if not _CHECKPOINT_DIR.match(d) and d not in components)
+        run_output = _RUN_SETTINGS in files
         for name in sorted(files):
-            if os.path.splitext(name)[1].lower() in EMBEDDING_EXTENSIONS and not _is_our_temp_file(name):
+            if os.path.splitext(name)[1].lower() in EMBEDDING_EXTENSIONS and not _is_our_temp_file(name) and \
+                    not (run_output and _DIFFUSERS_COPY.match(name)):
                 yield Path(root) / name
         if not recursive:
             break
+
+
+# When several files give one name (a run's <name>.pt and <name>.safetensors; a periodic copy and its PNG card): the
+# A1111 .pt first (it also carries the step and the model it was trained on), then .safetensors, .bin, then
+# embedding images; among files of one kind the later one in folder order, as A1111 (whose order is the OS's).
+FILE_PREFERENCE = (".bin", ".safetensors", ".pt")  # lowest first; anything else (images) below all
+
+
+def file_preference(emb: Embedding) -> int:
+    ext = os.path.splitext(emb.filename or "")[1].lower()
+    return FILE_PREFERENCE.index(ext) + 1 if ext in FILE_PREFERENCE else 0
+
+
+def prefer_files(embeddings: list[Embedding]) -> tuple[list[Embedding], dict[str, list[str]]]:
+    """``embeddings`` (in folder order) reordered so that, name by name, the file to use comes last (so "the later one
+    wins" picks it), and {name: [the file used, the others...]} for every name that several files give."""
+    ordered = sorted(embeddings, key=file_preference)  # stable: folder order kept among files of one kind
+    by_name: dict[str, list[str]] = {}
+    for emb in reversed(ordered):
+        by_name.setdefault(emb.name, []).append(emb.filename or "?")
+    return ordered, {name: files for name, files in by_name.items() if len(files) > 1}
+
+
+def duplicate_note(name: str, files: list[str]) -> str:
+    """One line: which of the files that give ``name`` is used, and why."""
+    used, others = files[0], files[1:]
+    kinds = {os.path.splitext(f)[1].lower() for f in files}
+    why = ("the later one in folder order" if len(kinds) == 1 else
+           "A1111 .pt before .safetensors before .bin before embedding images")
+    return f"{len(files)} files give the embedding name '{name}': using {used} ({why}), not {', '.join(others)}"
 
 
 def _vectors_from(value, path: Path, what: str) -> torch.Tensor:

@@ -51,6 +51,7 @@ class ModelSource:
     variant: str | None = None
     vae: str | None = None
     model_config: str | None = None
+    tokenizer: str | None = None  # --tokenizer_name: replaces the (first) tokenizer
 
 
 @dataclass
@@ -238,6 +239,10 @@ def load_pipeline(source: ModelSource, torch_dtype: torch.dtype = torch.float32,
                         f"a .safetensors/.ckpt file, or a Hub id like owner/name)")
     if source.vae:
         pipe.vae = load_vae(source.vae, config_dir, vae_dtype)
+    if source.tokenizer:
+        from utils.tokenizer import load_tokenizer
+
+        pipe.tokenizer = load_tokenizer(source.tokenizer)
     return LoadedModel(pipe, family_of(pipe), pipe.scheduler.config.get("prediction_type", "epsilon"), identity)
 
 

@@ -67,8 +67,9 @@ class EmbeddingDatabase:
 
     After a refresh: ``loaded`` {name: Embedding} usable with the current model, ``skipped`` {name: reason} and
     ``skipped_embeddings`` {name: Embedding} for those of the wrong width, ``errors`` {path: message} for files that
-    could not be read as embeddings. If two files give the same name, the later one (walk order) wins.
-    ``version`` increases whenever any of that changed.
+    could not be read as embeddings. If several files give the same name, utils.embeddings.prefer_files picks the one
+    used (the A1111 .pt first; among equals the later one in walk order) and ``duplicates`` {name: [used, others]}
+    lists them. ``version`` increases whenever any of that changed.
     """
 
     def __init__(self, dirs: list[str | os.PathLike] | None = None):
@@ -77,6 +78,7 @@ class EmbeddingDatabase:
         self.skipped: dict[str, str] = {}
         self.skipped_embeddings: dict[str, Embedding] = {}
         self.errors: dict[str, str] = {}
+        self.duplicates: dict[str, list[str]] = {}
         self.version = 0
         self._files: dict[str, _FileEntry] = {}
         self._registered: dict[str, Embedding] = {}
@@ -153,6 +155,9 @@ class EmbeddingDatabase:
                 errors[path] = entry.error
             elif entry.embedding is not None:  # None: a file that is silently not an embedding (e.g. *.preview.png)
                 candidates.append(entry.embedding)
+        from utils.embeddings import prefer_files
+
+        candidates, self.duplicates = prefer_files(candidates)
         candidates += list(self._registered.values())
         for emb in candidates:
             loaded.pop(emb.name, None)

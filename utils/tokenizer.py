@@ -92,3 +92,20 @@ def build_clip_tokenizer(open_clip_padding: bool = False) -> CLIPTokenizer:
         pad_token="!" if open_clip_padding else "<|endoftext|>",
         model_max_length=77,
     )
+
+
+def load_tokenizer(name_or_path: str) -> CLIPTokenizer:
+    """``--tokenizer_name`` (diffusers' flag): a tokenizer folder, a diffusers model folder (its ``tokenizer/``) or a
+    Hub id. A config that does not say the CLIP context length gets 77 (transformers would pad to 1e30)."""
+    from utils.errors import UserError
+
+    path = Path(os.path.expanduser(name_or_path))
+    where = path / "tokenizer" if (path / "tokenizer").is_dir() else path if path.exists() else name_or_path
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(where))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"--tokenizer_name {name_or_path}: cannot load a CLIP tokenizer "
+                        f"({' '.join(str(e).split())[:200]})") from None
+    if tokenizer.model_max_length > 10_000:
+        tokenizer.model_max_length = 77
+    return tokenizer

@@ -284,13 +284,76 @@ def print_run_plan(accelerator, loaded: LoadedModel, summary, out_dir: Path, *, 
         output_dir=out_dir, trackers=report_to, ddp_timeout=ddp_timeout).describe())
 
 
-def finish_run(accelerator, result, name: str, kind: str, out_dir: Path) -> None:
-    """Final files as a W&B artifact (when W&B is on), trackers closed, and where the outputs are."""
+def finish_run(accelerator, result, name: str, kind: str, out_dir: Path, hub=None) -> None:
+    """Final files as a W&B artifact (when W&B is on), trackers closed, the model card written (README.md) and, with
+    ``hub`` (a utils.hub.HubTarget from --push_to_hub), published; then what the output folder holds."""
     from utils.cluster import log_output_artifact
 
     log_output_artifact(accelerator, name, kind, result.files, {"step": result.step})
+    run_link = tracker_run_link(accelerator)
     accelerator.end_training()
-    if accelerator.is_main_process:
-        print(f"Done at step {result.step} ({result.stopped_by}). Outputs in {out_dir.resolve()}:")
-        for f in result.files:
-            print(f"  {f}")
+    if not accelerator.is_main_process:
+        return
+    from utils import hub as hub_card
+
+    out_dir = Path(out_dir)
+    settings = hub_card.read_settings(out_dir)
+    hub_card.write_model_card(out_dir, hub_card.card_info(out_dir, settings, run_link=run_link))
+    print(f"Done at step {result.step} ({result.stopped_by}). Outputs in {out_dir.resolve()}:")
+    for line in describe_outputs(out_dir, result.files):
+        print(f"  {line}")
+    if hub is None:
+        return
+    if result.stopped_by == "signal":
+        print("Not published: the run was stopped before its end; it is published when a resumed run finishes.")
+        return
+    try:
+        repo_id = hub_card.publish(out_dir, hub, run_link=run_link)
+    except Exception as e:  # network, permissions, quota: the run itself is done and saved
+        from utils.errors import UserError
+
+        raise UserError(f"training finished and everything is saved in {out_dir}, but the upload to the Hub failed "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); publish it later with: "
+                        f"python -m utils.hub {out_dir}" + (f" --hub_model_id {hub.repo_id}" if hub.repo_id else "")
+                        ) from None
+    print(f"Published: https://huggingface.co/{repo_id}")
+
+
+def tracker_run_link(accelerator) -> str | None:
+    """The W&B run's page, or where an offline run waits for `wandb sync` (None without W&B)."""
+    if not accelerator.is_main_process:
+        return None
+    try:
+        run = accelerator.get_tracker("wandb", unwrap=True)
+    except (ValueError, KeyError):
+        return None
+    if run is None or not hasattr(run, "id"):
+        return None
+    url = getattr(run, "url", None)
+    if url:
+        return url
+    run_dir = Path(getattr(run, "dir", "") or ".").parent
+    return f"W&B run `{run.id}` (offline; upload it with `wandb sync {run_dir}`)"
+
+
+def describe_outputs(out_dir: Path, files: list[Path]) -> list[str]:
+    """The output folder after a run: the final files first, then every other entry, a folder with the number of files
+    in it and the checkpoints on one line (hidden entries, e.g. unfinished temp files, are left out)."""
+    out_dir = Path(out_dir)
+    final = [Path(f) for f in files if Path(f).parent == out_dir and Path(f).exists()]
+    lines = [f.name for f in final]
+    checkpoints = []
+    for entry in sorted(out_dir.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith(".") or entry in final:
+            continue
+        if entry.is_dir() and entry.name.startswith("checkpoint-"):
+            checkpoints.append(entry)
+        elif entry.is_dir():
+            n = sum(1 for p in entry.rglob("*") if p.is_file())
+            lines.append(f"{entry.name}/ ({n} file{'s' if n != 1 else ''})")
+        else:
+            lines.append(entry.name)
+    if checkpoints:
+        checkpoints.sort(key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+        lines.append(" ".join(f"{c.name}/" for c in checkpoints) + "  (resume with --resume_from_checkpoint latest)")
+    return lines
