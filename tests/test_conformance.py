@@ -80,8 +80,9 @@ def ti_run(tiny_sd1, data_dir, tmp_path_factory):
         "--placeholder_token", NAME, "--initializer_token", "object", "--num_vectors", "2", "--learning_rate", "0.05",
         "--save_image_embeddings", "--no_safe_serialization", "--preview_every", "2", "--preview_steps", "1",
         *COMMON])
-    return SimpleNamespace(out=out, printed=printed, vectors=load_file(out / "learned_embeds.safetensors")[f"<{NAME}>"],
-                           step2=load_file(out / "embeddings" / f"{NAME}-2.safetensors")[f"<{NAME}-2>"])
+    [vectors] = load_file(out / "learned_embeds.safetensors").values()  # what the run saved, read by safetensors
+    [step2] = load_file(out / "embeddings" / f"{NAME}-2.safetensors").values()
+    return SimpleNamespace(out=out, printed=printed, vectors=vectors, step2=step2)
 
 
 @pytest.fixture(scope="module")
@@ -1003,3 +1004,18 @@ def test_loop_saves_at_every_multiple_of_the_interval_the_last_step_included(tin
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     train(make_accelerator(tmp_path, "no", 1, "none", 0), ti, Latents(), scheduler, cfg, outputs)
     assert events == ["save 2", "preview 3", "save 4", "preview 6", "save 6", "final 6"]
+
+
+def test_a_card_shows_only_the_preview_of_its_own_step(monkeypatch, tmp_path):
+    """The picture of a PNG card is the preview of the same step; an older one would misrepresent the embedding."""
+    from utils import ti_outputs
+
+    shown = {}
+    monkeypatch.setattr(ti_outputs, "save_png_card", lambda emb, path, image: shown.setdefault(emb.step, image))
+    picture = Image.new("RGB", (8, 8))
+    outputs = SimpleNamespace(
+        trainable=SimpleNamespace(name=NAME), out_dir=tmp_path, save_image_embeddings=True, last_preview=(4, picture),
+        _current=lambda step, name: Embedding(name, torch.zeros(1, 8), step=step), _write=lambda emb, stem: [])
+    for step in (4, 6):
+        ti_outputs.TextualInversionOutputs.save(outputs, step)
+    assert shown == {4: picture, 6: None}
