@@ -47,7 +47,7 @@ def check_width(embedding: Embedding, loaded: LoadedModel) -> None:
                         f"), but the model's text encoder(s) are {model_text_width(loaded)} wide ({loaded.family})")
 
 
-def diffusers_token(name: str) -> str:
+def diffusers_prompt_token(name: str) -> str:
     """The token our diffusers files carry: ``<name>``. diffusers needs a token its tokenizer does not know yet (it
     refuses ``tiger``, a vocabulary word); A1111, ComfyUI and kohya ignore the key and use the file name."""
     return f"<{name}>"
@@ -60,7 +60,7 @@ def is_vocabulary_word(tokenizer, name: str) -> bool:
 
 def prompt_word_lines(name: str, tokenizers) -> list[str]:
     """What to write in each tool's prompts, and a note when the name is already a word of the model's vocabulary."""
-    token = diffusers_token(name)
+    token = diffusers_prompt_token(name)
     lines = [f"Prompt word: '{name}' in A1111, kohya and inference.py, 'embedding:{name}' in ComfyUI, '{token}' in "
              f"diffusers (pipe.load_textual_inversion(\"learned_embeds.safetensors\"))."]
     if any(is_vocabulary_word(t, name) for t in tokenizers):
@@ -105,7 +105,7 @@ class TextualInversionOutputs(RunOutputs):
         if emb.is_sdxl:  # the one-file clip_l/clip_g layout A1111, ComfyUI and kohya read
             return [save_kohya(emb, stem.with_suffix(".safetensors"))]
         return [save_a1111_pt(emb, stem.with_suffix(".pt")),
-                save_diffusers(emb, stem.with_suffix(".safetensors"), token=diffusers_token(emb.name))]
+                save_diffusers(emb, stem.with_suffix(".safetensors"), token=diffusers_prompt_token(emb.name))]
 
     def save(self, step: int) -> list[Path]:
         # Periodic copies store "<name>-<step>" as their name, as A1111's do (it is what a PNG card loads as).
@@ -123,7 +123,7 @@ class TextualInversionOutputs(RunOutputs):
         files = self._write(emb, self.out_dir / self.trainable.name)
         if self.save_optimizer_state and optimizer is not None and not emb.is_sdxl:
             files.append(save_optimizer_sidecar(files[0], emb, optimizer))
-        token = diffusers_token(emb.name)  # the same token as <name>.safetensors
+        token = diffusers_prompt_token(emb.name)  # the same token as <name>.safetensors
         if emb.is_sdxl:  # diffusers' two files, learned_embeds(_2).safetensors: both belong in the run's file list
             files += save_diffusers_sdxl(emb, self.out_dir / "learned_embeds.safetensors", token=token)
         else:
