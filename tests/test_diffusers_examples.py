@@ -138,8 +138,8 @@ def test_sdxl_readme_command_saves_a_full_pipeline_that_knows_the_word(tiny_sdxl
     pipe = StableDiffusionXLPipeline.from_pretrained(out)  # the folder is now the whole model
     for encoder, tokenizer, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"),
                                     (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):
-        assert "cat-toy" in tokenizer.tokenize("A <cat-toy> backpack")
-        row = tokenizer.convert_tokens_to_ids("cat-toy")
+        assert "<cat-toy>" in tokenizer.tokenize("A <cat-toy> backpack")  # the token our diffusers files carry
+        row = tokenizer.convert_tokens_to_ids("<cat-toy>")
         assert torch.equal(encoder.get_input_embeddings().weight.detach()[row], emb.vectors[key][0])
     # Every original weight is saved unchanged.
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)

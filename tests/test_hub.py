@@ -92,15 +92,15 @@ def test_card_tells_a_user_everything_and_its_diffusers_lines_load_the_embedding
     # The card's diffusers lines, run as written (local paths for the placeholders, CPU instead of CUDA).
     code = (_python_block(card).replace(f"path/to/{tiny_sd1.name}", str(tiny_sd1))
             .replace("path/to/this/folder", str(out)).replace("torch.float16", "torch.float32")
-            .replace('.to("cuda")', "").replace('pipe("a photo of red-ball")', 'pipe("a photo of red-ball", '
+            .replace('.to("cuda")', "").replace('pipe("a photo of <red-ball>")', 'pipe("a photo of <red-ball>", '
                                                    'num_inference_steps=1, height=64, width=64)'))
     scope: dict = {}
     exec(compile(code, "card", "exec"), scope)
     pipe = scope["pipe"]
-    ids = pipe.tokenizer.convert_tokens_to_ids(["red-ball", "red-ball_1"])
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<red-ball>", "<red-ball>_1"])
     trained = load_embedding(out / "red-ball.pt").vectors
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight.detach()[ids], trained)
-    assert pipe.maybe_convert_prompt("a photo of red-ball", pipe.tokenizer) == "a photo of red-ball red-ball_1"
+    assert pipe.maybe_convert_prompt("a photo of <red-ball>", pipe.tokenizer) == "a photo of <red-ball> <red-ball>_1"
 
 
 def test_push_uploads_the_final_files_to_the_named_repo(tiny_sd1, tmp_path, monkeypatch, capsys):
@@ -117,7 +117,7 @@ def test_push_uploads_the_final_files_to_the_named_repo(tiny_sd1, tmp_path, monk
         "textual_inversion_loss.csv", "images/red-ball-4-0.png", "images/red-ball-4-1.png"])
     card = _card(out)
     assert 'pipe.load_textual_inversion("tester/my-red-ball", weight_name="learned_embeds.safetensors", ' \
-           'token="red-ball")' in card
+           'token="<red-ball>")' in card
     assert "Published: https://huggingface.co/tester/my-red-ball" in capsys.readouterr().out
     # The token goes to the Hub client and nowhere else.
     assert not [p for p in out.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
@@ -190,7 +190,7 @@ def test_card_of_a_hub_model_and_sdxl_lines(tmp_path):
     card = hub.model_card(info)
     assert "base_model: stabilityai/stable-diffusion-xl-base-1.0" in card and "- stable-diffusion-xl" in card
     assert "put `x.safetensors` in `stable-diffusion-webui/embeddings/`" in card
-    assert 'weight_name="learned_embeds_2.safetensors", token="x",' in card and "tokenizer=pipe.tokenizer_2)" in card
+    assert 'weight_name="learned_embeds_2.safetensors", token="<x>",' in card and "tokenizer=pipe.tokenizer_2)" in card
     assert 'StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0"' in card
 
 

@@ -319,8 +319,10 @@ def test_novelai_file_int_keys_only_legacy_names(tmp_path):
     hn = load_hypernetwork(path)
     assert (hn.name, hn.step, hn.sd_checkpoint, hn.sd_checkpoint_name) == ("anime_3", 0, None, None)
     o = hn.options
+    # No activation key: A1111 loads None, the same network as "linear", which is what we hold and write (ComfyUI
+    # refuses a file whose activation is None).
     assert (o.layer_structure, o.activation_func, o.weight_initialization, o.is_layer_norm) == (
-        [1, 2, 1], None, "Normal", False)
+        [1, 2, 1], "linear", "Normal", False)
     assert (o.activate_output, o.use_dropout, o.last_layer_dropout, o.dropout_structure) == (
         True, False, False, [0, 0, 0])
     for dim in dims:

@@ -188,7 +188,8 @@ def test_diffusers_example_command_line_runs_unchanged(tiny_sd1, data_dir, tmp_p
     assert emb.step == 2 and emb.num_vectors == 1
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # total limit 1
     assert (out / "learned_embeds.bin").is_file() and (out / "learned_embeds.safetensors").is_file()
-    assert sorted(p.name for p in (out / "embeddings").glob("*.pt")) == ["cat-toy-1.pt"]
+    # a copy at every multiple of --save_steps, the last step included (A1111's rule, and diffusers' example's)
+    assert sorted(p.name for p in (out / "embeddings").glob("*.pt")) == ["cat-toy-1.pt", "cat-toy-2.pt"]
     assert any((out / "tb").rglob("events.out.tfevents*"))  # TensorBoard logs under --logging_dir
     from utils.infotext import read_infotext
 

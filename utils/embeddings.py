@@ -31,6 +31,7 @@ import torch
 from utils.errors import UserError, exit_on_user_error
 from utils.fileio import atomic_path
 from utils.hashes import sha256_file
+from utils.pt_file import save_pt, write_pt
 
 SDXL_KEYS = ("clip_l", "clip_g")
 IMAGE_EXTENSIONS = (".png", ".webp", ".jxl", ".avif")
@@ -421,15 +422,20 @@ def _metadata(emb: Embedding) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None}
 
 
+def diffusers_prompt_token(name: str) -> str:
+    """The token our diffusers files carry: ``<name>``. diffusers needs a token its tokenizer does not know yet (it
+    refuses ``tiger``, a vocabulary word); A1111, ComfyUI and kohya ignore the key and use the file name."""
+    return f"<{name}>"
+
+
 def diffusers_token(emb: Embedding) -> str:
     """The prompt token of a diffusers file: the one it was loaded with, else ``<name>`` (diffusers' convention)."""
     return emb.extra.get("token") or f"<{emb.name}>"
 
 
 def save_a1111_pt(emb: Embedding, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(a1111_dict(emb), tmp)
-    return Path(path)
+    # Our own zip writer, not torch.save: A1111's load-time check refuses the records recent torch releases add.
+    return save_pt(a1111_dict(emb), path)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
@@ -437,7 +443,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, met
 
     with atomic_path(path) as tmp:
         if Path(path).suffix.lower() == ".bin":  # the older diffusers concept layout: a torch pickle of the dict
-            torch.save(tensors, tmp)
+            with open(tmp, "wb") as f:
+                write_pt(tensors, f)  # A1111 checks .bin files like .pt ones (see utils/pt_file.py)
         else:
             save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)

@@ -3,7 +3,7 @@
 As diffusers' textual-inversion examples do, the pipeline is saved into the output folder itself (model_index.json,
 unet/, vae/, text_encoder/, tokenizer/, scheduler/ beside the embedding files), so
 ``StableDiffusionPipeline.from_pretrained(output_dir)`` loads a model that understands the trigger word. The
-embedding goes in the way diffusers' own loader puts it: new tokenizer tokens (``name``, ``name_1``, ...) and new
+embedding goes in the way diffusers' own loader puts it: new tokenizer tokens (``<name>``, ``<name>_1``, ...: the token our diffusers files carry) and new
 rows in the text encoder's vocabulary; every original weight is saved unchanged, in float32.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from utils.embeddings import diffusers_prompt_token
 from utils.models import ModelSource, load_pipeline
 
 
@@ -26,7 +27,7 @@ def save_full_pipeline(source: ModelSource, name: str, out_dir: Path) -> Path:
     if loaded.family == "sdxl":
         encoders.append(("text_encoder_2", "tokenizer_2", "learned_embeds_2.safetensors"))
     for encoder, tokenizer, weights in encoders:
-        pipe.load_textual_inversion(str(out_dir), weight_name=weights, token=name,
+        pipe.load_textual_inversion(str(out_dir), weight_name=weights, token=diffusers_prompt_token(name),
                                     text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, tokenizer))
     pipe.save_pretrained(str(out_dir))
     return out_dir / "model_index.json"

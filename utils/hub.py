@@ -63,12 +63,15 @@ def _base_ref(info: CardInfo) -> str:
 
 
 def _embedding_usage(info: CardInfo) -> list[str]:
+    from utils.embeddings import diffusers_prompt_token
+
     n, ref, base = info.name, _ref(info), _base_ref(info)
+    tok = diffusers_prompt_token(n)  # diffusers needs a new token; the files carry <name>
     sdxl = info.family == "sdxl"
     a1111_file = f"{n}.safetensors" if sdxl else f"{n}.pt"
     lines = [
         "## How to use it", "",
-        f"Write **`{n}`** in a prompt, e.g. `a photo of {n}`.", "",
+        f"Write **`{n}`** in a prompt, e.g. `a photo of {n}` (in diffusers: **`{tok}`**).", "",
         f"- **AUTOMATIC1111 web UI**: put `{a1111_file}` in `stable-diffusion-webui/embeddings/` and write `{n}` in "
         "the prompt (or the negative prompt).",
         f"- **ComfyUI**: put `{n}.safetensors` in `ComfyUI/models/embeddings/` and write `embedding:{n}` in the prompt.",
@@ -83,14 +86,14 @@ def _embedding_usage(info: CardInfo) -> list[str]:
     else:
         lines.append(f'pipe = {pipe_cls}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")')
         if sdxl:
-            lines += [f'pipe.load_textual_inversion("{ref}", weight_name="learned_embeds.safetensors", token="{n}",',
+            lines += [f'pipe.load_textual_inversion("{ref}", weight_name="learned_embeds.safetensors", token="{tok}",',
                       "                           text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
-                      f'pipe.load_textual_inversion("{ref}", weight_name="learned_embeds_2.safetensors", token="{n}",',
+                      f'pipe.load_textual_inversion("{ref}", weight_name="learned_embeds_2.safetensors", token="{tok}",',
                       "                           text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"]
         else:
             lines.append(f'pipe.load_textual_inversion("{ref}", weight_name="learned_embeds.safetensors", '
-                         f'token="{n}")')
-    lines += [f'image = pipe("a photo of {n}").images[0]', "```", ""]
+                         f'token="{tok}")')
+    lines += [f'image = pipe("a photo of {tok}").images[0]', "```", ""]
     return lines
 
 

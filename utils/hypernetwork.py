@@ -27,6 +27,7 @@ from torch import nn
 from utils.errors import UserError
 from utils.fileio import atomic_path
 from utils.hashes import sha256_file
+from utils.pt_file import save_pt
 
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 DEFAULT_SIZES = (768, 320, 640, 1280)  # SD-1.x: text width + the three UNet channel widths
@@ -116,13 +117,16 @@ class HypernetworkOptions:
     optional_info: str | None = None
 
     def resolved(self) -> "HypernetworkOptions":
-        """A copy with ``dropout_structure`` filled in, as A1111 holds it after creating or loading."""
+        """A copy with ``dropout_structure`` filled in, as A1111 holds it after creating or loading, and the activation
+        named."""
         if self.dropout_structure is None:
             ds = parse_dropout_structure(self.layer_structure, self.use_dropout, self.last_layer_dropout)
         else:
             ds = list(self.dropout_structure)
         # A non-zero structure means dropout is on (A1111 infers this on load; set it now so a round trip is exact).
-        return replace(self, dropout_structure=ds, use_dropout=bool(self.use_dropout or any(ds)))
+        # No activation is "linear": the same network in A1111, and ComfyUI refuses a file whose activation is None.
+        return replace(self, dropout_structure=ds, use_dropout=bool(self.use_dropout or any(ds)),
+                       activation_func=self.activation_func or "linear")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -461,9 +465,7 @@ def load_hypernetwork(path: str | os.PathLike) -> Hypernetwork:
 
 def save_hypernetwork(hn: Hypernetwork, path: str | os.PathLike, optimizer=None) -> Path:
     """Write the A1111 ``.pt`` atomically; with ``optimizer`` also the ``.pt.optim`` sidecar (A1111's resume state)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(hypernetwork_to_a1111_dict(hn), tmp)
+    path = save_pt(hypernetwork_to_a1111_dict(hn), path)  # a layout A1111's load-time check accepts
     if optimizer is not None:
         save_optimizer_sidecar(path, optimizer)
     return path
@@ -545,10 +547,7 @@ def save_optimizer_sidecar(pt_path: str | os.PathLike, optimizer) -> Path:
         "hash": _fresh_shorthash(pt_path),
         "optimizer_state_dict": inner.state_dict(),
     }
-    out = sidecar_path(pt_path)
-    with atomic_path(out) as tmp:
-        torch.save(payload, tmp)
-    return out
+    return save_pt(payload, sidecar_path(pt_path))
 
 
 def load_optimizer_sidecar(pt_path: str | os.PathLike) -> OptimizerSidecar | None:

@@ -9,6 +9,7 @@ from utils.embeddings import (
     Embedding,
     create_embedding,
     create_embedding_sdxl,
+    diffusers_prompt_token,
     save_a1111_pt,
     save_diffusers,
     save_diffusers_sdxl,
@@ -47,17 +48,30 @@ def check_width(embedding: Embedding, loaded: LoadedModel) -> None:
                         f"), but the model's text encoder(s) are {model_text_width(loaded)} wide ({loaded.family})")
 
 
+def is_vocabulary_word(tokenizer, name: str) -> bool:
+    """True when ``name`` is one token the tokenizer already has (``tiger``): prompts already use it as a word."""
+    return len(tokenizer(name, add_special_tokens=False)["input_ids"]) == 1
+
+
+def prompt_word_lines(name: str, tokenizers) -> list[str]:
+    """What to write in each tool's prompts, and a note when the name is already a word of the model's vocabulary."""
+    token = diffusers_prompt_token(name)
+    lines = [f"Prompt word: '{name}' in A1111, kohya and inference.py, 'embedding:{name}' in ComfyUI, '{token}' in "
+             f"diffusers (pipe.load_textual_inversion(\"learned_embeds.safetensors\"))."]
+    if any(is_vocabulary_word(t, name) for t in tokenizers):
+        lines.append(f"Note: '{name}' is already a word of the model's vocabulary. A1111 and ComfyUI match embeddings "
+                     f"by name, so there every '{name}' in a prompt becomes the embedding; diffusers needs a new "
+                     f"token, so its files carry '{token}' (README: Compatibility).")
+    return lines
+
+
 def save_optimizer_sidecar(pt_path: Path, emb: Embedding, optimizer) -> Path:
     """A1111's ``<file>.pt.optim``: the optimizer state, tagged with the embedding's value checksum (§1.7)."""
-    import torch
-
     from utils.embeddings import checksum
-    from utils.fileio import atomic_path
+    from utils.pt_file import save_pt
 
-    path = Path(f"{pt_path}.optim")
-    with atomic_path(path) as tmp:
-        torch.save({"hash": checksum(emb), "optimizer_state_dict": optimizer.state_dict()}, tmp)
-    return path
+    # save_pt, not torch.save: A1111 checks the sidecar like any .pt before loading it (see utils/pt_file.py).
+    return save_pt({"hash": checksum(emb), "optimizer_state_dict": optimizer.state_dict()}, f"{pt_path}.optim")
 
 
 class TextualInversionOutputs(RunOutputs):
@@ -71,7 +85,11 @@ class TextualInversionOutputs(RunOutputs):
                          save_optimizer_state=save_optimizer_state)
         self.save_image_embeddings = save_image_embeddings
         self.also_bin = also_bin
-        self.last_preview = None  # the newest preview picture, used as the PNG card's image
+        self.last_preview = None  # (step, picture) of the newest preview: a PNG card of that step shows it
+        pipe = loaded.pipeline
+        tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+        for line in prompt_word_lines(trainable.name, tokenizers):
+            accelerator.print(line)
 
     def _current(self, step: int, name: str | None = None) -> Embedding:
         emb = self.trainable.current(step)
@@ -81,15 +99,18 @@ class TextualInversionOutputs(RunOutputs):
     def _write(self, emb: Embedding, stem: Path) -> list[Path]:
         if emb.is_sdxl:  # the one-file clip_l/clip_g layout A1111, ComfyUI and kohya read
             return [save_kohya(emb, stem.with_suffix(".safetensors"))]
-        return [save_a1111_pt(emb, stem.with_suffix(".pt")), save_diffusers(emb, stem.with_suffix(".safetensors"))]
+        return [save_a1111_pt(emb, stem.with_suffix(".pt")),
+                save_diffusers(emb, stem.with_suffix(".safetensors"), token=diffusers_prompt_token(emb.name))]
 
     def save(self, step: int) -> list[Path]:
         # Periodic copies store "<name>-<step>" as their name, as A1111's do (it is what a PNG card loads as).
         emb = self._current(step, f"{self.trainable.name}-{step}")
         files = self._write(emb, self.out_dir / "embeddings" / f"{self.trainable.name}-{step}")
         if self.save_image_embeddings and not emb.is_sdxl:
+            # This step's preview, else a picture drawn from the vectors (an older preview would misrepresent it).
+            image = self.last_preview[1] if self.last_preview and self.last_preview[0] == step else None
             files.append(save_png_card(emb, self.out_dir / "image_embeddings" / f"{self.trainable.name}-{step}.png",
-                                       self.last_preview))
+                                       image))
         return files
 
     def final(self, step: int, optimizer=None) -> list[Path]:
@@ -97,12 +118,13 @@ class TextualInversionOutputs(RunOutputs):
         files = self._write(emb, self.out_dir / self.trainable.name)
         if self.save_optimizer_state and optimizer is not None and not emb.is_sdxl:
             files.append(save_optimizer_sidecar(files[0], emb, optimizer))
+        token = diffusers_prompt_token(emb.name)  # the same token as <name>.safetensors
         if emb.is_sdxl:  # diffusers' two files, learned_embeds(_2).safetensors: both belong in the run's file list
-            files += save_diffusers_sdxl(emb, self.out_dir / "learned_embeds.safetensors", token=emb.name)
+            files += save_diffusers_sdxl(emb, self.out_dir / "learned_embeds.safetensors", token=token)
         else:
-            files.append(save_embedding(emb, self.out_dir / "learned_embeds.safetensors", "diffusers", token=emb.name))
+            files.append(save_embedding(emb, self.out_dir / "learned_embeds.safetensors", "diffusers", token=token))
         if self.also_bin and not emb.is_sdxl:
-            files.append(save_embedding(emb, self.out_dir / "learned_embeds.bin", "diffusers", token=emb.name))
+            files.append(save_embedding(emb, self.out_dir / "learned_embeds.bin", "diffusers", token=token))
         files.append(write_settings(self.out_dir, self.settings, step))
         return files
 
@@ -111,5 +133,5 @@ class TextualInversionOutputs(RunOutputs):
         self.preview_encoder().db.register(self._current(step))
         out = self.render(step, f"a photo of {self.trainable.name}")
         if out:
-            self.last_preview = out[0][0]
+            self.last_preview = (step, out[0][0])
         return out

@@ -416,6 +416,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     device = accelerator.device
     trainable.train()
     samples_done, t_start = 0, time.perf_counter()
+    previewed = None  # the step of the last preview
 
     def checkpoint(step: int) -> None:
         final_dir = out_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -546,11 +547,15 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
 
                 finished = state.step >= end_step or lr.finished(state.step)
                 stopping = stop_votes > 0
-                if outputs.preview and cfg.preview_every and state.step % cfg.preview_every == 0 and not finished:
-                    _preview(accelerator, trainable, outputs, state.step)  # first: a PNG card shows this preview
-                if cfg.save_every and state.step % cfg.save_every == 0 and not finished:
-                    if accelerator.is_main_process:
-                        files += outputs.save(state.step)
+                # A periodic copy at every multiple of --save_every, the last step included (A1111's rule); the preview
+                # of this step (the final one, at the end) comes first, so a PNG card shows it.
+                saving = cfg.save_every and state.step % cfg.save_every == 0
+                due = cfg.preview_every and state.step % cfg.preview_every == 0
+                if outputs.preview and (due and not finished or finished and saving and not stopping):
+                    _preview(accelerator, trainable, outputs, state.step)
+                    previewed = state.step
+                if saving and accelerator.is_main_process:
+                    files += outputs.save(state.step)
                 if stopping or (cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0):
                     checkpoint(state.step)
                 if stopping:
@@ -577,7 +582,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
         files += outputs.final(state.step, optimizer)
         if log:
             log.flush()
-    if outputs.preview and stopped_by != "signal":
+    if outputs.preview and stopped_by != "signal" and previewed != state.step:
         _preview(accelerator, trainable, outputs, state.step)
     accelerator.wait_for_everyone()
     return RunSummary(state.step, stopped_by, files, state.skipped_steps)
