@@ -4,7 +4,8 @@
 # address, a port), starts one `slurm/launch_node.sh` task per node with srun, and handles preemption:
 #   Slurm sends SIGUSR1 to this batch shell (#SBATCH --signal=B:USR1@SECONDS) -> we pass it to srun, which passes it
 #   to every node's task -> launch_node.sh passes it to the training processes -> they finish the current step, write
-#   a checkpoint and exit -> we `scontrol requeue` the job -> the next start resumes with --resume_from_checkpoint latest.
+#   a checkpoint and exit (status 0) -> we `scontrol requeue` the job -> the next start resumes with
+#   --resume_from_checkpoint latest. A training that fails instead of stopping cleanly is not requeued.
 #
 # Environment knobs (all optional):
 #   DRY_RUN=1          print the srun and accelerate commands instead of running them (nothing is started)
@@ -85,6 +86,7 @@ ef_submit() {
 
   cd "$repo" || return 1
   EF_PREEMPTED=0
+  EF_OUTCOME=failed   # then done | stopped (signalled, checkpointed, not requeued) | requeued
   "${srun_cmd[@]}" &
   EF_SRUN_PID=$!
   trap ef_on_preempt USR1
@@ -95,12 +97,23 @@ ef_submit() {
   trap - USR1
   ef_log "training step ended with status $rc"
 
+  EF_OUTCOME=done
+  (( rc == 0 )) || EF_OUTCOME=failed
   if (( EF_PREEMPTED )); then
+    if (( rc != 0 )); then
+      # The trainers did not stop cleanly (no checkpoint at the stop step): a real failure, which a restart would
+      # only repeat. The job ends with the training's status instead.
+      ef_log "not requeueing: the training failed (status $rc) instead of stopping at a checkpoint"
+      return "$rc"
+    fi
+    EF_OUTCOME=stopped
     if (( ${SLURM_RESTART_COUNT:-0} >= ${MAX_REQUEUES:-50} )); then
-      ef_log "not requeueing: already restarted ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=${MAX_REQUEUES:-50})"
+      ef_log "not requeueing: already restarted ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=${MAX_REQUEUES:-50});" \
+        "submit the same command again to continue from the checkpoint"
       return "$rc"
     fi
     ef_log "requeueing job $SLURM_JOB_ID; it will resume from the newest checkpoint"
+    EF_OUTCOME=requeued
     scontrol requeue "$SLURM_JOB_ID"
     return 0
   fi

@@ -180,7 +180,7 @@ RANK = '''
 import os, signal, sys, time
 def stop(*_):
     open(os.environ["CALLS"], "a").write("rank: USR1 -> checkpoint and exit\\\\n")
-    sys.exit(0)
+    sys.exit(int(os.environ.get("FAKE_STOP_RC", "0")))
 signal.signal(signal.SIGUSR1, stop)
 open(os.environ["CALLS"], "a").write("rank ready\\\\n")
 time.sleep(float(os.environ.get("FAKE_SECONDS", "60")))
@@ -230,6 +230,14 @@ def test_no_requeue_without_preemption_and_the_status_is_kept(fakebin, tmp_path)
     rc, calls, err = _run_batch(fakebin, tmp_path, preempt=False, FAKE_SECONDS=0.2, FAKE_RC=5)
     assert rc == 5
     assert "requeue" not in calls and "rank: USR1" not in calls
+
+
+def test_a_training_that_fails_after_the_signal_is_not_requeued(fakebin, tmp_path):
+    # e.g. the checkpoint could not be written: a restart would only repeat the failure
+    rc, calls, err = _run_batch(fakebin, tmp_path, preempt=True, FAKE_STOP_RC=3)
+    assert "rank: USR1 -> checkpoint and exit" in calls
+    assert rc == 3 and "requeue" not in calls
+    assert "not requeueing: the training failed (status 3)" in err
 
 
 def test_requeue_limit(fakebin, tmp_path):
