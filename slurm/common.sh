@@ -126,3 +126,43 @@ ef_on_preempt() {
   ef_log "SIGUSR1 (time limit or preemption near): asking the trainers to checkpoint and stop"
   kill -USR1 "$EF_SRUN_PID" 2>/dev/null || true   # srun forwards it to the task on every node
 }
+
+# ef_array_task LIST TRAIN_SCRIPT [COMMON_ARGS...]: one job array task (slurm/train_array.sbatch). It trains the
+# embedding on line SLURM_ARRAY_TASK_ID of LIST (its flags come after the common ones, so they win), through
+# ef_submit (so preemption and requeue work as in the other templates), then records how it ended in the array's
+# summary folder and rewrites the summary there (utils/job_array.py).
+#   ARRAY_SUMMARY_DIR  the summary folder (default: embedforge-array-<array job id>/ in the folder sbatch was called from)
+ef_array_task() {
+  if (( $# < 2 )); then
+    ef_log "usage: sbatch --array=0-N $0 LIST TRAIN_SCRIPT [ARGS...]   (LIST: one line of flags per embedding)"
+    return 2
+  fi
+  : "${SLURM_ARRAY_TASK_ID:?not a job array task (submit with sbatch --array=0-N, N+1 = lines in the list)}"
+  local repo="${EMBEDFORGE_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
+  local list="$1" script="$2"; shift 2
+  [[ "$list" == /* ]] || list="$PWD/$list"
+  local summary="${ARRAY_SUMMARY_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/embedforge-array-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}"
+  [[ "$summary" == /* ]] || summary="$PWD/$summary"
+  local log; log="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p' | head -n 1)"
+
+  local picked; picked="$(mktemp)"
+  (cd "$repo" && python -m utils.job_array args "$list" "$SLURM_ARRAY_TASK_ID" -- "$@" > "$picked")
+  local rc=$?
+  local line=()
+  (( rc == 0 )) && mapfile -d '' -t line < "$picked"
+  rm -f "$picked"
+  local cmd=("$script" "$@" "${line[@]}")
+  if (( rc == 0 )); then
+    ef_log "array task $SLURM_ARRAY_TASK_ID: $(printf '%q ' "${line[@]}")"
+    ef_submit "${cmd[@]}"; rc=$?
+  else
+    EF_OUTCOME=failed
+  fi
+  # A requeued task records when it really ends; a dry run records nothing.
+  [[ "${EF_OUTCOME:-}" == requeued || -n "${DRY_RUN:-}" ]] && return "$rc"
+  (cd "$repo" && python -m utils.job_array record "$summary" --task "$SLURM_ARRAY_TASK_ID" \
+     --tasks "${SLURM_ARRAY_TASK_COUNT:-0}" --job_id "$SLURM_JOB_ID" --outcome "$EF_OUTCOME" --status "$rc" \
+     --restarts "${SLURM_RESTART_COUNT:-0}" --log "$log" -- "${cmd[@]}" >/dev/null) \
+    && ef_log "summary: $summary/summary.txt" || ef_log "could not write the summary in $summary"
+  return "$rc"
+}

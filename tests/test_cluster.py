@@ -10,6 +10,7 @@ import shlex
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from utils.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "slurm"
 CONFIGS = ROOT / "configs" / "accelerate"
-TEMPLATES = ["train_1node.sbatch", "train_multinode.sbatch"]
+TEMPLATES = ["train_1node.sbatch", "train_multinode.sbatch", "train_array.sbatch"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def test_accelerate_configs_load_and_say_when_to_use_them(name):
 # Slurm templates: syntax and dry runs
 
 
-@pytest.mark.parametrize("name", TEMPLATES + ["common.sh", "launch_node.sh"])
+@pytest.mark.parametrize("name", TEMPLATES + ["common.sh", "launch_node.sh", "local_slurm.sh"])
 def test_bash_syntax(name):
     p = subprocess.run(["bash", "-n", str(SLURM / name)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -136,6 +137,38 @@ def test_one_node_dry_run(fakebin, tmp_path):
     # a resume flag the user gave is kept and not doubled
     assert accel[accel.index("train_hypernetwork.py"):] == [
         "train_hypernetwork.py", "--resume_from_checkpoint=out/checkpoint-500", "--output_dir", "out"]
+
+
+def test_array_dry_run_takes_the_tasks_line_after_the_common_flags(fakebin, tmp_path):
+    listing = tmp_path / "embeddings.txt"
+    listing.write_text("# comment\n--placeholder_token a --output_dir runs/a\n\n"
+                       "--placeholder_token 'b c' --output_dir runs/b  # trailing comment\n")
+    env = _slurm_env(fakebin, tmp_path / "calls", SLURM_JOB_ID=12, SLURM_ARRAY_JOB_ID=11, SLURM_ARRAY_TASK_ID=1,
+                     SLURM_JOB_NODELIST="node3", SLURM_NNODES=1, SLURM_GPUS_ON_NODE=1,
+                     ARRAY_SUMMARY_DIR=str(tmp_path / "summary"))
+    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m utils...`
+    srun, accel = _dry_run("train_array.sbatch", env, str(listing), "train_textual_inversion.py", "--config", "c.yaml",
+                           "--output_dir", "runs/common")
+    assert _opt(accel, "--config_file") == str(CONFIGS / "multi_gpu_1node.yaml")
+    assert accel[accel.index("train_textual_inversion.py"):] == [
+        "train_textual_inversion.py", "--config", "c.yaml", "--output_dir", "runs/common",
+        "--placeholder_token", "b c", "--output_dir", "runs/b", "--resume_from_checkpoint", "latest"]
+    assert not (tmp_path / "summary").exists()  # a dry run records nothing
+
+
+def test_array_task_without_a_line_fails_with_one_line(fakebin, tmp_path):
+    listing = tmp_path / "embeddings.txt"
+    listing.write_text("--output_dir a\n--output_dir b\n")
+    env = _slurm_env(fakebin, tmp_path / "calls", SLURM_JOB_ID=12, SLURM_ARRAY_JOB_ID=11, SLURM_ARRAY_TASK_ID=2,
+                     SLURM_ARRAY_TASK_COUNT=3, SLURM_JOB_NODELIST="node3", SLURM_NNODES=1,
+                     ARRAY_SUMMARY_DIR=str(tmp_path / "summary"))
+    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m utils...`
+    p = subprocess.run(["bash", str(SLURM / "train_array.sbatch"), str(listing), "train_textual_inversion.py"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert "error: array task 2 has no line: the list has 2 embedding line(s), so submit with --array=0-1" in p.stderr
+    summary = (tmp_path / "summary" / "summary.txt").read_text()
+    assert summary.startswith("3 task(s): 1 failed, 2 no result") and "task 2: failed (status 2" in summary
 
 
 @pytest.mark.parametrize("gpu_env, expected", [
