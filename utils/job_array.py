@@ -152,7 +152,7 @@ def task_row(rec: TaskRecord) -> dict:
     out = Path(output_dir_of(rec.args)).resolve()
     row = {"task": rec.task, "state": rec.outcome, "status": rec.status, "restarts": rec.restarts,
            "job_id": rec.job_id, "output_dir": str(out),
-           "files": sorted(p.name for p in out.glob("*") if p.suffix in (".pt", ".safetensors")) if out.is_dir() else [],
+           "files": sorted(p.name for p in out.glob("*") if p.suffix in (".pt", ".safetensors")),
            "step": None, "loss": None, "error": "", "log": rec.log}
     last = last_csv_row(out) if out.is_dir() else None
     if last:
