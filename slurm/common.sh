@@ -4,7 +4,8 @@
 # address, a port), starts one `slurm/launch_node.sh` task per node with srun, and handles preemption:
 #   Slurm sends SIGUSR1 to this batch shell (#SBATCH --signal=B:USR1@SECONDS) -> we pass it to srun, which passes it
 #   to every node's task -> launch_node.sh passes it to the training processes -> they finish the current step, write
-#   a checkpoint and exit -> we `scontrol requeue` the job -> the next start resumes with --resume_from_checkpoint latest.
+#   a checkpoint and exit (status 0) -> we `scontrol requeue` the job -> the next start resumes with
+#   --resume_from_checkpoint latest. A training that fails instead of stopping cleanly is not requeued.
 #
 # Environment knobs (all optional):
 #   DRY_RUN=1          print the srun and accelerate commands instead of running them (nothing is started)
@@ -85,6 +86,7 @@ ef_submit() {
 
   cd "$repo" || return 1
   EF_PREEMPTED=0
+  EF_OUTCOME=failed   # then done | stopped (signalled, checkpointed, not requeued) | requeued
   "${srun_cmd[@]}" &
   EF_SRUN_PID=$!
   trap ef_on_preempt USR1
@@ -95,12 +97,23 @@ ef_submit() {
   trap - USR1
   ef_log "training step ended with status $rc"
 
+  EF_OUTCOME=done
+  (( rc == 0 )) || EF_OUTCOME=failed
   if (( EF_PREEMPTED )); then
+    if (( rc != 0 )); then
+      # The trainers did not stop cleanly (no checkpoint at the stop step): a real failure, which a restart would
+      # only repeat. The job ends with the training's status instead.
+      ef_log "not requeueing: the training failed (status $rc) instead of stopping at a checkpoint"
+      return "$rc"
+    fi
+    EF_OUTCOME=stopped
     if (( ${SLURM_RESTART_COUNT:-0} >= ${MAX_REQUEUES:-50} )); then
-      ef_log "not requeueing: already restarted ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=${MAX_REQUEUES:-50})"
+      ef_log "not requeueing: already restarted ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=${MAX_REQUEUES:-50});" \
+        "submit the same command again to continue from the checkpoint"
       return "$rc"
     fi
     ef_log "requeueing job $SLURM_JOB_ID; it will resume from the newest checkpoint"
+    EF_OUTCOME=requeued
     scontrol requeue "$SLURM_JOB_ID"
     return 0
   fi
@@ -112,4 +125,44 @@ ef_on_preempt() {
   EF_PREEMPTED=1
   ef_log "SIGUSR1 (time limit or preemption near): asking the trainers to checkpoint and stop"
   kill -USR1 "$EF_SRUN_PID" 2>/dev/null || true   # srun forwards it to the task on every node
+}
+
+# ef_array_task LIST TRAIN_SCRIPT [COMMON_ARGS...]: one job array task (slurm/train_array.sbatch). It trains the
+# embedding on line SLURM_ARRAY_TASK_ID of LIST (its flags come after the common ones, so they win), through
+# ef_submit (so preemption and requeue work as in the other templates), then records how it ended in the array's
+# summary folder and rewrites the summary there (utils/job_array.py).
+#   ARRAY_SUMMARY_DIR  the summary folder (default: embedforge-array-<array job id>/ in the folder sbatch was called from)
+ef_array_task() {
+  if (( $# < 2 )); then
+    ef_log "usage: sbatch --array=0-N $0 LIST TRAIN_SCRIPT [ARGS...]   (LIST: one line of flags per embedding)"
+    return 2
+  fi
+  : "${SLURM_ARRAY_TASK_ID:?not a job array task (submit with sbatch --array=0-N, N+1 = lines in the list)}"
+  local repo="${EMBEDFORGE_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}"
+  local list="$1" script="$2"; shift 2
+  [[ "$list" == /* ]] || list="$PWD/$list"
+  local summary="${ARRAY_SUMMARY_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/embedforge-array-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}"
+  [[ "$summary" == /* ]] || summary="$PWD/$summary"
+  local log; log="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p' | head -n 1)"
+
+  local picked; picked="$(mktemp)"
+  (cd "$repo" && python -m utils.job_array args "$list" "$SLURM_ARRAY_TASK_ID" -- "$@" > "$picked")
+  local rc=$?
+  local line=()
+  (( rc == 0 )) && mapfile -d '' -t line < "$picked"
+  rm -f "$picked"
+  local cmd=("$script" "$@" "${line[@]}")
+  if (( rc == 0 )); then
+    ef_log "array task $SLURM_ARRAY_TASK_ID: $(printf '%q ' "${line[@]}")"
+    ef_submit "${cmd[@]}"; rc=$?
+  else
+    EF_OUTCOME=failed
+  fi
+  # A requeued task records when it really ends; a dry run records nothing.
+  [[ "${EF_OUTCOME:-}" == requeued || -n "${DRY_RUN:-}" ]] && return "$rc"
+  (cd "$repo" && python -m utils.job_array record "$summary" --task "$SLURM_ARRAY_TASK_ID" \
+     --tasks "${SLURM_ARRAY_TASK_COUNT:-0}" --job_id "$SLURM_JOB_ID" --outcome "$EF_OUTCOME" --status "$rc" \
+     --restarts "${SLURM_RESTART_COUNT:-0}" --log "$log" -- "${cmd[@]}" >/dev/null) \
+    && ef_log "summary: $summary/summary.txt" || ef_log "could not write the summary in $summary"
+  return "$rc"
 }

@@ -10,6 +10,7 @@ import shlex
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from utils.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "slurm"
 CONFIGS = ROOT / "configs" / "accelerate"
-TEMPLATES = ["train_1node.sbatch", "train_multinode.sbatch"]
+TEMPLATES = ["train_1node.sbatch", "train_multinode.sbatch", "train_array.sbatch"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def test_accelerate_configs_load_and_say_when_to_use_them(name):
 # Slurm templates: syntax and dry runs
 
 
-@pytest.mark.parametrize("name", TEMPLATES + ["common.sh", "launch_node.sh"])
+@pytest.mark.parametrize("name", TEMPLATES + ["common.sh", "launch_node.sh", "local_slurm.sh"])
 def test_bash_syntax(name):
     p = subprocess.run(["bash", "-n", str(SLURM / name)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -138,6 +139,38 @@ def test_one_node_dry_run(fakebin, tmp_path):
         "train_hypernetwork.py", "--resume_from_checkpoint=out/checkpoint-500", "--output_dir", "out"]
 
 
+def test_array_dry_run_takes_the_tasks_line_after_the_common_flags(fakebin, tmp_path):
+    listing = tmp_path / "embeddings.txt"
+    listing.write_text("# comment\n--placeholder_token a --output_dir runs/a\n\n"
+                       "--placeholder_token 'b c' --output_dir runs/b  # trailing comment\n")
+    env = _slurm_env(fakebin, tmp_path / "calls", SLURM_JOB_ID=12, SLURM_ARRAY_JOB_ID=11, SLURM_ARRAY_TASK_ID=1,
+                     SLURM_JOB_NODELIST="node3", SLURM_NNODES=1, SLURM_GPUS_ON_NODE=1,
+                     ARRAY_SUMMARY_DIR=str(tmp_path / "summary"))
+    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m utils...`
+    srun, accel = _dry_run("train_array.sbatch", env, str(listing), "train_textual_inversion.py", "--config", "c.yaml",
+                           "--output_dir", "runs/common")
+    assert _opt(accel, "--config_file") == str(CONFIGS / "multi_gpu_1node.yaml")
+    assert accel[accel.index("train_textual_inversion.py"):] == [
+        "train_textual_inversion.py", "--config", "c.yaml", "--output_dir", "runs/common",
+        "--placeholder_token", "b c", "--output_dir", "runs/b", "--resume_from_checkpoint", "latest"]
+    assert not (tmp_path / "summary").exists()  # a dry run records nothing
+
+
+def test_array_task_without_a_line_fails_with_one_line(fakebin, tmp_path):
+    listing = tmp_path / "embeddings.txt"
+    listing.write_text("--output_dir a\n--output_dir b\n")
+    env = _slurm_env(fakebin, tmp_path / "calls", SLURM_JOB_ID=12, SLURM_ARRAY_JOB_ID=11, SLURM_ARRAY_TASK_ID=2,
+                     SLURM_ARRAY_TASK_COUNT=3, SLURM_JOB_NODELIST="node3", SLURM_NNODES=1,
+                     ARRAY_SUMMARY_DIR=str(tmp_path / "summary"))
+    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m utils...`
+    p = subprocess.run(["bash", str(SLURM / "train_array.sbatch"), str(listing), "train_textual_inversion.py"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert "error: array task 2 has no line: the list has 2 embedding line(s), so submit with --array=0-1" in p.stderr
+    summary = (tmp_path / "summary" / "summary.txt").read_text()
+    assert summary.startswith("3 task(s): 1 failed, 2 no result") and "task 2: failed (status 2" in summary
+
+
 @pytest.mark.parametrize("gpu_env, expected", [
     ({"SLURM_GPUS_ON_NODE": "8"}, "16"),
     ({"SLURM_GPUS_PER_NODE": "gpu:h100:2(x2)"}, "4"),
@@ -180,7 +213,7 @@ RANK = '''
 import os, signal, sys, time
 def stop(*_):
     open(os.environ["CALLS"], "a").write("rank: USR1 -> checkpoint and exit\\\\n")
-    sys.exit(0)
+    sys.exit(int(os.environ.get("FAKE_STOP_RC", "0")))
 signal.signal(signal.SIGUSR1, stop)
 open(os.environ["CALLS"], "a").write("rank ready\\\\n")
 time.sleep(float(os.environ.get("FAKE_SECONDS", "60")))
@@ -230,6 +263,14 @@ def test_no_requeue_without_preemption_and_the_status_is_kept(fakebin, tmp_path)
     rc, calls, err = _run_batch(fakebin, tmp_path, preempt=False, FAKE_SECONDS=0.2, FAKE_RC=5)
     assert rc == 5
     assert "requeue" not in calls and "rank: USR1" not in calls
+
+
+def test_a_training_that_fails_after_the_signal_is_not_requeued(fakebin, tmp_path):
+    # e.g. the checkpoint could not be written: a restart would only repeat the failure
+    rc, calls, err = _run_batch(fakebin, tmp_path, preempt=True, FAKE_STOP_RC=3)
+    assert "rank: USR1 -> checkpoint and exit" in calls
+    assert rc == 3 and "requeue" not in calls
+    assert "not requeueing: the training failed (status 3)" in err
 
 
 def test_requeue_limit(fakebin, tmp_path):
