@@ -2,13 +2,16 @@
 
 The pipeline is a plain torch ``IterableDataset`` (no ``datasets`` fingerprinting of what it is handed) read through
 one DataLoader that lives across epochs: its workers run ahead over epoch boundaries, so the next epoch costs no
-pause. Worker w of W makes micro-batches w, w+W, ... of the rank's sequence and the DataLoader hands them out in
-order, so the sequence is the same with any number of workers.
+pause; reading and planning (a stream's rows, its shuffle buffer refilled at a new pass) run in a thread a few
+micro-batches ahead of decoding, so they overlap training too. Worker w of W makes micro-batches w, w+W, ... of the
+rank's sequence and the DataLoader hands them out in order, so the sequence is the same with any number of workers.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from typing import Iterator
 
 import torch
@@ -19,6 +22,48 @@ from utils.data.plan import latent_seed, sample_positions, steps_per_epoch
 from utils.data.prompts import load_template, resolve_template
 from utils.data.sources import DatasetSummary, Skipped, write_report
 from utils.errors import UserError
+
+
+READ_AHEAD = 16  # micro-batch plans read ahead of decoding
+
+
+def read_ahead(items: Iterator, depth: int = READ_AHEAD) -> Iterator:
+    """``items`` produced by a background thread up to ``depth`` ahead of the consumer; its exceptions are raised
+    here. The thread ends when the consumer stops."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        try:
+            for x in items:
+                if not put((None, x)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((e, None))
+            return
+        put((None, end))
+
+    threading.Thread(target=run, daemon=True, name="embedforge-read-ahead").start()
+    try:
+        while True:
+            error, x = q.get()
+            if error is not None:
+                raise error
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
 
 
 class MicroBatches(torch.utils.data.IterableDataset):
@@ -35,7 +80,8 @@ class MicroBatches(torch.utils.data.IterableDataset):
 
             fsspec.asyn.reset_lock()  # a lock inherited from the parent would hang remote reads (fsspec/gcsfs#379)
         b = self.batches
-        for k, (epoch, j, plan, skipped) in enumerate(b.plans(self.epoch, self.start, self.progress and w == 0)):
+        plans = read_ahead(b.plans(self.epoch, self.start, self.progress and w == 0))
+        for k, (epoch, j, plan, skipped) in enumerate(plans):
             if k % W != w:
                 continue
             items, bad = b.make(self.ctx, epoch, j, plan)

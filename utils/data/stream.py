@@ -252,10 +252,9 @@ def _count_by_reading(cfg: DataConfig, progress: bool) -> int:
     n = 0
     with tqdm(desc=f"counting rows of {cfg.dataset_name} (this format has no row count)", unit="row",
               disable=not progress) as bar:
-        for chunk in ds.select_columns([image_col]).iter(batch_size=_READ_CHUNK):
-            k = len(chunk[image_col])
-            n += k
-            bar.update(k)
+        for _ in _rows(ds.select_columns([image_col])):
+            n += 1
+            bar.update(1)
     return n
 
 
