@@ -69,7 +69,9 @@ def test_first_epoch_encodes_as_it_goes_later_epochs_read_and_disk_is_reused(tmp
     assert counting.images == 4 and counting.calls == 4  # one VAE call per image
     epoch1 = list(src.iter_epoch(1, 0))
     assert counting.images == 4  # no encode after the first epoch
-    assert all("pixel_values" not in b and b["latents"].shape == (2, 4, 8, 8) for b in epoch0 + epoch1)
+    assert all(b["latents"].shape == (2, 4, 8, 8) for b in epoch0 + epoch1)
+    assert all(b["pixel_slots"] == [0, 1] for b in epoch0)  # decoded and encoded
+    assert all("pixel_slots" not in b and b["latent_slots"] == [0, 1] for b in epoch1)  # read, nothing decoded
     # deterministic = mean * scaling factor of the VAE config, whether just encoded or read back
     for b in (epoch0[0], epoch1[0]):
         i = int(b["index"][0])

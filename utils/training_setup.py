@@ -89,7 +89,16 @@ class LoaderSource:
     def iter_epoch(self, epoch: int, skip: int):
         loader = self.loader
         loader.epoch, loader.position = epoch, skip
-        for batch in loader.iter_epoch():
+        batches = loader.iter_epoch()
+        try:
+            yield from self._complete(batches, epoch)
+        except GeneratorExit:  # the loop is done with the data: stop the pipeline (and its workers) now
+            getattr(loader, "close", lambda: None)()
+            raise
+
+    def _complete(self, batches, epoch: int):
+        loader = self.loader
+        for batch in batches:
             if "positions" not in batch:
                 batch["positions"] = sample_positions(loader.position - 1, loader.rank, loader.batch_size,
                                                       loader.world_size)
