@@ -309,8 +309,9 @@ def scale(args) -> None:
     from utils.tiny_models import tiny_model_path
 
     model = Path(args.model or tiny_model_path("sd1"))
-    impls = [str(ROOT)] + ([str(Path(args.baseline).resolve())] if args.baseline else [])
-    rows = []
+    impls = ([str(ROOT)] if not args.baseline_only else []) + \
+        ([str(Path(args.baseline).resolve())] if args.baseline else [])
+    rows = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
     for n in args.sizes:
         for fmt in args.formats:
             if fmt == "folder" and n > FOLDER_MAX:
@@ -318,7 +319,7 @@ def scale(args) -> None:
             for procs in args.procs:
                 for impl in impls:
                     for boundary in (False, True):
-                        if boundary and n > args.boundary_max:
+                        if boundary and n > args.boundary_max or not boundary and args.boundary_only:
                             continue
                         row = one_run(impl, fmt, n, procs, args, model, boundary)
                         row["impl"] = "this tree" if impl == str(ROOT) else "baseline"
@@ -326,6 +327,11 @@ def scale(args) -> None:
                         print(json.dumps(row), flush=True)
                         if args.json:
                             Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+def print_table(args) -> None:
+    rows = [r for f in args.files for r in json.loads(Path(f).read_text())]
     print(table(rows))
 
 
@@ -396,9 +402,13 @@ def main() -> None:
                    help="largest N whose epoch boundary is measured (a stream is re-read up to it on resume)")
     s.add_argument("--timeout", type=float, default=600, help="seconds before a run counts as 'timeout'")
     s.add_argument("--tmp", default=None, help="where runs write their outputs")
-    s.add_argument("--json", help="write every run's numbers here")
+    s.add_argument("--baseline_only", action="store_true", help="run only the --baseline checkout")
+    s.add_argument("--boundary_only", action="store_true", help="only the epoch-boundary runs")
+    s.add_argument("--json", help="add every run's numbers to this file (kept across invocations)")
+    tb = sub.add_parser("table", help="the side-by-side table from `scale --json` files")
+    tb.add_argument("files", nargs="+")
     args = ap.parse_args()
-    {"generate": generate, "scale": scale}.get(args.mode, throughput)(args)
+    {"generate": generate, "scale": scale, "table": print_table}.get(args.mode, throughput)(args)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class LoaderSource:
         self.seed = seed
         self.sdxl = sdxl
         store = getattr(loader, "latents", None)
-        if store is None:
+        if not isinstance(store, LatentStore):
             store = LatentStore.for_vae(vae, LatentConfig(latent_sampling), keep=False)
         self.encoder = LatentEncoder(vae, store)
         self.micro_batches_per_epoch = loader.steps_per_epoch
