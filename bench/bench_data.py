@@ -9,8 +9,9 @@
 images, so the data path keeps up when images/s > b x steps/s (the tiny model trains at 20-50 steps/s on CPU; real
 SD at 512 px does ~1-3 steps/s per GPU at batch 1-4).
 
-``generate``: N distinct 64 px JPEGs with a caption each, written once as a folder (N <= 100k), WebDataset tars and
-parquet files (about 1000 rows per file, at least 2 and at most 200 files).
+``generate``: N 64 px JPEGs with a caption each, written once as a folder (N <= 100k), WebDataset tars and parquet
+files (about 1000 rows per file, at least 2 and at most 200 files). Past 20,000 the pictures repeat, each copy made
+distinct by its index appended after the JPEG's end marker (decoders ignore it; cache keys see different bytes).
 
 ``scale``: the whole ``train_textual_inversion.py`` as a user runs it (tiny model, 64 px, batch 4 per process,
 latents cached in memory by default), for every data set, format and process count, on this tree and optionally on
@@ -43,6 +44,7 @@ from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDER_MAX = 100_000
+DISTINCT = 20_000  # distinct pictures made by `generate`
 FORMATS = ("folder", "wds", "parquet")
 
 
@@ -164,12 +166,15 @@ def generate(args) -> None:
         for d in (folder, wds, pqd):
             if d is not None:
                 d.mkdir(parents=True, exist_ok=True)
-        rng, i, t0 = np.random.default_rng(n), 0, time.perf_counter()
+        rng, i, t0, pictures = np.random.default_rng(n), 0, time.perf_counter(), []
         for s in range(files):
             images, captions = [], []
             with tarfile.open(wds / f"shard-{s:05d}.tar", "w") as t:
                 for _ in range(per):
-                    data, caption = _jpeg(i, rng, xx, yy), f"tag{i % 7}, gradient, noise, number {i}"
+                    if i < DISTINCT:
+                        pictures.append(_jpeg(i, rng, xx, yy))
+                    data = pictures[i % DISTINCT] + i.to_bytes(4, "big")
+                    caption = f"tag{i % 7}, gradient, noise, number {i}"
                     for ext, blob in (("jpg", data), ("txt", caption.encode())):
                         info = tarfile.TarInfo(f"{i:07d}.{ext}")
                         info.size = len(blob)

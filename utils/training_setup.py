@@ -252,7 +252,7 @@ def plan_batches(accelerator, summary, data_cfg: DataConfig, prompt_cfg: PromptC
                  loaded: LoadedModel, out_dir: Path, *, batch_size: int, accumulation: int, seed: int,
                  num_workers: int, cache_latents: bool, max_train_steps: int | None, num_train_epochs: int | None,
                  report_to: str, ddp_timeout: float | None, initial_step: int = 0) -> tuple[LoaderSource, int]:
-    """The batch source (latents cached first), the number of optimizer steps to train to, and the printed plan."""
+    """The batch source, the number of optimizer steps to train to, and the printed plan."""
     batches = build_batch_source(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                                  batch_size=batch_size, seed=seed, num_workers=num_workers,
                                  cache_latents=cache_latents, report_file=out_dir / "skipped_images.txt",
