@@ -1,4 +1,4 @@
-"""utils/data.py: sources, captions, prompts, sharding, buckets, bad input, resume (small generated images)."""
+"""utils/data/: sources, captions, prompts, sharding, buckets, bad input, resume, start-up cost (small images)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 A1111's ``latent_sampling_method``:
 
-* ``once``          one sample ``(mean + std·ε)·scale`` taken when the image is first encoded and reused for the whole
-                    run;
+* ``once``          one sample ``(mean + std·ε)·scale`` taken when the image is first encoded, reused for the
+                    whole run;
 * ``deterministic`` the mean of the distribution, ``mean·scale``;
 * ``random``        the distribution is kept and a fresh sample is drawn every time the image is used.
 

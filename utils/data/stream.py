@@ -236,12 +236,13 @@ def count_rows(builder, split: str) -> tuple[int, bool, str] | None:
     if not rest:
         return total, True, f"rows counted from {builder.name} metadata of {len(files)} file(s)"
     if remote:
-        estimate = total + round(total / len(counted) * len(rest))
+        estimate, basis = total + round(total / len(counted) * len(rest)), "the average per file"
     else:
         done = sum(os.path.getsize(f) for f in counted)
         estimate = total + round(total / max(1, done) * sum(os.path.getsize(f) for f in rest))
+        basis = "their sizes"
     return estimate, False, (f"rows counted in {len(counted)} of {len(files)} {builder.name} file(s), the rest "
-                             "estimated from their sizes")
+                             f"estimated from {basis}")
 
 
 def _count_by_reading(cfg: DataConfig, progress: bool) -> int:
