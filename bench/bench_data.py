@@ -346,7 +346,9 @@ def table(rows: list[dict]) -> str:
         if r is None:
             return "-"
         if "error" in r:
-            return "timeout" if r["rc"] == "timeout" else "failed"
+            if r["rc"] != "timeout":
+                return "failed"
+            return f"> {r['wall_s']:.0f}" if k.endswith("_s") else "-"
         v = r.get(k)
         return "-" if v is None else fmt.format(v)
 
