@@ -204,3 +204,17 @@ def test_resume_refuses_a_checkpoint_of_another_embedding(tiny_sd1, data_dir, tm
     other[other.index("my-emb")] = "other-emb"
     with pytest.raises(UserError, match="belongs to another run"):
         tti.main(other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [None, "deterministic", "random"])
+def test_no_cache_latents_trains_what_the_cache_trains(tiny_sd1, data_dir, tmp_path, sampling):
+    """--no_cache_latents with each --latent_sampling (None: the default, once) draws the samples a cached run draws,
+    across an epoch boundary (the cached run reads its latents back in the second epoch)."""
+    extra = ("--max_train_steps", "4", *(("--latent_sampling", sampling) if sampling else ()))
+    _run(*_args(tiny_sd1, data_dir, tmp_path / "cached", *extra))
+    _run(*_args(tiny_sd1, data_dir, tmp_path / "uncached", *extra, "--no_cache_latents"))
+    cached = load_embedding(tmp_path / "cached" / "my-emb.pt")
+    uncached = load_embedding(tmp_path / "uncached" / "my-emb.pt")
+    assert cached.step == uncached.step == 4
+    torch.testing.assert_close(uncached.vectors, cached.vectors, rtol=1e-4, atol=1e-5)

@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils import checkpoints
+from utils.data.plan import optimizer_steps_per_epoch
 from utils.diffusion_loss import (
     denoising_loss,
     draw_noise_and_timesteps,
@@ -352,12 +353,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     out_dir = Path(cfg.output_dir)
     world = accelerator.num_processes
     A = cfg.gradient_accumulation_steps
-    micro_per_epoch = data.micro_batches_per_epoch - data.micro_batches_per_epoch % A
-    if micro_per_epoch <= 0:
-        raise UserError(
-            f"one epoch has {data.micro_batches_per_epoch} batch(es) per process, fewer than "
-            f"--gradient_accumulation_steps {A}; use more images, a smaller batch or less accumulation")
-    steps_per_epoch = micro_per_epoch // A
+    steps_per_epoch = optimizer_steps_per_epoch(data.micro_batches_per_epoch, A)
+    micro_per_epoch = steps_per_epoch * A
     global_batch = cfg.train_batch_size * A * world
 
     scale = global_batch if cfg.optim.scale_lr else 1.0
