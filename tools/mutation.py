@@ -29,20 +29,22 @@ WORK = ROOT / ".mutation"
 
 # module -> (source file(s) relative to the root, the test files that should kill its mutants)
 MODULES: dict[str, tuple[str, list[str]]] = {
+    # cheapest test files first: they run first (tools/mutation_order.py) and usually kill the mutant alone
     "diffusion_loss": ("utils/diffusion_loss.py", ["tests/test_diffusion_loss.py", "tests/test_loop_numerics.py"]),
-    "token_splice": ("utils/token_splice.py", ["tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
+    "token_splice": ("utils/token_splice.py",
+                     ["tests/test_token_splice.py", "tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
     "lr_schedule": ("utils/lr_schedule.py", ["tests/test_lr_schedule.py", "tests/test_loop_numerics.py"]),
     "textual_inversion": ("utils/textual_inversion.py",
-                          ["tests/test_loop_numerics.py", "tests/test_training_loop.py",
-                           "tests/test_a1111_rules.py"]),
-    "training": ("utils/training.py", ["tests/test_training_loop.py", "tests/test_loop_numerics.py"]),
+                          ["tests/test_a1111_rules.py", "tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
+    "training": ("utils/training.py", ["tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
     # utils/data.py becomes the package utils/data/ (either layout is handled below)
-    "data": ("utils/data", ["tests/test_data.py", "tests/test_a1111_rules.py"]),
+    "data": ("utils/data", ["tests/test_a1111_rules.py", "tests/test_data.py"]),
     "latents": ("utils/latents.py", ["tests/test_latents.py"]),
 }
 
-# Tests under mutation: quiet, stop at the first failure (a mutant is killed by one), no cache, no --durations.
-PYTEST_ARGS = ["-p", "no:cacheprovider", "-o", "addopts=", "-x", "-q"]
+# Tests under mutation: quiet, stop at the first failure (a mutant is killed by one), no cache, no --durations, and
+# the mapped test files in their listed order (cheap unit tests first: see tools/mutation_order.py).
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-p", "tools.mutation_order", "-o", "addopts=", "-x", "-q"]
 
 
 def source_patterns(source: str) -> list[str]:
@@ -101,8 +103,10 @@ def prepare(name: str) -> Path:
     return work
 
 
-def mutmut(work: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def mutmut(work: Path, *args: str, capture: bool = False, order: list[str] | None = None
+           ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "EMBEDFORGE_MUTATION_TEST_ORDER": ",".join(order or [])}
     env.pop("CI", None)  # a missing ../shared is a skip here, not a failure
     return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=work, env=env, text=True,
                           capture_output=capture)
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         work = prepare(n) if not args.results_only else WORK / n
         if not args.results_only:
             print(f"== {n}: mutating {MODULES[n][0]} against {' '.join(MODULES[n][1])}", flush=True)
-            rc = mutmut(work, "run", "--max-children", str(args.max_children)).returncode
+            rc = mutmut(work, "run", "--max-children", str(args.max_children), order=MODULES[n][1]).returncode
             if rc not in (0, 1):
                 print(f"mutmut exited with {rc} for {n}", file=sys.stderr)
         by_status = results(work)
