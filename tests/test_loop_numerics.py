@@ -213,24 +213,33 @@ def test_weights_turning_non_finite_with_a_finite_loss_stop_the_run(tiny_sd1, tm
 # Conditioning: training's token splice against inference's prompt encoder
 
 
-@pytest.mark.parametrize("family", ["tiny_sd2", "tiny_sd1"])
+@pytest.mark.parametrize("family", ["tiny_sd2", "tiny_sd1", "tiny_sdxl"])
 def test_training_conditions_like_inference(family, request):
     """The same prompt and vectors give bit-identical text-encoder output in training (negative ids spliced into
     the token embedding) and in inference (A1111's chunker + rows written over the placeholders). SD-2 pads with
-    id 0 after the end token, so only ids < 0 may be taken as placeholders, never 0."""
+    id 0 after the end token, so only ids < 0 may be taken as placeholders, never 0. SDXL: both encoders'
+    penultimate states side by side, and the second one's pooled output."""
     from utils.prompts import EmbeddingDatabase, PromptEncoder
 
     pipe = _pipeline(request.getfixturevalue(family))
-    width = pipe.text_encoder.config.hidden_size
-    vectors = torch.randn(3, width, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    if family == "tiny_sdxl":
+        widths = {"clip_l": pipe.text_encoder.config.hidden_size, "clip_g": pipe.text_encoder_2.config.hidden_size}
+        vectors = {k: torch.randn(3, w, generator=g) for k, w in widths.items()}
+        shifted = {k: v + 1 for k, v in vectors.items()}
+        width = sum(widths.values())
+    else:
+        width = pipe.text_encoder.config.hidden_size
+        vectors = torch.randn(3, width, generator=g)
+        shifted = vectors + 1
     ti = TextualInversion.build(pipe, Embedding(NAME, vectors))
     prompt = f"a {NAME} photo, {NAME} style"
-    ids = tokenize_with_placeholder(pipe.tokenizer, [prompt], NAME, 3)
-    assert (ids < 0).sum() == 6
+    ids = [tokenize_with_placeholder(tok, [prompt], NAME, 3) for tok in ti.tokenizers]
+    assert all((i < 0).sum() == 6 for i in ids)
     if family == "tiny_sd2":
-        assert pipe.tokenizer.pad_token_id == 0 and (ids == 0).sum() > 50  # OpenCLIP padding
+        assert pipe.tokenizer.pad_token_id == 0 and (ids[0] == 0).sum() > 50  # OpenCLIP padding
     with torch.no_grad():
-        trained, _ = ti.model.encode([ids])
+        trained, pooled = ti.model.encode(ids)
     ti.detach_from_models()
 
     db = EmbeddingDatabase([])
@@ -238,11 +247,15 @@ def test_training_conditions_like_inference(family, request):
     encoder = PromptEncoder(pipe, db)
     encoder.refresh()
     with torch.no_grad():
-        inferred = encoder.encode([prompt]).embeds
+        inferred = encoder.encode([prompt])
     assert list(encoder.used_embeddings) == [NAME]
-    assert trained.shape == inferred.shape == (1, 77, width)
-    assert torch.equal(trained, inferred)
+    assert trained.shape == inferred.embeds.shape == (1, 77, width)
+    assert torch.equal(trained, inferred.embeds)
+    if family == "tiny_sdxl":
+        assert pooled.shape == inferred.pooled.shape and torch.equal(pooled, inferred.pooled)
+    else:
+        assert pooled is None and inferred.pooled is None
     # and the vectors matter: other vectors give another conditioning
-    ti2 = TextualInversion.build(pipe, Embedding(NAME, vectors + 1))
+    ti2 = TextualInversion.build(pipe, Embedding(NAME, shifted))
     with torch.no_grad():
-        assert not torch.allclose(ti2.model.encode([ids])[0], inferred)
+        assert not torch.allclose(ti2.model.encode(ids)[0], inferred.embeds)
