@@ -70,6 +70,8 @@ def test_a_fresh_run_keeps_a_phase_ending_at_step_1():
 def test_the_error_quotes_the_schedule(bad):
     with pytest.raises(UserError, match=re.escape(repr(bad))):
         parse_schedule(bad, 10)
+    with pytest.raises(UserError, match=re.escape(repr("abc"))):
+        validate_learning_rate("abc")
 
 
 def test_schedule_detection():
@@ -98,6 +100,9 @@ def test_diffusers_schedule_options_reach_the_multiplier():
     # polynomial decay from the rate to diffusers' lr_end 1e-7, relative to the rate: (1 - 5/10)^2 = 0.25
     poly = LearningRate("2.0", max_steps=10, scheduler="polynomial", power=2.0)
     assert poly.rate(5) == pytest.approx(2.0 * ((1 - 1e-7) * 0.25 + 1e-7), rel=1e-9)
+    # the defaults: one cycle, linear decay
+    assert LearningRate("1.0", max_steps=10, scheduler="cosine_with_restarts").rate(5) == pytest.approx(0.5)
+    assert LearningRate("1.0", max_steps=10, scheduler="polynomial").rate(5) == pytest.approx(0.5, rel=1e-6)
     cw = LearningRate("0.1", max_steps=10, scheduler="constant_with_warmup", warmup_steps=4)
     assert [cw.rate(s) for s in (0, 2, 4, 9)] == pytest.approx([0.0, 0.05, 0.1, 0.1])
 
