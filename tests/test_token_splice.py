@@ -54,11 +54,18 @@ def test_vectors_follow_the_output_dtype_and_get_the_gradient():
     assert torch.equal(vectors.grad, torch.ones(1, 3))
 
 
+def test_vectors_are_moved_to_the_models_device():
+    # "meta" stands in for a GPU: the vectors live on the CPU, the text encoder elsewhere
+    base = nn.Embedding(6, 3, device="meta")
+    out = SplicedTokenEmbedding(base, torch.ones(2, 3))(torch.tensor([[1, -1]], device="meta"))
+    assert out.device.type == "meta" and out.shape == (1, 2, 3)
+
+
 def test_splice_into_wraps_once_and_unsplice_restores_the_table():
     table = _table()
     enc = Encoder(table)
     first = splice_into(enc, torch.zeros(1, 3))
-    assert enc.get_input_embeddings() is first and first.base is table
+    assert enc.get_input_embeddings() is first and first.base is table and torch.equal(first.vectors, torch.zeros(1, 3))
     second = splice_into(enc, torch.ones(2, 3))
     assert second is first and torch.equal(first.vectors, torch.ones(2, 3))  # re-pointed, not wrapped twice
     unsplice(enc)
