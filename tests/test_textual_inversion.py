@@ -107,3 +107,18 @@ def test_sdxl_current_and_state_hold_both_tables(tiny_sdxl):
     inputs = ti.model_inputs(batch, "cpu")
     assert len(inputs["input_ids"]) == 2 and torch.equal(inputs["add_time_ids"], batch["add_time_ids"])
     ti.detach_from_models()
+
+
+def test_the_unet_gets_the_conditioning_in_its_own_dtype(tiny_sd1):
+    """A bf16 UNet beside a float32 text encoder (and the float32 vectors): the conditioning is cast for the UNet."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd1)
+    pipe.unet.to(torch.bfloat16)
+    ti = _ti(pipe)
+    ids = ti.model_inputs({"prompts": ["a photo of my-emb"]}, "cpu")
+    noisy = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        pred = ti.model(noisy, torch.tensor([10]), **ids)
+    assert pred.dtype == torch.bfloat16 and pred.shape == (1, 4, 8, 8)
+    ti.detach_from_models()
