@@ -122,3 +122,26 @@ def test_the_unet_gets_the_conditioning_in_its_own_dtype(tiny_sd1):
         pred = ti.model(noisy, torch.tensor([10]), **ids)
     assert pred.dtype == torch.bfloat16 and pred.shape == (1, 4, 8, 8)
     ti.detach_from_models()
+
+
+def test_each_prompt_is_tokenized_once(pipe):
+    """Templates repeat a bounded set of prompts: the ids are cached per prompt (tokenizing is a per-step cost)."""
+    ti = _ti(pipe)
+    tokenizer, calls = ti.tokenizers[0], []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args)
+            return tokenizer(*args, **kwargs)
+
+    ti.tokenizers[0] = Counting()
+    first = ti.model_inputs({"prompts": ["a photo of my-emb"]}, "cpu")["input_ids"][0]
+    n = len(calls)
+    again = ti.model_inputs({"prompts": ["a photo of my-emb"] * 3}, "cpu")["input_ids"][0]
+    assert n > 0 and len(calls) == n and torch.equal(again[1], first[0])
+    ti.model_inputs({"prompts": ["another my-emb"]}, "cpu")
+    assert len(calls) > n
+    ti.detach_from_models()
