@@ -75,6 +75,8 @@ def test_model_inputs_put_the_placeholder_in_every_prompt(pipe):
     assert (ids[0] < 0).sum() == 2 and (ids[1] < 0).sum() == 4
     again = ti.model_inputs({"prompts": ["a photo of my-emb", "my-emb, my-emb"]}, "cpu")["input_ids"][0]
     assert torch.equal(again, ids)  # from the per-prompt cache: the same ids
+    # on the training device ("meta" stands in for a GPU)
+    assert ti.model_inputs({"prompts": ["my-emb"]}, "meta")["input_ids"][0].device.type == "meta"
     ti.detach_from_models()
 
 
