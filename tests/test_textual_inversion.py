@@ -108,6 +108,7 @@ def test_sdxl_current_and_state_hold_both_tables(tiny_sdxl):
     batch = {"prompts": ["x-emb"], "add_time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
     inputs = ti.model_inputs(batch, "cpu")
     assert len(inputs["input_ids"]) == 2 and torch.equal(inputs["add_time_ids"], batch["add_time_ids"])
+    assert ti.model_inputs(batch, "meta")["add_time_ids"].device.type == "meta"
     ti.detach_from_models()
 
 
