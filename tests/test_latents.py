@@ -273,3 +273,28 @@ def test_stream_source_with_latent_cache(tmp_path, vae):
     assert counting.images == 3
     assert sorted(c for b in got for c in b["captions"]) == ["c0", "c0", "c1", "c1", "c2", "c2"]
     assert all(b["latents"].shape == (1, 4, 8, 8) for b in got)
+
+
+def test_once_samples_differ_between_entries_and_repeat_for_one(tmp_path):
+    """'once' draws one sample per entry, seeded by the entry's key: the same key always gives the same sample, two
+    entries with the same distribution get different ones (a constant seed would give every image the same noise)."""
+    mean, std = torch.zeros(4, 2, 2), torch.ones(4, 2, 2)
+    keys = ["1" * 40, "2" * 40, "ab" * 20]
+    for cache_dir in (None, tmp_path / "cache"):
+        store = LatentStore("once", 1.0, cache_dir=cache_dir)
+        for k in keys:
+            store.put(k, mean, std)
+        samples = [store.get(k) for k in keys]
+        assert not torch.equal(samples[0], samples[1]) and not torch.equal(samples[1], samples[2])
+        assert all(torch.equal(s, store.get(k)) for s, k in zip(samples, keys))
+        assert all(0.2 < float(s.std()) < 3 for s in samples)  # a real N(0, 1) draw, not the mean
+
+
+def test_plans_differing_only_in_resize_size_get_different_keys():
+    """Same source, crop offset, target and flip, but resized to another size first: other pixels, another key."""
+    from utils.images import Geometry
+
+    a = Geometry((100, 80), (80, 64), 8, 0, (64, 64))
+    b = Geometry((100, 80), (96, 77), 8, 0, (64, 64))
+    assert cache_key("h", a, "vae") != cache_key("h", b, "vae")
+    assert cache_key("h", a, "vae") == cache_key("h", Geometry((100, 80), (80, 64), 8, 0, (64, 64)), "vae")

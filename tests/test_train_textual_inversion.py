@@ -155,6 +155,7 @@ def test_bad_input_is_one_line(tiny_sd1, data_dir, tmp_path, argv, message):
     assert len(err) == 1 and message in err[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tiny_sd1, data_dir, tmp_path):
     """2 processes x batch 1 train the same vectors as 1 process x batch 2; all ranks agree (checked by the loop)."""
     _run(*_args(tiny_sd1, data_dir, tmp_path / "one", "--train_batch_size", "2"))
