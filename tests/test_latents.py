@@ -290,11 +290,13 @@ def test_once_samples_differ_between_entries_and_repeat_for_one(tmp_path):
         assert all(0.2 < float(s.std()) < 3 for s in samples)  # a real N(0, 1) draw, not the mean
 
 
-def test_plans_differing_only_in_resize_size_get_different_keys():
-    """Same source, crop offset, target and flip, but resized to another size first: other pixels, another key."""
-    from utils.images import Geometry
-
-    a = Geometry((100, 80), (80, 64), 8, 0, (64, 64))
-    b = Geometry((100, 80), (96, 77), 8, 0, (64, 64))
-    assert cache_key("h", a, "vae") != cache_key("h", b, "vae")
-    assert cache_key("h", a, "vae") == cache_key("h", Geometry((100, 80), (80, 64), 8, 0, (64, 64)), "vae")
+def test_every_part_of_a_plan_is_in_its_key():
+    """Image (content and source size), training size, crop mode, flip and VAE each change the key; nothing else does.
+    (The resize size follows from source size, training size and crop mode, so two plans cannot differ in it alone.)"""
+    base = ("img@100x80", (64, 64), "center", False, "vae")
+    key = cache_key(*base)
+    assert key == cache_key(*base)
+    for i, other in enumerate(("img@100x81", (64, 72), "none", True, "vae2")):
+        changed = list(base)
+        changed[i] = other
+        assert cache_key(*changed) != key, f"part {i} of the plan is not in the key"
