@@ -231,7 +231,8 @@ def expand_sweep(concepts: list[Concept], sweep: list[tuple[str, str, list[str]]
     out = []
     for c in concepts:
         for combo in itertools.product(*(vals for _, _, vals in sweep)):
-            suffix = "-".join(f"{tag}{v.replace(' ', '_')}" for (_, tag, _), v in zip(sweep, combo))
+            # '.' would end the name where file names take their suffix (<name>.pt): 0.005 -> 0p005
+            suffix = "-".join(f"{tag}{v.replace(' ', '_').replace('.', 'p')}" for (_, tag, _), v in zip(sweep, combo))
             entry = {"name": sanitize_name(f"{c.name}-{suffix}"), "train_data_dir": c.train_data_dir,
                      "dataset_name": c.dataset_name, "initializer_token": c.initializer_token,
                      "num_vectors": c.num_vectors, "template_file": c.template_file, "learning_rate": c.learning_rate}

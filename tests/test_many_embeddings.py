@@ -1,0 +1,139 @@
+"""--concepts / --sweep: K embeddings in one run, each exactly what its own run gives (vectors, files, logs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train_textual_inversion as tti
+from utils.embeddings import load_embedding
+from utils.errors import UserError
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> list[Path]:
+    """Three concepts with 4, 6 and 8 pictures: with batch 2 their epochs are 2, 3 and 4 steps long."""
+    root = tmp_path_factory.mktemp("concepts")
+    rng = torch.Generator().manual_seed(3)
+    out = []
+    for k, n in enumerate((4, 6, 8)):
+        d = root / f"c{k}"
+        d.mkdir()
+        for i in range(n):
+            arr = (torch.rand(64, 64, 3, generator=rng) * 255).byte().numpy()
+            Image.fromarray(arr).save(d / f"{i:02d}.png")
+        out.append(d)
+    return out
+
+
+CONCEPTS = [("alpha-thing", "object", 1, "0.01"), ("beta-thing", "cat", 2, "0.02"), ("gamma-thing", "dog", 1, "0.01")]
+
+
+def _common(model, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--resolution", "64",
+            "--train_batch_size", "2", "--learning_rate", "0.01", "--max_train_steps", str(STEPS), "--seed", "5",
+            "--save_every", "3", "--checkpointing_steps", "0", "--no_previews", *map(str, extra)]
+
+
+def _single(model, data, out, name, init, vectors, lr, *extra):
+    assert tti.main(_common(model, out, "--train_data_dir", data, "--placeholder_token", name,
+                            "--initializer_token", init, "--num_vectors", vectors, "--learning_rate", lr,
+                            *extra)) == 0
+
+
+def _concepts_file(path: Path, folders) -> Path:
+    lines = []
+    for (name, init, vectors, lr), d in zip(CONCEPTS, folders):
+        lines.append(f"- name: {name}\n  train_data_dir: {d}\n  init_text: {init}\n  num_vectors: {vectors}\n"
+                     f"  learning_rate: {lr}\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def _losses(path: Path) -> list[tuple[int, int, int, float, float]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [(int(s), int(e), int(es), float(loss), float(lr)) for s, e, es, loss, lr in rows]
+
+
+@pytest.fixture(scope="module")
+def singles(tiny_sd1, folders, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("singles")
+    out = {}
+    for (name, init, vectors, lr), d in zip(CONCEPTS, folders):
+        _single(tiny_sd1, d, root / name, name, init, vectors, lr)
+        out[name] = root / name
+    return out
+
+
+def test_each_embedding_is_what_its_own_run_gives(tiny_sd1, folders, singles, tmp_path):
+    """THE test: for K = 3 (different pictures, epoch lengths, vector counts and learning rates), each embedding's
+    vectors after N steps match its separate run with the same seed and data, and so does its loss log."""
+    out = tmp_path / "many"
+    assert tti.main(_common(tiny_sd1, out, "--concepts", _concepts_file(tmp_path / "c.yaml", folders))) == 0
+    for name, _, vectors, lr in CONCEPTS:
+        mine, theirs = load_embedding(out / name / f"{name}.pt"), load_embedding(singles[name] / f"{name}.pt")
+        assert mine.name == name and mine.step == STEPS and mine.num_vectors == vectors
+        start = load_embedding(singles[name] / "embeddings" / f"{name}-3.pt").vectors
+        moved = (theirs.vectors - start).abs().max()
+        assert moved > 1e-4  # the comparison below is not between two untrained tables
+        torch.testing.assert_close(mine.vectors, theirs.vectors, rtol=1e-5, atol=1e-6)
+        copy3 = load_embedding(out / name / "embeddings" / f"{name}-3.pt")
+        torch.testing.assert_close(copy3.vectors, start, rtol=1e-5, atol=1e-6)
+        a, b = _losses(out / name / "textual_inversion_loss.csv"), _losses(singles[name] / "textual_inversion_loss.csv")
+        assert [r[:3] for r in a] == [r[:3] for r in b]  # steps and each embedding's own epochs
+        assert [r[4] for r in a] == [r[4] for r in b]  # its own learning rate
+        assert [r[3] for r in a] == pytest.approx([r[3] for r in b], rel=1e-4, abs=1e-6)
+        # the same files as the single run, in its own folder
+        single_files = sorted(p.name for p in singles[name].iterdir() if p.is_file() and p.name != "README.md")
+        my_files = sorted(p.name for p in (out / name).iterdir() if p.is_file() and p.name != "README.md")
+        assert my_files == single_files
+        settings = json.loads((out / name / "training_settings.json").read_text())
+        assert settings["embedding_name"] == name and settings["learning_rate"] == lr
+        assert settings["num_vectors"] == vectors and settings["final_step"] == STEPS
+    with open(out / "embeddings_summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [c[0] for c in CONCEPTS] and all(r["steps"] == str(STEPS) for r in rows)
+
+
+def test_sweep_variants_have_their_own_vectors(tiny_sd1, folders, tmp_path):
+    out = tmp_path / "sweep"
+    assert tti.main(_common(tiny_sd1, out, "--train_data_dir", folders[0], "--placeholder_token", "sw",
+                            "--initializer_token", "object", "--max_train_steps", "2",
+                            "--sweep", "learning_rate=0.005,0.02 num_vectors=1,2", "--learning_rate", "0.005")) == 0
+    got = {p.name: load_embedding(p / f"{p.name}.pt") for p in out.iterdir() if p.is_dir() and p.name.startswith("sw")}
+    assert sorted(got) == ["sw-lr0p005-v1", "sw-lr0p005-v2", "sw-lr0p02-v1", "sw-lr0p02-v2"]
+    assert [got[n].num_vectors for n in sorted(got)] == [1, 2, 1, 2]
+    assert not torch.equal(got["sw-lr0p005-v1"].vectors, got["sw-lr0p02-v1"].vectors)
+    rates = {n: _losses(out / n / "textual_inversion_loss.csv")[0][4] for n in got}
+    assert rates == {"sw-lr0p005-v1": 0.005, "sw-lr0p005-v2": 0.005, "sw-lr0p02-v1": 0.02, "sw-lr0p02-v2": 0.02}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resume_embedding", "x.pt"], "--resume_embedding continues one file"),
+    (["--enable_buckets"], "--enable_buckets"),
+    (["--max_grad_norm", "1"], "joint norm"),
+    (["--sweep", "speed=1"], "unknown key 'speed'"),
+])
+def test_refused_combinations_are_one_line_errors(folders, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        tti.main(_common("no-model-needed", tmp_path / "o", "--train_data_dir", folders[0], "--placeholder_token",
+                         "x", "--sweep", "num_vectors=1,2", *extra))
+
+
+def test_one_concept_is_bit_identical_to_its_own_run(tiny_sd1, folders, singles, tmp_path):
+    """With K = 1 the batch layout is the single run's: the vectors and the loss log are bit-identical."""
+    out = tmp_path / "one"
+    path = _concepts_file(tmp_path / "c.yaml", folders[:1])  # the first concept only
+    assert tti.main(_common(tiny_sd1, out, "--concepts", path)) == 0
+    name = CONCEPTS[0][0]
+    assert torch.equal(load_embedding(out / name / f"{name}.pt").vectors,
+                       load_embedding(singles[name] / f"{name}.pt").vectors)
+    assert _losses(out / name / "textual_inversion_loss.csv") == _losses(singles[name] / "textual_inversion_loss.csv")
