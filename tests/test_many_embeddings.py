@@ -137,3 +137,71 @@ def test_one_concept_is_bit_identical_to_its_own_run(tiny_sd1, folders, singles,
     assert torch.equal(load_embedding(out / name / f"{name}.pt").vectors,
                        load_embedding(singles[name] / f"{name}.pt").vectors)
     assert _losses(out / name / "textual_inversion_loss.csv") == _losses(singles[name] / "textual_inversion_loss.csv")
+
+
+def test_the_loss_is_the_sum_of_each_embeddings_mean():
+    """Each sample's gradient is 1 / (its embedding's sample count): the gradient its own run's mean gives. (AdamW
+    hides a wrong scale almost completely, so the reduction is pinned here directly.)"""
+    from utils.embeddings import Embedding
+    from utils.multi_embedding import ManyEmbeddings
+
+    embs = [Embedding(f"e{k}", torch.zeros(1, 4)) for k in range(4)]
+    many = ManyEmbeddings(embs, tokenizers=[None], model=None, lr_factors=[1.0] * 4)
+    per_sample = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0, 5.0], requires_grad=True)
+    batch = {"embedding_index": torch.tensor([2, 2, 0, 0, 0, 3])}  # embedding 1 has no sample here
+    loss = many.reduce_loss(per_sample, batch)
+    loss.backward()
+    assert float(loss) == pytest.approx(2.0 + 4.0 + 5.0)
+    assert per_sample.grad.tolist() == pytest.approx([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3, 1.0])
+    many.reduce_loss(torch.tensor([3.0, 3.0, 0.0, 0.0, 0.0, 1.0]), batch)
+    assert many.take_step_losses().tolist() == pytest.approx([(4.0 + 0.0) / 2, 0.0, (2.0 + 3.0) / 2, (5.0 + 1.0) / 2])
+    assert many.take_step_losses() is None
+
+
+def test_resume_continues_every_embedding_exactly(tiny_sd1, folders, singles, tmp_path):
+    """Stopped at step 3 (a checkpoint) and resumed: every embedding ends as its own uninterrupted run, and each
+    loss log is whole (steps 1..5, no row twice)."""
+    out = tmp_path / "many"
+    concepts = _concepts_file(tmp_path / "c.yaml", folders)
+    assert tti.main(_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", "3",
+                            "--checkpointing_steps", "3")) == 0
+    assert tti.main(_common(tiny_sd1, out, "--concepts", concepts, "--resume_from_checkpoint", "latest")) == 0
+    for name, *_ in CONCEPTS:
+        torch.testing.assert_close(load_embedding(out / name / f"{name}.pt").vectors,
+                                   load_embedding(singles[name] / f"{name}.pt").vectors, rtol=1e-5, atol=1e-6)
+        assert [r[0] for r in _losses(out / name / "textual_inversion_loss.csv")] == list(range(1, STEPS + 1))
+
+
+def test_a_changed_concept_list_does_not_resume(tiny_sd1, folders, tmp_path):
+    out = tmp_path / "many"
+    assert tti.main(_common(tiny_sd1, out, "--concepts", _concepts_file(tmp_path / "c.yaml", folders),
+                            "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
+    with pytest.raises(UserError, match="belongs to another run"):
+        tti.main(_common(tiny_sd1, out, "--concepts", _concepts_file(tmp_path / "c2.yaml", folders[:2]),
+                         "--resume_from_checkpoint", "latest"))
+
+
+@pytest.mark.slow
+def test_two_processes_match_the_single_runs(tiny_sd1, folders, singles, tmp_path):
+    """2 processes x batch 1 per embedding: each rank takes its share of every embedding's batch; the result is
+    each embedding's own 1-process run, and its loss log is the mean over both ranks."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(root / "train_textual_inversion.py"),
+           *_common(tiny_sd1, tmp_path / "two", "--concepts", _concepts_file(tmp_path / "c.yaml", folders)),
+           "--train_batch_size", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
+    for name, *_ in CONCEPTS:
+        torch.testing.assert_close(load_embedding(tmp_path / "two" / name / f"{name}.pt").vectors,
+                                   load_embedding(singles[name] / f"{name}.pt").vectors, rtol=1e-4, atol=1e-5)
+        a = _losses(tmp_path / "two" / name / "textual_inversion_loss.csv")
+        b = _losses(singles[name] / "textual_inversion_loss.csv")
+        assert [r[3] for r in a] == pytest.approx([r[3] for r in b], rel=1e-4, abs=1e-6)
