@@ -3,9 +3,12 @@
 ``slurm/train_array.sbatch`` trains one embedding (or hypernetwork) per array task. The embeddings are listed in a
 text file, one line each: the flags that differ between them (shell quoting; blank lines and ``#`` comments are
 skipped). Array task i takes line i. Each task records how it ended in a folder that the whole array shares and
-rewrites the summary there, so the summary is complete when the last task ends. The template calls:
+rewrites the summary there, so the summary is complete when the last task ends. With a ``--concepts`` file
+(.csv/.json/.yaml) as the list (``slurm/train_concepts_array.sbatch``), task i takes ``per_task`` of its entries and
+trains them as one batched run in ``<output_dir>/task-<i>/``. The templates call:
 
     python -m utils.job_array args LIST TASK_ID [-- COMMON_ARGS...]    # the task's flags, NUL-separated
+    python -m utils.job_array args CONCEPTS.csv TASK_ID --per_task N [-- COMMON_ARGS...]  # N embeddings, one run
     python -m utils.job_array record DIR --task I ... -- SCRIPT ARGS... # after the training; rewrites the summary
     python -m utils.job_array summary DIR                               # (users) rewrite and print the summary
 
@@ -101,6 +104,28 @@ def task_args(list_path: str | Path, task_id: int, common: list[str]) -> list[st
     return line
 
 
+CONCEPT_FILE_SUFFIXES = (".csv", ".json", ".yaml", ".yml")
+
+
+def is_concepts_file(path: str | Path) -> bool:
+    """A --concepts file (many embeddings per task, batched) rather than a list of flag lines (one per task)."""
+    return Path(path).suffix.lower() in CONCEPT_FILE_SUFFIXES
+
+
+def concepts_task_args(path: str | Path, task_id: int, per_task: int, common: list[str]) -> list[str]:
+    """Array task ``task_id`` of a concepts file: its ``per_task`` concepts (entries task_id*per_task ..) are written
+    to ``<output_dir>/task-<id>/concepts.json`` and trained as one batched run there; returns the flags for it."""
+    from utils.concepts import read_entries
+
+    if per_task < 1:
+        raise UserError(f"--per_task must be >= 1 (got {per_task})")
+    entries = lines_for_task(read_entries(Path(path)), task_id, per_task)
+    out = Path(output_dir_of(common)).resolve() / f"task-{task_id:05d}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "concepts.json", json.dumps(entries, indent=1) + "\n")
+    return ["--concepts", str(out / "concepts.json"), "--output_dir", str(out)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What each task did, and the summary
 
@@ -154,6 +179,9 @@ def task_row(rec: TaskRecord) -> dict:
            "job_id": rec.job_id, "output_dir": str(out),
            "files": sorted(p.name for p in out.glob("*") if p.suffix in (".pt", ".safetensors")),
            "step": None, "loss": None, "error": "", "log": rec.log}
+    if (out / "embeddings_summary.csv").is_file():  # a batched --concepts task: one folder per embedding
+        with open(out / "embeddings_summary.csv", newline="", encoding="utf-8") as f:
+            row["files"] = [f"{r['name']}/" for r in csv.DictReader(f)]
     last = last_csv_row(out) if out.is_dir() else None
     if last:
         row["step"], row["loss"] = int(last["step"]), float(last["loss"])
@@ -220,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         argv, rest = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("args", help="print array task TASK_ID's flags from LIST, NUL-separated")
+    a = sub.add_parser("args", help="print array task TASK_ID's flags from LIST, NUL-separated (a --concepts "
+                                    "file as LIST: the task's slice, written to <output_dir>/task-<id>/)")
     a.add_argument("list")
     a.add_argument("task_id", type=int)
+    a.add_argument("--per_task", type=int, default=1,
+                   help="with a --concepts file (.csv/.json/.yaml) as LIST: embeddings per task, trained as one run")
     r = sub.add_parser("record", help="record how a task ended and rewrite the summary in DIR")
     r.add_argument("dir", type=Path)
     for name in ("task", "tasks", "status", "restarts"):
@@ -235,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
 
     if ns.command == "args":
-        sys.stdout.write("".join(f"{w}\0" for w in task_args(ns.list, ns.task_id, rest)))
+        words = (concepts_task_args(ns.list, ns.task_id, ns.per_task, rest) if is_concepts_file(ns.list)
+                 else task_args(ns.list, ns.task_id, rest))
+        sys.stdout.write("".join(f"{w}\0" for w in words))
     elif ns.command == "record":
         if not rest:
             raise UserError("record: give the training command after --")
