@@ -205,3 +205,38 @@ def test_two_processes_match_the_single_runs(tiny_sd1, folders, singles, tmp_pat
         a = _losses(tmp_path / "two" / name / "textual_inversion_loss.csv")
         b = _losses(singles[name] / "textual_inversion_loss.csv")
         assert [r[3] for r in a] == pytest.approx([r[3] for r in b], rel=1e-4, abs=1e-6)
+
+
+def test_previews_cards_and_optimizer_sidecars_per_embedding(tiny_sd1, folders, tmp_path):
+    """Each embedding's folder holds what a single run writes with these flags: previews of its own prompt ([name]
+    becomes its name), PNG cards that load as it, and an A1111 .pt.optim with only its own optimizer state."""
+    out = tmp_path / "o"
+    argv = _common(tiny_sd1, out, "--concepts", _concepts_file(tmp_path / "c.yaml", folders[:2]),
+                   "--max_train_steps", "2", "--save_every", "2", "--save_image_embeddings", "--save_optimizer_state",
+                   "--preview_every", "2", "--preview_steps", "2", "--preview_prompt", "a [name] on a table")
+    argv.remove("--no_previews")
+    assert tti.main(argv) == 0
+    from utils.infotext import read_infotext
+
+    for name, _, vectors, _ in CONCEPTS[:2]:
+        folder = out / name
+        assert sorted(p.name for p in (folder / "images").iterdir()) == [f"{name}-2-0.png"]
+        assert f"a {name} on a table" in read_infotext(folder / "images" / f"{name}-2-0.png")
+        card = load_embedding(folder / "image_embeddings" / f"{name}-2.png")
+        assert card.name == f"{name}-2" and torch.allclose(card.vectors, load_embedding(folder / f"{name}.pt").vectors)
+        sidecar = torch.load(folder / f"{name}.pt.optim", weights_only=False)["optimizer_state_dict"]
+        assert len(sidecar["param_groups"]) == 1 and sidecar["param_groups"][0]["params"] == [0]
+        assert sidecar["state"][0]["exp_avg"].shape == (vectors, 32)
+        # A1111 loads it into an AdamW over the one vector table
+        table = torch.nn.Parameter(torch.zeros(vectors, 32))
+        torch.optim.AdamW([table]).load_state_dict(sidecar)
+
+
+def test_sdxl_embeddings_train_side_by_side(tiny_sdxl, folders, tmp_path):
+    out = tmp_path / "o"
+    assert tti.main(_common(tiny_sdxl, out, "--concepts", _concepts_file(tmp_path / "c.yaml", folders[:2]),
+                            "--max_train_steps", "2")) == 0
+    for name, _, vectors, _ in CONCEPTS[:2]:
+        emb = load_embedding(out / name / f"{name}.safetensors")
+        assert emb.is_sdxl and emb.num_vectors == vectors and emb.step == 2
+        assert (out / name / "learned_embeds.safetensors").is_file()

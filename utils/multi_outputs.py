@@ -7,8 +7,6 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from utils.fileio import atomic_path
 from utils.multi_embedding import SUMMARY_FILE, GroupOptimizer, ManyEmbeddings
 from utils.training import BaseStepHook, LossLog, Outputs
@@ -29,7 +27,6 @@ class ManyOutputs:
 
     def __init__(self, writers: list):
         self.writers = writers  # utils.ti_outputs.TextualInversionOutputs, one per embedding, in embedding order
-        self.optimizer_groups = True
 
     def save(self, step: int) -> list[Path]:
         return [f for w in self.writers for f in w.save(step)]
@@ -77,6 +74,8 @@ class PerEmbeddingLog(BaseStepHook):
         acc = ctx.accelerator
         losses = (acc.reduce(losses.float(), "sum") / acc.num_processes).tolist() if acc.num_processes > 1 \
             else losses.float().tolist()
+        if ctx.cfg.report_to != "none" and step % ctx.cfg.log_every == 0:
+            acc.log({f"loss/{info.name}": loss for info, loss in zip(self.infos, losses)}, step=step)
         if self.main:
             for k, (info, loss) in enumerate(zip(self.infos, losses)):
                 spe = info.steps_per_epoch
@@ -127,9 +126,3 @@ def write_summary(out_dir: Path, rows: list[dict], print_fn=print) -> Path:
         print_fn(f"{r['name']:<{width}}  {r['steps']:>6}  {r['final_loss']:>10}  {r['mean_loss_last_10']:>8}  "
                  f"{r['folder']}/: {r['files']}")
     return path
-
-
-def vectors_of(trainable: ManyEmbeddings, k: int) -> torch.Tensor:
-    """Embedding k's vectors as one tensor (SDXL: both tables side by side), for tests and checks."""
-    emb = trainable.current(k, 0)
-    return torch.cat([emb.vectors[key] for key in sorted(emb.vectors)], dim=-1) if emb.is_sdxl else emb.vectors
