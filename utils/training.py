@@ -420,6 +420,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
         tmp_dir = out_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
         if accelerator.is_main_process:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            if log:
+                log.flush()  # before the checkpoint exists: a checkpoint at step N promises the log up to N
         accelerator.wait_for_everyone()
         # A write the disk refuses ends every rank with one line (all learn of it in the same collective, so none is
         # left waiting); the temporary folder goes and the previous checkpoint stays.
@@ -435,8 +437,6 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
         if accelerator.is_main_process:
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp_dir, final_dir)
-            if log:
-                log.flush()
             if cfg.checkpoints_total_limit:
                 for _, old in list_checkpoints(out_dir)[: -cfg.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
