@@ -110,7 +110,7 @@ def _available_cpus() -> int:
 def threads_per_rank(environ: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
     """CPU threads one rank should use: an explicit OMP_NUM_THREADS, else the CPUs this node's job step has divided
     by the ranks on this node (LOCAL_WORLD_SIZE, set by the launcher). Ranks that each take every core slow each other
-    down badly (2 ranks x 2 threads on 2 cores ran 25x slower, field notes)."""
+    down badly (2 ranks x 2 threads on 2 cores ran 25x slower, docs/cluster.md section 9)."""
     env = os.environ if environ is None else environ
     explicit = env.get("OMP_NUM_THREADS", "")
     if explicit.isdigit() and int(explicit) > 0:

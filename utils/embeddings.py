@@ -1,4 +1,4 @@
-"""The Embedding type and every embedding file format in use (a1111-compat §1, §4).
+"""The Embedding type and every embedding file format in use (docs/a1111-rules.md, "Embedding files").
 
 Reading (:func:`load_embedding`) follows A1111's rules: dispatch on the extension, classify the loaded dict
 (``string_to_param`` / ``clip_l``+``clip_g`` / one tensor), name from the file stem except for images. Pickles are
@@ -202,7 +202,7 @@ def _str_or_none(value) -> str | None:
 
 def embedding_from_data(data, name: str, path: str | os.PathLike = "<data>",
                         metadata: Mapping | None = None) -> Embedding:
-    """Classify a loaded dict the way A1111 does (§1.3) and build an Embedding named ``name``.
+    """Classify a loaded dict the way A1111 does (docs/a1111-rules.md, "Reading") and build an Embedding named ``name``.
 
     ``metadata`` supplies step/checkpoint fields when the data itself has none (safetensors header metadata).
     """
@@ -366,7 +366,8 @@ def load_diffusers_sdxl_pair(path_l: str | os.PathLike, path_g: str | os.PathLik
 
 
 def checksum(emb: Embedding | torch.Tensor) -> str:
-    """A1111's 4-hex fingerprint of the values (§1.6): used in ``.optim`` sidecars and old generation comments.
+    """A1111's 4-hex fingerprint of the values (docs/a1111-rules.md, "Hashes and checksums"): used in ``.optim``
+    sidecars and old generation comments.
 
     A1111 leaves it undefined for SDXL; here it runs over clip_l then clip_g.
     """
@@ -398,7 +399,7 @@ def _single(emb: Embedding, what: str) -> torch.Tensor:
 
 
 def a1111_dict(emb: Embedding) -> dict:
-    """The dict A1111 ``torch.save``s, keys in A1111's order (§1.2)."""
+    """The dict A1111 ``torch.save``s, keys in A1111's order (docs/a1111-rules.md, "Writing")."""
     return {
         "string_to_token": {"*": A1111_STAR_TOKEN},
         "string_to_param": {"*": _single(emb, "an A1111 .pt / PNG")},
@@ -476,7 +477,8 @@ def save_kohya(emb: Embedding, path: str | os.PathLike) -> Path:
 
 def save_png_card(emb: Embedding, path: str | os.PathLike, image=None, *, padding: str = "cyclic",
                   steps_done: int | None = None, checkpoint_hash: str | None = None) -> Path:
-    """A1111's "embedding in PNG" card (§3.7): captioned picture + pixel payload + ``sd-ti-embedding`` text chunk.
+    """A1111's "embedding in PNG" card (docs/a1111-rules.md, "Embeddings inside images"): captioned picture + pixel
+    payload + ``sd-ti-embedding`` text chunk.
 
     ``image`` is the preview picture (PIL); without one a pattern drawn from the vectors is used. ``steps_done``
     and ``checkpoint_hash`` only change the caption (default: the stored step and sd_checkpoint).
@@ -596,7 +598,8 @@ def _truncates(tokenizer) -> bool:
 
 def create_embedding(name: str, init_text: str, num_vectors: int, tokenizer, token_embedding: torch.nn.Embedding,
                      *, truncate: bool | None = None) -> Embedding:
-    """A fresh embedding as A1111 creates it (§4): row i = embedding of init token ⌊i·T/n⌋; empty init -> zeros.
+    """A fresh embedding as A1111 creates it (docs/a1111-rules.md, "Creating an embedding"): row i = embedding of init
+    token ⌊i·T/n⌋; empty init -> zeros.
 
     ``truncate`` (default: decided from the tokenizer) keeps at most ``num_vectors`` init tokens, as SD-1 does.
     """

@@ -1,5 +1,5 @@
-"""A1111-compatible hypernetworks (a1111-compat §2): the module, the container, every file layout, the attention
-hook for diffusers models, and the prompt tags.
+"""A1111-compatible hypernetworks (docs/a1111-rules.md, "Hypernetworks"): the module, the container, every file layout,
+the attention hook for diffusers models, and the prompt tags.
 
 A hypernetwork is, per context width, a pair of residual MLPs (one for the attention keys, one for the values). Every
 attention layer whose context (the text for cross-attention, the image features for self-attention) has a width with a
@@ -355,7 +355,8 @@ def _layer_keys(data: dict) -> list[int]:
 
 
 def options_from_a1111_dict(data: dict) -> HypernetworkOptions:
-    """The options of a loaded file with A1111's load defaults for every key an older file lacks (§2.1)."""
+    """The options of a loaded file with A1111's load defaults for every key an older file lacks
+    (docs/a1111-rules.md, "Hypernetworks")."""
     dropout_structure = data.get("dropout_structure")
     if dropout_structure is not None:
         dropout_structure = list(dropout_structure)
