@@ -277,15 +277,18 @@ def wandb_tags(tracker_config: Mapping, job: SlurmJob | None) -> list[str]:
     return tags
 
 
+def wandb_run(accelerator):
+    """This process's W&B run object, or None when W&B is not among the run's trackers."""
+    try:
+        return accelerator.get_tracker("wandb", unwrap=True)
+    except (ValueError, KeyError):
+        return None
+
+
 def log_output_artifact(accelerator, name: str, kind: str, files: list[Path], metadata: dict | None = None) -> bool:
     """Upload the run's final files as one W&B artifact (main process; offline runs keep it for `wandb sync`).
     Returns False when W&B is not in use."""
-    if not accelerator.is_main_process:
-        return False
-    try:
-        run = accelerator.get_tracker("wandb", unwrap=True)
-    except (ValueError, KeyError):
-        return False
+    run = wandb_run(accelerator) if accelerator.is_main_process else None
     if run is None or not hasattr(run, "log_artifact"):
         return False
     import wandb
