@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.fileio import atomic_path
 from utils.hashes import sha256_file
 from utils.pt_file import save_pt
@@ -406,8 +406,8 @@ def hypernetwork_from_a1111_dict(data: dict, path: str | os.PathLike) -> Hyperne
                 try:
                     module.load_a1111_state_dict(sd)
                 except (RuntimeError, AttributeError, TypeError) as e:
-                    first = str(e).strip().splitlines()[0]
-                    raise UserError(f"weights for width {dim} do not match the stored options ({first})") from None
+                    reason = first_line(e)
+                    raise UserError(f"weights for width {dim} do not match the stored options ({reason})") from None
                 if not all(bool(torch.isfinite(t).all()) for t in module.state_dict().values()):
                     # e.g. saved from a diverged run: every image it touched would turn NaN
                     raise UserError(f"weights for width {dim} hold NaN or infinite values; refusing a broken "
