@@ -179,7 +179,7 @@ KINDS = {
     "emb-bin": "embedding `learned_embeds.bin` (`--no_safe_serialization`)",
     "emb-png": "PNG card `image_embeddings/<name>-<step>.png`",
     "emb-optim": "`<name>.pt.optim` of an embedding (`--save_optimizer_state`)",
-    "emb-kohya": "kohya layout `emb_params` (`python -m utils.embeddings convert --format kohya`)",
+    "emb-kohya": "kohya layout `emb_params` (`python -m tools.embeddings convert --format kohya`)",
     "sdxl-safetensors": "SDXL embedding `<name>.safetensors` (`clip_l` + `clip_g`)",
     "sdxl-diffusers": "SDXL `learned_embeds.safetensors` + `learned_embeds_2.safetensors`",
     "hn-pt": "hypernetwork `<name>.pt`, `hypernetworks/<name>-<step>.pt`",
@@ -676,7 +676,7 @@ def test_client_reads_our_file(kind, client, request, tmp_path):
 
 def _kohya_layout_file(ctx) -> Path:
     """The converter's kohya layout of the run's final embedding (``emb_params``)."""
-    from utils.embeddings import main as embeddings_main
+    from tools.embeddings import main as embeddings_main
 
     out = ctx.tmp_path / "kohya" / f"{NAME}.safetensors"
     out.parent.mkdir(exist_ok=True)
@@ -812,7 +812,7 @@ def _pt_files(*outs: Path) -> list[Path]:
 
 
 def test_a1111_safe_check_passes_on_every_pt_we_write(ti_run, hn_run, hn_files, a1111, tmp_path):
-    from utils.embeddings import main as embeddings_main
+    from tools.embeddings import main as embeddings_main
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter and `create` write .pt too
         embeddings_main(["convert", str(ti_run.out / "image_embeddings" / f"{NAME}-2.png"), str(tmp_path / "c.pt")])

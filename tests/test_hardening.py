@@ -759,7 +759,7 @@ def test_inspect_gives_the_reason_for_each_hostile_file(tmp_path):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(folder / "whole.png")
     (folder / "cut.png").write_bytes((folder / "whole.png").read_bytes()[:60])
     (folder / "junk.safetensors").write_bytes(b"\xff" * 64)
-    r = subprocess.run([sys.executable, "-m", "utils.embeddings", "inspect", *(str(folder / n) for n in files)],
+    r = subprocess.run([sys.executable, "-m", "tools.embeddings", "inspect", *(str(folder / n) for n in files)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "PWNED").exists(), r.stderr

@@ -13,6 +13,7 @@ import torch
 
 import train_hypernetwork as thn
 import train_textual_inversion as tti
+from tools import hub as hub_tool
 from utils import hub
 from utils.embeddings import load_embedding
 
@@ -164,7 +165,7 @@ def test_failed_upload_keeps_everything_and_says_how_to_publish_later(tiny_sd1, 
 
     # ... which then works from a machine with network.
     fake = FakeHub(monkeypatch)
-    assert hub.main([str(out), "--hub_model_id", "me/x"]) == 0
+    assert hub_tool.main([str(out), "--hub_model_id", "me/x"]) == 0
     assert fake.uploads[0]["repo_id"] == "me/x" and "red-ball.pt" in fake.uploads[0]["files"]
 
 

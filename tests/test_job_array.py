@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tools import job_array as job_array_tool
 from utils import job_array
 from utils.errors import UserError
 
@@ -67,7 +68,7 @@ def test_lines_that_would_share_an_output_folder_are_refused(tmp_path):
 
 def test_args_command_prints_the_line_nul_separated(tmp_path, capsys):
     path = _list(tmp_path, "--output_dir a\n--placeholder_token 'b c' --output_dir b\n")
-    assert job_array.main(["args", str(path), "1", "--", "--seed", "1"]) == 0
+    assert job_array_tool.main(["args", str(path), "1", "--", "--seed", "1"]) == 0
     assert capsys.readouterr().out.split("\0") == ["--placeholder_token", "b c", "--output_dir", "b", ""]
 
 
@@ -105,4 +106,4 @@ def test_summary_rows_states_files_steps_and_errors(tmp_path):
     _record(folder, 1, "stopped", a)
     text = (folder / "summary.txt").read_text()
     assert text.startswith("3 task(s): 1 done, 1 failed, 1 stopped") and "submit the task again" in text
-    assert job_array.main(["summary", str(folder)]) == 0
+    assert job_array_tool.main(["summary", str(folder)]) == 0

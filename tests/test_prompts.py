@@ -17,7 +17,7 @@ from utils.prompts import (
 )
 from utils.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
 
-# name -> (vectors, step, shorthash) as the files in ../shared/fixtures/a1111 hold them (a1111-compat §8)
+# name -> (vectors, step, shorthash) as the real A1111 files of the a1111_fixtures folder (tests/conftest.py) hold them
 REAL = {
     "bad-artist": (2, 1875, "2d356134903e"),
     "bad-hands-5": (2, 1419, "01b60bdcc335"),

@@ -1,8 +1,8 @@
 """Learning rate as a pure function of the optimizer step.
 
-Two sources: A1111's schedule strings (``"0.005:100, 1e-3:1000, 1e-5"``, a1111-compat §3.2) and a plain number with one
-of diffusers' scheduler names. Because the rate depends only on the step, resuming needs no scheduler state and gives
-the same rates as an uninterrupted run on any number of processes.
+Two sources: A1111's schedule strings (``"0.005:100, 1e-3:1000, 1e-5"``; docs/a1111-rules.md, "Learning-rate
+schedules") and a plain number with one of diffusers' scheduler names. Because the rate depends only on the
+step, resuming needs no scheduler state and gives the same rates as an uninterrupted run on any number of processes.
 """
 
 from __future__ import annotations
