@@ -423,6 +423,8 @@ class _PromptIds:
     ids: torch.Tensor
     weights: torch.Tensor | None
     embeddings: tuple[Embedding, ...]
+    names: list[str]  # of those embeddings
+    length: int  # 77·k
 
 
 @dataclass
@@ -469,7 +471,8 @@ class PromptTokenizer:
             ids += tokens
             weights += chunk.weights
         w = None if all(x == 1.0 for x in weights) else torch.tensor(weights)
-        return _PromptIds(torch.tensor(ids, dtype=torch.long), w, tuple(embeddings))
+        embeddings = tuple(embeddings)
+        return _PromptIds(torch.tensor(ids, dtype=torch.long), w, embeddings, [e.name for e in embeddings], len(ids))
 
     def _one(self, k: int, prompt: str) -> _PromptIds:
         hit = self._cache.get((k, prompt))
@@ -485,38 +488,36 @@ class PromptTokenizer:
 
     def _batch(self, k: int, prompts: list[str], num_chunks: int | None) -> TokenBatch:
         items = [self._one(k, p) for p in prompts]
-        length = max([len(it.ids) for it in items] + [(num_chunks or 1) * WINDOW])
-        order: list[Embedding] = []
-        start: dict[str, int] = {}
+        length = max([it.length for it in items] + [(num_chunks or 1) * WINDOW])
+        order: dict[str, Embedding] = {}
         for it in items:
             for emb in it.embeddings:
-                if emb.name not in start:
-                    start[emb.name] = sum(e.num_vectors for e in order)
-                    order.append(emb)
+                order.setdefault(emb.name, emb)
+        names = list(order)
         empty = self._empty[k]
         weighted = any(it.weights is not None for it in items)
         ids, weights = [], []
         for it in items:
-            row = _rows_from(it, start)
-            pad = (length - len(row)) // WINDOW
+            # A prompt's own table is the start of the batch's when its embeddings come first in the same order
+            # (always so in training: one embedding); otherwise its rows are renumbered.
+            row = it.ids if it.names == names[: len(it.names)] else _renumbered(it, order)
+            pad = (length - it.length) // WINDOW
             ids.append(torch.cat([row] + [empty.ids] * pad) if pad else row)
             if weighted:
-                w = it.weights if it.weights is not None else torch.ones(len(row))
+                w = it.weights if it.weights is not None else torch.ones(it.length)
                 weights.append(torch.cat([w] + [torch.ones(WINDOW)] * pad) if pad else w)
-        return TokenBatch(torch.stack(ids), torch.stack(weights) if weighted else None, order)
+        return TokenBatch(torch.stack(ids), torch.stack(weights) if weighted else None, list(order.values()))
 
 
-def _rows_from(item: _PromptIds, start: dict[str, int]) -> torch.Tensor:
-    """``item``'s ids with its own table rows renumbered into the batch's table (no work when they already agree,
-    as in training: one embedding, always first)."""
-    mapping, local = [], 0
-    for emb in item.embeddings:
-        mapping += range(start[emb.name], start[emb.name] + emb.num_vectors)
-        local += emb.num_vectors
-    if mapping == list(range(local)):
-        return item.ids
-    rows = torch.tensor(mapping, dtype=torch.long)[(-item.ids - 1).clamp(min=0)]
-    return torch.where(item.ids < 0, -(rows + 1), item.ids)
+def _renumbered(item: _PromptIds, order: dict[str, Embedding]) -> torch.Tensor:
+    """``item``'s ids with its own table rows renumbered into the table of the batch's embeddings ``order``."""
+    start, rows = {}, 0
+    for name, emb in order.items():
+        start[name] = rows
+        rows += emb.num_vectors
+    mapping = [r for emb in item.embeddings for r in range(start[emb.name], start[emb.name] + emb.num_vectors)]
+    new_rows = torch.tensor(mapping, dtype=torch.long)[(-item.ids - 1).clamp(min=0)]
+    return torch.where(item.ids < 0, -(new_rows + 1), item.ids)
 
 
 class PromptEncoder:
