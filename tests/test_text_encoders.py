@@ -98,7 +98,7 @@ def test_gradients_reach_only_the_vectors_of_the_prompts_that_name_them(family, 
         noisy = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
         return ti.model(noisy, torch.tensor([10] * len(prompts)), **inputs).pow(2).mean()
 
-    loss_of([PROMPTS[0]]).backward()
+    loss_of([PROMPTS[0], PROMPTS[2]]).backward()  # two chunks and emphasis through the UNet too
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in ti.parameters())  # every encoder's table
     assert all(p.grad is None for p in frozen)
     for v in ti.parameters():
