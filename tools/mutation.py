@@ -32,8 +32,8 @@ WORK = ROOT / ".mutation"
 MODULES: dict[str, tuple[str, list[str]]] = {
     # cheapest test files first: they run first (tools/mutation_order.py) and usually kill the mutant alone
     "diffusion_loss": ("utils/diffusion_loss.py", ["tests/test_diffusion_loss.py", "tests/test_loop_numerics.py"]),
-    "token_splice": ("utils/token_splice.py",
-                     ["tests/test_token_splice.py", "tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
+    "text_encoders": ("utils/text_encoders.py",
+                      ["tests/test_token_splice.py", "tests/test_text_encoders.py", "tests/test_loop_numerics.py"]),
     "lr_schedule": ("utils/lr_schedule.py", ["tests/test_lr_schedule.py", "tests/test_loop_numerics.py"]),
     "textual_inversion": ("utils/textual_inversion.py",
                           ["tests/test_textual_inversion.py", "tests/test_a1111_rules.py", "tests/test_loop_numerics.py",

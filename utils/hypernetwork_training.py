@@ -55,12 +55,10 @@ class ConditioningCache:
         self.bytes = 0
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if offload:
-            for name in ("text_encoder", "text_encoder_2"):
-                module = getattr(pipeline, name, None)
-                if module is not None:
-                    # float32 on the CPU: fp16/bf16 matmuls there are several times slower. The weights were loaded
-                    # in the weight dtype, so previews cast them back to it exactly (utils.training_setup).
-                    module.to("cpu", dtype=torch.float32)
+            for module in self.encoder.encoders.modules:
+                # float32 on the CPU: fp16/bf16 matmuls there are several times slower. The weights were loaded
+                # in the weight dtype, so previews cast them back to it exactly (utils.training_setup).
+                module.to("cpu", dtype=torch.float32)
 
     @torch.no_grad()
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:

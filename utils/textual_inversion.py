@@ -6,15 +6,14 @@ The loop in utils/training.py sees only the small Trainable interface implemente
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from utils.embeddings import Embedding
-from utils.token_splice import find_subsequence, splice_into, unsplice
-
-SDXL_ENCODER_KEYS = ("clip_l", "clip_g")
+from utils.prompts import PromptTokenizer
+from utils.text_encoders import TextEncoders
 
 
 class TextualInversionModel(nn.Module):
@@ -24,38 +23,27 @@ class TextualInversionModel(nn.Module):
     new vectors, one table per text encoder, kept in float32 whatever the models' dtype.
     """
 
-    def __init__(self, text_encoders: list[nn.Module], unet: nn.Module, vectors: list[torch.Tensor], sdxl: bool):
+    def __init__(self, encoders: TextEncoders, unet: nn.Module, vectors: list[torch.Tensor]):
         super().__init__()
-        self.text_encoders = nn.ModuleList(text_encoders)
+        self.encoders = encoders
+        self.text_encoders = nn.ModuleList(encoders.modules)
         self.unet = unet
         self.vectors = nn.ParameterList([nn.Parameter(v.detach().clone().float()) for v in vectors])
-        self.sdxl = sdxl
+        self.sdxl = encoders.is_sdxl
         # Read once: diffusers' .dtype walks every submodule (about 1 ms per call on a small UNet).
         self.unet_dtype = next(unet.parameters()).dtype
-        self._splice()
 
-    def _splice(self) -> None:
-        # The encoders get a view of each vector Parameter, never the Parameter itself: registered inside an encoder
-        # it would make transformers report that encoder's dtype as float32 under bf16/fp16, and the pipelines used
-        # for previews then cast the conditioning to float32 and fail in the bf16/fp16 UNet. A fresh view per
-        # forward keeps the gradient flowing to the Parameter this module owns (and DDP syncs).
-        for te, vec in zip(self.text_encoders, self.vectors):
-            splice_into(te, vec.view_as(vec))
+    def encode(self, input_ids: list[torch.Tensor], weights: list[torch.Tensor | None] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The same call as previews and inference make (utils/text_encoders.py), with this module's vectors as the
+        # tables. A view of each Parameter, never the Parameter itself, goes into the encoders (see
+        # utils.text_encoders.spliced); a fresh view per forward keeps the gradient flowing to the Parameter this
+        # module owns (and DDP syncs).
+        cond = self.encoders.encode(input_ids, [v.view_as(v) for v in self.vectors], weights)
+        return cond.embeds, cond.pooled
 
-    def encode(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self._splice()
-        if not self.sdxl:
-            return self.text_encoders[0](input_ids[0]).last_hidden_state, None
-        # SDXL: penultimate hidden states of both encoders side by side; pooled output of the second.
-        states, pooled = [], None
-        for te, ids in zip(self.text_encoders, input_ids):
-            out = te(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled = getattr(out, "text_embeds", None)
-        return torch.cat(states, dim=-1), pooled
-
-    def forward(self, noisy_latents, timesteps, input_ids: list[torch.Tensor], add_time_ids=None):
-        hidden, pooled = self.encode(input_ids)
+    def forward(self, noisy_latents, timesteps, input_ids: list[torch.Tensor], add_time_ids=None, weights=None):
+        hidden, pooled = self.encode(input_ids, weights)
         hidden = hidden.to(self.unet_dtype)
         added = None
         if self.sdxl:
@@ -64,34 +52,14 @@ class TextualInversionModel(nn.Module):
 
 
 def tokenize_with_placeholder(tokenizer, prompts: list[str], name: str, num_vectors: int) -> torch.Tensor:
-    """Token ids [B, 77] where every occurrence of ``name`` becomes ``num_vectors`` spliced slots (ids -1 .. -n).
+    """Token ids [B, 77·k] of ``prompts`` for one tokenizer, every ``name`` taking ``num_vectors`` slots (ids -1 ..
+    -n): what training feeds the text encoder, from utils.prompts.PromptTokenizer like previews and inference.
 
     The name is matched as a token sequence, as A1111 does, so the prompt word and the embedding name cannot drift
-    apart (diffusers#3097). Prompts are cut at 75 tokens, never in the middle of the placeholder.
+    apart (diffusers#3097). Past 75 tokens a prompt goes on in a second 77-token window, never splitting the slots.
     """
-    name_ids = tokenizer(name, add_special_tokens=False).input_ids
-    slots = [-(k + 1) for k in range(num_vectors)]
-    limit = tokenizer.model_max_length - 2
-    pad = tokenizer.pad_token_id
-    rows = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
-        out: list[int] = []
-        i = 0
-        while i < len(ids):
-            j = find_subsequence(ids, name_ids, i) if name_ids else -1
-            if j < 0:
-                out += ids[i:]
-                break
-            out += ids[i:j]
-            if len(out) + num_vectors > limit:
-                break
-            out += slots
-            i = j + len(name_ids)
-        out = out[:limit]
-        row = [tokenizer.bos_token_id] + out + [tokenizer.eos_token_id]
-        rows.append(row + [pad] * (limit + 2 - len(row)))
-    return torch.tensor(rows, dtype=torch.long)
+    placeholder = Embedding(name, torch.zeros(num_vectors, 1))
+    return PromptTokenizer([tokenizer], {name: placeholder})(list(prompts))[0].ids
 
 
 @dataclass
@@ -99,25 +67,24 @@ class TextualInversion:
     """The Trainable for embeddings: the module, its parameters, how a batch becomes model inputs, the outputs."""
 
     embedding: Embedding  # name, starting vectors, step counter, checkpoint identity
-    tokenizers: list
+    prompt_tokens: PromptTokenizer  # the trained embedding by name (each distinct prompt tokenized once)
     model: TextualInversionModel
     csv_name: str = "textual_inversion_loss.csv"
     kind: str = "textual inversion"
-    _ids_cache: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, pipeline, embedding: Embedding) -> "TextualInversion":
-        sdxl = embedding.is_sdxl
-        if sdxl:
-            encoders = [pipeline.text_encoder, pipeline.text_encoder_2]
-            tokenizers = [pipeline.tokenizer, pipeline.tokenizer_2]
-            vectors = [embedding.vectors[k] for k in SDXL_ENCODER_KEYS]
-        else:
-            encoders, tokenizers, vectors = [pipeline.text_encoder], [pipeline.tokenizer], [embedding.vectors]
-        for module in (*encoders, pipeline.unet):
+        encoders = TextEncoders.of(pipeline)
+        vectors = encoders.vectors_of(embedding)
+        for module in (*encoders.modules, pipeline.unet):
             module.requires_grad_(False)
             module.eval()
-        return cls(embedding, tokenizers, TextualInversionModel(encoders, pipeline.unet, vectors, sdxl))
+        tokens = PromptTokenizer(encoders.tokenizers, {embedding.name: embedding})
+        return cls(embedding, tokens, TextualInversionModel(encoders, pipeline.unet, vectors))
+
+    @property
+    def tokenizers(self) -> list:
+        return self.model.encoders.tokenizers
 
     @property
     def name(self) -> str:
@@ -136,20 +103,11 @@ class TextualInversion:
     def eval(self) -> None:
         pass
 
-    def _token_ids(self, k: int, prompt: str) -> torch.Tensor:
-        # Templates give a bounded set of prompts; tokenizing each once saves ~0.4 ms per step.
-        key = (k, prompt)
-        ids = self._ids_cache.get(key)
-        if ids is None:
-            ids = tokenize_with_placeholder(self.tokenizers[k], [prompt], self.name, self.embedding.num_vectors)[0]
-            if len(self._ids_cache) < 100_000:
-                self._ids_cache[key] = ids
-        return ids
-
     def model_inputs(self, batch: dict, device) -> dict:
-        ids = [torch.stack([self._token_ids(k, p) for p in batch["prompts"]]).to(device)
-               for k in range(len(self.tokenizers))]
-        inputs = {"input_ids": ids}
+        tokens = self.prompt_tokens(batch["prompts"])
+        inputs = {"input_ids": [t.ids.to(device) for t in tokens]}
+        if any(t.weights is not None for t in tokens):  # A1111's (emphasis:1.2) in a caption
+            inputs["weights"] = [None if t.weights is None else t.weights.to(device) for t in tokens]
         if self.model.sdxl:
             inputs["add_time_ids"] = batch["add_time_ids"].to(device)
         return inputs
@@ -161,7 +119,7 @@ class TextualInversion:
         """A detached CPU float32 copy of the embedding as trained so far."""
         emb = copy.copy(self.embedding)
         vecs = [v.detach().float().cpu().clone() for v in self.model.vectors]
-        emb.vectors = dict(zip(SDXL_ENCODER_KEYS, vecs)) if self.model.sdxl else vecs[0]
+        emb.vectors = self.model.encoders.embedding_vectors(vecs)
         emb.step = step
         emb.filename = None
         emb.sha256 = None
@@ -174,8 +132,3 @@ class TextualInversion:
         with torch.no_grad():
             for i, v in enumerate(self.model.vectors):
                 v.copy_(state[f"vectors.{i}"].to(v.device, v.dtype))
-
-    def detach_from_models(self) -> None:
-        """Give the text encoders their plain token embeddings back (after training)."""
-        for te in self.model.text_encoders:
-            unsplice(te)

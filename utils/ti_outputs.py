@@ -19,26 +19,22 @@ from utils.embeddings import (
 )
 from utils.errors import UserError
 from utils.models import LoadedModel
+from utils.text_encoders import TextEncoders
 from utils.training_setup import PreviewOptions, RunOutputs, write_settings
 
 EXPECTED_WIDTH = {"sd1": 768, "sd2": 1024, "sdxl": 768 + 1280}
 
 
 def new_embedding(loaded: LoadedModel, name: str, init_text: str, num_vectors: int) -> Embedding:
-    pipe = loaded.pipeline
+    tables = TextEncoders.of(loaded.pipeline).token_tables()
     if loaded.family == "sdxl":
-        return create_embedding_sdxl(name, init_text, num_vectors, [
-            (pipe.tokenizer, pipe.text_encoder.get_input_embeddings()),
-            (pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings())])
-    return create_embedding(name, init_text, num_vectors, pipe.tokenizer, pipe.text_encoder.get_input_embeddings())
+        return create_embedding_sdxl(name, init_text, num_vectors, tables)
+    ((tokenizer, table),) = tables
+    return create_embedding(name, init_text, num_vectors, tokenizer, table)
 
 
 def model_text_width(loaded: LoadedModel) -> int:
-    pipe = loaded.pipeline
-    width = pipe.text_encoder.get_input_embeddings().embedding_dim
-    if loaded.family == "sdxl":
-        width += pipe.text_encoder_2.get_input_embeddings().embedding_dim
-    return width
+    return TextEncoders.of(loaded.pipeline).width
 
 
 def check_width(embedding: Embedding, loaded: LoadedModel) -> None:
@@ -86,9 +82,7 @@ class TextualInversionOutputs(RunOutputs):
         self.save_image_embeddings = save_image_embeddings
         self.also_bin = also_bin
         self.last_preview = None  # (step, picture) of the newest preview: a PNG card of that step shows it
-        pipe = loaded.pipeline
-        tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-        for line in prompt_word_lines(trainable.name, tokenizers):
+        for line in prompt_word_lines(trainable.name, TextEncoders.of(loaded.pipeline).tokenizers):
             accelerator.print(line)
 
     def _current(self, step: int, name: str | None = None) -> Embedding:
