@@ -2,8 +2,9 @@
 
 It owns everything that is not specific to what is trained: the Accelerator, gradient accumulation, clipping, the
 learning rate, checkpoints and exact resume, stop signals, the NaN guard, the CSV log, trackers, previews and the
-progress bar. What is trained comes in through a small Trainable interface (see utils/textual_inversion.py and
-utils/hypernetwork_training.py); the data comes in through a BatchSource.
+progress bar. What is trained comes in through a small Trainable interface (one module per method in
+utils/trainers/); the data comes in through a BatchSource; code that runs after each step (evaluation, early stop)
+through StepHooks.
 """
 
 from __future__ import annotations
@@ -82,22 +83,37 @@ class LoopConfig:
 
 
 class Trainable(Protocol):
-    """What differs between textual inversion and hypernetwork training."""
+    """What differs between training methods (utils/trainers/): what to optimise, how a batch conditions the model,
+    and the trained state a checkpoint holds. The loop derives the rest: messages and the checkpoint identity from
+    ``method`` ("textual_inversion" -> "textual inversion"), the loss log's name (``<method>_loss.csv``, A1111's
+    names), the logged norm from ``parameters()``. A method may also define ``reduce_loss(per_sample, batch)``
+    (default: ``mean_loss``)."""
 
-    name: str
-    kind: str  # for messages: "textual inversion" / "hypernetwork"
-    csv_name: str
+    method: str  # "textual_inversion" | "hypernetwork"
+    name: str  # what is trained, as the user named it
     model: torch.nn.Module  # the module DDP wraps; its forward(noisy_latents, timesteps, **inputs) -> prediction
+    initial_step: int  # the step counter of a continued file (0 for a new one)
 
-    @property
-    def initial_step(self) -> int: ...
-    def parameters(self) -> list[torch.nn.Parameter]: ...
-    def train(self) -> None: ...
-    def eval(self) -> None: ...
-    def model_inputs(self, batch: dict, device) -> dict: ...
-    def vector_norm(self) -> float: ...
-    def state_dict(self) -> dict: ...
+    def parameters(self) -> list[torch.nn.Parameter]: ...  # what the optimizer updates (and DDP all-reduces)
+    def train(self, mode: bool = True) -> None: ...  # False around previews and evaluation (e.g. dropout off)
+    def model_inputs(self, batch: dict, device) -> dict: ...  # the conditioning for model.forward
+    def state_dict(self) -> dict: ...  # the trained state (tensors), checkpoint-N/trainable.pt
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def method_title(trainable: Trainable) -> str:
+    """For messages and the checkpoint identity: "textual inversion", "hypernetwork"."""
+    return trainable.method.replace("_", " ")
+
+
+def loss_log_name(trainable: Trainable) -> str:
+    """A1111's loss log names: textual_inversion_loss.csv, hypernetwork_loss.csv."""
+    return f"{trainable.method}_loss.csv"
+
+
+def parameter_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    """The L2 norm of everything trained, as one vector (logged as ``vector_norm``)."""
+    return float(sum(p.detach().float().norm() ** 2 for p in params) ** 0.5)
 
 
 def mean_loss(per_sample: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -149,7 +165,7 @@ class StepContext:
         only use of the global RNG in a training step), back to train mode afterwards. The loop's noise, timesteps
         and latents come from per-sample seeds with their own generators, so a hook that draws its own numbers from
         its own ``torch.Generator`` leaves the training trajectory bit-identical."""
-        self.trainable.eval()
+        self.trainable.train(False)
         try:
             with torch.no_grad(), self.accelerator.autocast():
                 yield
@@ -482,7 +498,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                       cfg.optim.lr_warmup_steps * 1, scale, cfg.optim.lr_num_cycles, cfg.optim.lr_power)
     end_step = lr.end_step()
 
-    identity = {"kind": trainable.kind, "name": trainable.name,
+    kind = method_title(trainable)
+    identity = {"kind": kind, "name": trainable.name,
                 "shapes": [list(p.shape) for p in trainable.parameters()]}
     state = TrainerState(identity, {"global_micro_batch": cfg.train_batch_size * world, "accumulation": A}, hooks)
     state.step = trainable.initial_step
@@ -524,16 +541,16 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                                   init_kwargs=_tracker_init_kwargs(cfg, state.tracker_run_id))
         state.tracker_run_id = state.tracker_run_id or _tracker_run_id(accelerator)
 
-    log = LossLog(out_dir / trainable.csv_name, resumed_step) if accelerator.is_main_process else None
+    log = LossLog(out_dir / loss_log_name(trainable), resumed_step) if accelerator.is_main_process else None
     accelerator.print(
-        f"Training {trainable.kind} '{trainable.name}': {world} process(es), global batch {global_batch} "
+        f"Training {kind} '{trainable.name}': {world} process(es), global batch {global_batch} "
         f"({cfg.train_batch_size} x {A} accumulation x {world}), {steps_per_epoch} steps per epoch, "
         f"steps {state.step} -> {end_step}, learning rate {lr.describe()}")
 
     files: list[Path] = []
     stopped_by = ""
     progress = tqdm(total=end_step, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc=f"Training {trainable.kind}", dynamic_ncols=True)
+                    desc=f"Training {kind}", dynamic_ncols=True)
     device = accelerator.device
     trainable.train()
     samples_done, t_start = 0, time.perf_counter()
@@ -634,7 +651,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                         if log:
                             log.flush()
                         raise TrainingDiverged(
-                            f"{trainable.kind} training stopped at step {state.step}: the fp16 loss scaler skipped "
+                            f"{kind} training stopped at step {state.step}: the fp16 loss scaler skipped "
                             f"{skipped_in_a_row} updates in a row (the loss or gradients are NaN/inf at any scale). "
                             f"The last good files are kept. Try --mixed_precision bf16 or no, or a lower learning "
                             f"rate.")
@@ -649,7 +666,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     if log:
                         log.flush()  # the rows leading up to the divergence are the useful ones
                     raise TrainingDiverged(
-                        f"{trainable.kind} training diverged at step {state.step + 1}: the loss or the trained "
+                        f"{kind} training diverged at step {state.step + 1}: the loss or the trained "
                         f"weights became NaN/inf. Nothing from this step was saved; the last good files are kept. "
                         f"Try a lower learning rate or --max_grad_norm.")
                 state.step += 1
@@ -662,7 +679,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                             step_loss, rate)
                 if cfg.report_to != "none" and state.step % cfg.log_every == 0:
                     elapsed = time.perf_counter() - t_start
-                    metrics = {"loss": step_loss, "lr": rate, "vector_norm": trainable.vector_norm(),
+                    metrics = {"loss": step_loss, "lr": rate, "vector_norm": parameter_norm(params),
                                "epoch": epoch, "images_per_sec": samples_done * world / max(elapsed, 1e-9)}
                     if grad_norm is not None:
                         metrics["grad_norm"] = float(grad_norm)
@@ -752,7 +769,7 @@ def check_ranks_agree(accelerator: Accelerator, trainable: Trainable) -> None:
 def _preview(accelerator: Accelerator, trainable: Trainable, outputs: Outputs, step: int) -> None:
     """Previews on the main process; the others wait. Generation uses its own generators (training RNG untouched)."""
     if accelerator.is_main_process:
-        trainable.eval()
+        trainable.train(False)
         try:
             images = outputs.preview(step)
         finally:
