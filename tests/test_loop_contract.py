@@ -330,3 +330,29 @@ def test_skipped_fp16_steps_are_not_counted(tmp_path):
     assert [r[0] for r in rows] == ["1", "2", "3", "4"] and [r[4] for r in rows] == ["0.01", "0.01", "0.005", "0.005"]
     assert all(torch.isfinite(v).all() for v in _weights(trainer).values())
     assert scaler.get_scale() == 2.0 ** 16 / 2  # halved once
+
+
+class StopOnRankZero(BaseStepHook):
+    name = "rank_zero_stop"
+
+    def after_step(self, step, ctx):
+        return "early_stop" if ctx.accelerator.process_index == 0 and step == 2 else None
+
+
+def _hook_ranks_worker(rank, out):
+    summary, trainer = _run(Path(out), 6, hooks=[StopOnRankZero()], batch=1, source=Source(batch=1))
+    torch.save({"step": summary.step, "stopped_by": summary.stopped_by, "weights": trainer.state_dict()},
+               f"{out}.rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_a_stop_one_rank_asks_for_stops_every_rank_at_the_same_step(tmp_path):
+    """Only rank 0's hook says stop: both ranks end at that step (rank 1 with the reason 'hook'), the checkpoint is
+    written and the ranks hold the same weights."""
+    from test_gpu_readiness import _two_ranks
+
+    _two_ranks(_hook_ranks_worker, str(tmp_path / "o"))
+    r0, r1 = (torch.load(f"{tmp_path / 'o'}.rank{r}.pt", weights_only=True) for r in range(2))
+    assert (r0["step"], r0["stopped_by"]) == (2, "early_stop") and (r1["step"], r1["stopped_by"]) == (2, "hook")
+    assert [s for s, _ in list_checkpoints(tmp_path / "o")] == [2]
+    assert _same(r0["weights"], r1["weights"])
