@@ -392,8 +392,7 @@ def run_real_loop(session: Session, settings: Settings, case: Case, trainable, c
 
 
 def mode_ours(session: Session, settings: Settings, case: Case, cached: bool, paired: bool):
-    from utils.trainers.textual_inversion import TextualInversion
-    from utils.trainers.textual_inversion import new_embedding
+    from utils.trainers.textual_inversion import TextualInversion, new_embedding
     from utils.training import OptimConfig
 
     embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
@@ -558,8 +557,7 @@ def bare_on_a_copy(session: Session, settings: Settings, case: Case) -> BareStep
     import copy
     from types import SimpleNamespace
 
-    from utils.trainers.textual_inversion import TextualInversion
-    from utils.trainers.textual_inversion import new_embedding
+    from utils.trainers.textual_inversion import TextualInversion, new_embedding
 
     pipe = session.pipe
     twin = SimpleNamespace(text_encoder=copy.deepcopy(pipe.text_encoder), unet=copy.deepcopy(pipe.unet),
@@ -569,8 +567,7 @@ def bare_on_a_copy(session: Session, settings: Settings, case: Case) -> BareStep
 
 
 def mode_bare(session: Session, settings: Settings, case: Case) -> list[float]:
-    from utils.trainers.textual_inversion import TextualInversion
-    from utils.trainers.textual_inversion import new_embedding
+    from utils.trainers.textual_inversion import TextualInversion, new_embedding
 
     embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
     trainable = TextualInversion.build(session.pipe, embedding)
