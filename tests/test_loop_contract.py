@@ -25,8 +25,9 @@ from utils.training import (
 class TinyDenoiser(nn.Module):
     """prediction = conv(noisy) + scale * cond: one 1x1 convolution and a per-channel scale on the conditioning."""
 
-    def __init__(self):
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout)  # the global RNG's only user in a step, as a hypernetwork's dropout
         g = torch.Generator().manual_seed(0)
         self.conv = nn.Conv2d(4, 4, 1)
         with torch.no_grad():
@@ -35,7 +36,7 @@ class TinyDenoiser(nn.Module):
         self.scale = nn.Parameter(torch.zeros(4))
 
     def forward(self, noisy_latents, timesteps, cond):
-        return self.conv(noisy_latents) + self.scale[None, :, None, None] * cond[:, :, None, None]
+        return self.dropout(self.conv(noisy_latents)) + self.scale[None, :, None, None] * cond[:, :, None, None]
 
 
 class FakeTrainer:
@@ -44,9 +45,9 @@ class FakeTrainer:
 
     method = "fake"
 
-    def __init__(self, name="fake"):
+    def __init__(self, name="fake", dropout=0.0):
         self.name = name
-        self.model = TinyDenoiser()
+        self.model = TinyDenoiser(dropout)
         self.initial_step = 0
         self.mode_calls: list[str] = []
 
@@ -55,6 +56,7 @@ class FakeTrainer:
 
     def train(self, mode=True):
         self.mode_calls.append("train" if mode else "eval")
+        self.model.dropout.train(mode)
 
     def model_inputs(self, batch, device):
         cond = torch.tensor([[float(len(p) % 5), 1.0, -1.0, 0.5] for p in batch["prompts"]], device=device)
@@ -191,10 +193,11 @@ def test_hook_state_is_restored_on_resume_and_the_same_stop_happens(tmp_path):
 
 
 def test_a_hook_does_not_change_the_trajectory(tmp_path):
-    """Evaluating in the hook (eval mode, no gradients, its own generator) leaves the trained weights bit-identical."""
-    _, plain = _run(tmp_path / "plain", 6)
+    """Evaluating in the hook (eval mode, no gradients, its own generator) leaves the trained weights bit-identical,
+    also when training draws dropout masks from the global RNG."""
+    _, plain = _run(tmp_path / "plain", 6, trainer=FakeTrainer(dropout=0.5))
     hook = StopAt(100)
-    _, hooked = _run(tmp_path / "hooked", 6, hooks=[hook])
+    _, hooked = _run(tmp_path / "hooked", 6, hooks=[hook], trainer=FakeTrainer(dropout=0.5))
     assert len(hook.eval_losses) == 6
     for k, v in plain.state_dict().items():
         assert torch.equal(v, hooked.state_dict()[k]), k
