@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from utils.embeddings import sanitize_name
     from utils.hypernetwork import Hypernetwork, attention_context_widths, load_hypernetwork
-    from utils.hypernetwork_training import HypernetworkOutputs, HypernetworkTrainable
+    from utils.run import finish_run, start_run
+    from utils.trainers.hypernetwork import HypernetworkOutputs, HypernetworkTrainable
     from utils.training import config_for_trackers, train
-    from utils.training_setup import finish_run, load_model_for_training, start_run, training_noise_scheduler
+    from utils.training_setup import load_model_for_training, training_noise_scheduler
 
     options = hypernetwork_options(args)  # validates the architecture flags before any model loads
     sizes = parse_sizes(args.sizes) if args.sizes else None

@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.placeholder_token and not args.resume_embedding:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
 
-    from utils import ti_outputs
     from utils.embeddings import MAX_VECTORS, load_embedding, sanitize_name
-    from utils.textual_inversion import TextualInversion
+    from utils.run import finish_run, start_run
+    from utils.trainers import textual_inversion
+    from utils.trainers.textual_inversion import TextualInversion
     from utils.training import config_for_trackers, train
-    from utils.training_setup import finish_run, load_model_for_training, start_run, training_noise_scheduler
+    from utils.training_setup import load_model_for_training, training_noise_scheduler
 
     resumed = load_embedding(args.resume_embedding) if args.resume_embedding else None
     if args.resume_embedding and resumed is None:
@@ -119,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_data_fits(args, accelerator, summary, data_cfg)
 
     loaded = load_model_for_training(source, cli.model_options(args, accelerator.mixed_precision), accelerator.device)
-    embedding = resumed if resumed is not None else ti_outputs.new_embedding(
+    embedding = resumed if resumed is not None else textual_inversion.new_embedding(
         loaded, name, args.initializer_token, args.num_vectors)
     embedding.name = name
-    ti_outputs.check_width(embedding, loaded)
+    textual_inversion.check_width(embedding, loaded)
     trainable = TextualInversion.build(loaded.pipeline, embedding)
 
     batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, embedding_name=name)
     loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings),
                                batches.micro_batches_per_epoch)
-    outputs = ti_outputs.TextualInversionOutputs(
+    outputs = textual_inversion.TextualInversionOutputs(
         accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
         save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
         settings=settings, save_optimizer_state=args.save_optimizer_state).callbacks(previews=not args.no_previews)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from utils.embeddings import Embedding
 from utils.prompts import CHUNK_LENGTH, COMMA_BACKTRACK, EmbeddingLookup, PromptChunker
-from utils.textual_inversion import tokenize_with_placeholder
+from utils.trainers.textual_inversion import tokenize_with_placeholder
 from utils.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
 
 CAT, DOG, BIRD, COMMA, X = 2368, 1929, 3329, 267, 343

@@ -954,7 +954,7 @@ def test_one_run_writes_one_diffusers_token(ti_run, sdxl_run):
 
 
 def test_vocabulary_word_names_are_announced(ti_run, sd1_text):
-    from utils.ti_outputs import prompt_word_lines
+    from utils.trainers.textual_inversion import prompt_word_lines
 
     tokenizer, _ = sd1_text
     lines = prompt_word_lines(NAME, [tokenizer])
@@ -981,7 +981,7 @@ def test_loop_saves_at_every_multiple_of_the_interval_the_last_step_included(tin
     never twice."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from utils.textual_inversion import TextualInversion
+    from utils.trainers.textual_inversion import TextualInversion
     from utils.training import LoopConfig, Outputs, make_accelerator, train
 
     class Latents:
@@ -1008,7 +1008,7 @@ def test_loop_saves_at_every_multiple_of_the_interval_the_last_step_included(tin
 
 def test_a_card_shows_only_the_preview_of_its_own_step(monkeypatch, tmp_path):
     """The picture of a PNG card is the preview of the same step; an older one would misrepresent the embedding."""
-    from utils import ti_outputs
+    from utils.trainers import textual_inversion as ti_outputs
 
     shown = {}
     monkeypatch.setattr(ti_outputs, "save_png_card", lambda emb, path, image: shown.setdefault(emb.step, image))

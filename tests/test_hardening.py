@@ -62,7 +62,7 @@ class SynthSource:
 def _train(model_dir, out: Path, steps: int, resume=None, ckpt=2):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from utils.textual_inversion import TextualInversion
+    from utils.trainers.textual_inversion import TextualInversion
     from utils.training import LoopConfig, OptimConfig, Outputs, make_accelerator, train
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
@@ -629,7 +629,7 @@ def _writers(tmp: Path):
     from utils.hypernetwork import Hypernetwork, save_hypernetwork, save_hypernetwork_safetensors
     from utils.infotext import save_png
     from utils.training import LossLog
-    from utils.training_setup import write_settings
+    from utils.outputs import write_settings
 
     def emb(v):
         return Embedding("e", torch.full((2, 32), float(v)), step=v)

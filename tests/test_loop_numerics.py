@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from utils.diffusion_loss import sample_seed
 from utils.embeddings import Embedding
-from utils.textual_inversion import TextualInversion, tokenize_with_placeholder
+from utils.trainers.textual_inversion import TextualInversion, tokenize_with_placeholder
 from utils.training import LoopConfig, OptimConfig, Outputs, TrainingDiverged, list_checkpoints, make_accelerator, train
 
 NAME = "myemb"

@@ -219,7 +219,7 @@ def _prompt_encoder(trainable):
 
 def test_training_conditioning_equals_inference_conditioning(run):
     """What the UNet saw in training is what inference feeds it for the same prompt (both encoders, pooled too)."""
-    from utils.textual_inversion import tokenize_with_placeholder
+    from utils.trainers.textual_inversion import tokenize_with_placeholder
 
     _, spy = run
     t = spy.trainable

@@ -9,7 +9,7 @@ import torch
 from utils.embeddings import Embedding
 from utils.prompts import EmbeddingDatabase, PromptEncoder
 from utils.text_encoders import TextEncoders
-from utils.textual_inversion import TextualInversion
+from utils.trainers.textual_inversion import TextualInversion
 
 NAME = "my-emb"
 FAMILIES = ["tiny_sd1", "tiny_sd2", "tiny_sdxl"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from utils.embeddings import Embedding
-from utils.textual_inversion import TextualInversion
+from utils.trainers.textual_inversion import TextualInversion
+from utils.training import loss_log_name, method_title, parameter_norm
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,14 @@ def test_only_the_vectors_are_parameters_and_the_models_are_frozen(pipe):
     assert params[0].dtype == torch.float32
     for module in (pipe.text_encoder, pipe.unet):
         assert not any(p.requires_grad for p in module.parameters()) and not module.training
-    assert ti.name == "my-emb" and ti.kind == "textual inversion" and ti.csv_name == "textual_inversion_loss.csv"
+    # The loop derives the messages' title and the loss log's name (A1111's) from the method.
+    assert ti.name == "my-emb" and method_title(ti) == "textual inversion"
+    assert loss_log_name(ti) == "textual_inversion_loss.csv"
 
 
 def test_vector_norm_and_initial_step(pipe):
     ti = _ti(pipe, step=120)
-    assert ti.vector_norm() == pytest.approx(5.0)  # sqrt(3^2 + 4^2)
+    assert parameter_norm(ti.parameters()) == pytest.approx(5.0)  # sqrt(3^2 + 4^2)
     assert ti.initial_step == 120
     assert _ti(pipe).initial_step == 0
 
@@ -100,7 +103,7 @@ def test_sdxl_current_and_state_hold_both_tables(tiny_sdxl):
     emb = ti.current(5)
     assert set(emb.vectors) == {"clip_l", "clip_g"} and torch.equal(emb.vectors["clip_g"], vectors["clip_g"])
     assert list(ti.state_dict()) == ["vectors.0", "vectors.1"]
-    assert ti.vector_norm() == pytest.approx((2 * widths[0] + 4 * 2 * widths[1]) ** 0.5)
+    assert parameter_norm(ti.parameters()) == pytest.approx((2 * widths[0] + 4 * 2 * widths[1]) ** 0.5)
     batch = {"prompts": ["x-emb"], "add_time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
     inputs = ti.model_inputs(batch, "cpu")
     assert len(inputs["input_ids"]) == 2 and torch.equal(inputs["add_time_ids"], batch["add_time_ids"])

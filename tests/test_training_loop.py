@@ -11,7 +11,7 @@ import torch
 
 from utils.embeddings import Embedding
 from utils.errors import UserError
-from utils.textual_inversion import TextualInversion, tokenize_with_placeholder
+from utils.trainers.textual_inversion import TextualInversion, tokenize_with_placeholder
 from utils.training import LoopConfig, OptimConfig, Outputs, TrainingDiverged, list_checkpoints, make_accelerator, train
 
 

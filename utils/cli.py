@@ -337,8 +337,8 @@ def model_options(a: argparse.Namespace, mixed_precision: str):
 
 def plan_batches(a: argparse.Namespace, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                  initial_step: int = 0):
-    """utils.training_setup.plan_batches with the trainers' flags."""
-    from utils.training_setup import plan_batches as plan
+    """utils.run.plan_batches with the trainers' flags."""
+    from utils.run import plan_batches as plan
 
     return plan(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded, Path(a.output_dir),
                 batch_size=a.train_batch_size, accumulation=a.gradient_accumulation_steps, seed=a.seed,
@@ -356,7 +356,7 @@ def run_settings(a: argparse.Namespace, accelerator, loaded, summary, max_steps:
 
 
 def preview_options(a: argparse.Namespace, data_cfg: DataConfig):
-    from utils.training_setup import PreviewOptions
+    from utils.previews import PreviewOptions
 
     return PreviewOptions(prompt=a.preview_prompt, negative_prompt=a.preview_negative_prompt, steps=a.preview_steps,
                           sampler=a.preview_sampler, cfg_scale=a.preview_cfg_scale, seed=a.preview_seed,

@@ -1,4 +1,4 @@
-"""Embeddings used by name in prompts, as A1111 does it (a1111-compat §6.1–6.3).
+"""Embeddings used by name in prompts, as A1111 does it (docs/a1111-rules.md, "Embeddings in prompts").
 
 Four parts:
 
@@ -88,10 +88,6 @@ class EmbeddingDatabase:
     def register(self, embedding: Embedding) -> None:
         """Add an in-memory embedding (e.g. the one being trained, for previews); it wins over files of that name."""
         self._registered[embedding.name] = embedding
-        self._state = None
-
-    def unregister(self, name: str) -> None:
-        self._registered.pop(name, None)
         self._state = None
 
     def _scan(self) -> list[tuple[str, tuple]]:
