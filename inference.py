@@ -12,18 +12,14 @@ with A1111's ``parameters`` text.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from utils.embeddings import duplicate_note
+# Only standard-library modules at the top: --help and flag errors come before torch and diffusers load.
 from utils.errors import UserError, exit_on_user_error
 from utils.fileio import check_writable_folder
-from utils.generation import (GenerationParams, HypernetworkLibrary, generate, image_grid, next_image_number,
-                              resolve_seed, split_hypernet_tags, validate)
-from utils.infotext import save_png
-from utils.models import ModelSource, load_pipeline, weight_dtype
-from utils.prompts import EmbeddingDatabase, PromptEncoder
-from utils.samplers import sampler_names
+from utils.samplers import resolve_sampler_name, sampler_names
 
 DEFAULT_EMBEDDINGS_DIR = "embeddings"
 DEFAULT_HYPERNETWORK_DIR = "hypernetworks"
@@ -119,7 +115,25 @@ def hypernetwork_tags(values: list[str]) -> str:
     return "".join(" " + t for t in tags)
 
 
-def print_embeddings(db: EmbeddingDatabase, width: int) -> None:
+def check_generation_flags(args) -> None:
+    """The generation flags, before torch loads, with utils.generation.validate's words (it checks them again with
+    the model's own size and VAE factor)."""
+    if args.steps < 1:
+        raise UserError(f"steps must be at least 1 (got {args.steps})")
+    if not math.isfinite(args.cfg_scale):
+        raise UserError(f"cfg scale must be a finite number (got {args.cfg_scale})")
+    if args.batch_size < 1 or args.n_iter < 1:
+        raise UserError(f"batch size and batch count must be at least 1 (got {args.batch_size}, {args.n_iter})")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"{name} must be a positive multiple of 8 (got {value})")
+    resolve_sampler_name(args.sampler)
+
+
+def print_embeddings(db, width: int) -> None:
+    from utils.embeddings import duplicate_note
+
     row = "  {:<28} {:>7} {:>6} {:>7}  {:<12}  {}"
 
     def show(emb, extra: str = "") -> None:
@@ -143,8 +157,10 @@ def print_embeddings(db: EmbeddingDatabase, width: int) -> None:
             print(f"  {duplicate_note(name, files)}")
 
 
-def report_duplicates(db: EmbeddingDatabase, limit: int = 3) -> None:
+def report_duplicates(db, limit: int = 3) -> None:
     """Say which file is used when several give one name: one line each, the first ``limit`` names."""
+    from utils.embeddings import duplicate_note
+
     for name, files in list(db.duplicates.items())[:limit]:
         print(f"note: {duplicate_note(name, files)}", file=sys.stderr)
     if len(db.duplicates) > limit:
@@ -155,6 +171,13 @@ def report_duplicates(db: EmbeddingDatabase, limit: int = 3) -> None:
 def model_default_size(pipeline) -> int:
     """The size the model was made for: its UNet sample size times the VAE's down-scaling factor."""
     return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
+
+
+def load_pipeline(source, **kwargs):
+    """utils.models.load_pipeline, imported only once the flags have been checked."""
+    from utils.models import load_pipeline as load
+
+    return load(source, **kwargs)
 
 
 def device_of(args) -> str:
@@ -168,8 +191,10 @@ def device_of(args) -> str:
     return device
 
 
-def generation_params(args, prompt: str, default_size: int) -> GenerationParams:
+def generation_params(args, prompt: str, default_size: int):
     """--width/--height not given: the model's own size (``default_size``)."""
+    from utils.generation import GenerationParams, resolve_seed
+
     return GenerationParams(
         prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
         cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=default_size if args.width is None else args.width,
@@ -183,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [] if args.list_embeddings else read_prompts(args)
         dirs = embedding_dirs(args)
         always_on = hypernetwork_tags(args.hypernetwork)
-        device = device_of(args)
         if not args.list_embeddings:
-            # Sizes left unset come from the model later; any multiple of 8 stands in for them here.
-            validate(generation_params(args, "", default_size=64))
+            check_generation_flags(args)
             check_writable_folder(args.outdir, "--outdir")
+
+        from utils.generation import HypernetworkLibrary, generate, image_grid, next_image_number, split_hypernet_tags
+        from utils.infotext import save_png
+        from utils.models import ModelSource, weight_dtype
+        from utils.prompts import EmbeddingDatabase, PromptEncoder
+
+        device = device_of(args)
         source = ModelSource(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                              vae=args.vae)
         model = load_pipeline(source, torch_dtype=weight_dtype(args.mixed_precision))
