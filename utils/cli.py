@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from utils.config import TrainerConfig, field_names, flatten, from_values
+from utils.config import TrainerConfig, flatten, resolve
 from utils.errors import UserError
 from utils.lr_schedule import check_scheduler_name, validate_learning_rate
 
@@ -166,12 +166,8 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
 
 
 def to_config(a: argparse.Namespace, cls):
-    """The parsed flags as the trainer's typed config (utils/config.py), once. A flag without a field is a bug."""
-    values = {k: v for k, v in vars(a).items() if k != "config"}
-    missing = sorted(set(values) - field_names(cls))
-    if missing:
-        raise TypeError(f"{cls.__name__} has no field for the flag(s) {', '.join(missing)}")
-    return from_values(cls, values)
+    """The parsed flags (the --config file already folded in) as the trainer's typed config, once."""
+    return resolve(cls, {k: v for k, v in vars(a).items() if k != "config"})
 
 
 def check_flags(cfg: TrainerConfig) -> None:

@@ -251,6 +251,14 @@ def from_values(cls, values: dict[str, Any]):
     return cls(**kwargs)
 
 
+def resolve(cls, values: dict[str, Any]):
+    """Parsed flags {name: value} as ``cls``, once. A flag without a field would be silently lost: a bug, refused."""
+    missing = sorted(set(values) - field_names(cls))
+    if missing:
+        raise TypeError(f"{cls.__name__} has no field for the flag(s) {', '.join(missing)}")
+    return from_values(cls, values)
+
+
 def field_names(cls) -> set[str]:
     """Every flag name a config class holds."""
     return set(flatten(cls()))
