@@ -59,15 +59,17 @@ def test_help_and_flag_errors_import_no_heavy_library(script, args, code, tmp_pa
         assert last.startswith(f"{script}: error: ") and "Traceback" not in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("script", ["train_textual_inversion", "train_hypernetwork"])
+@pytest.mark.parametrize("script", ["train_textual_inversion", "train_hypernetwork", "inference"])
 def test_every_flag_has_one_config_field(script):
-    """A flag added to a parser without a field in its config would be lost: to_config refuses, and so does this."""
+    """A flag added to a parser without a field in its config would be lost: config.resolve refuses, and so does
+    this (and a field without a flag would be a setting nobody can change)."""
     import importlib
 
-    from utils.config import HypernetworkConfig, TextualInversionConfig, field_names
+    from utils.config import HypernetworkConfig, InferenceConfig, TextualInversionConfig, field_names
 
     module = importlib.import_module(script)
-    cls = TextualInversionConfig if script == "train_textual_inversion" else HypernetworkConfig
+    cls = {"train_textual_inversion": TextualInversionConfig, "train_hypernetwork": HypernetworkConfig,
+           "inference": InferenceConfig}[script]
     dests = {a.dest for a in module.build_parser()._actions if a.dest not in ("help", "config")}
     assert dests == field_names(cls)
 

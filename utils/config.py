@@ -1,4 +1,5 @@
-"""The trainers' typed configuration: one small dataclass per concern, composed into one config per trainer.
+"""The scripts' typed configuration: one small dataclass per concern, composed into one config per script
+(``TextualInversionConfig``, ``HypernetworkConfig``, ``InferenceConfig``).
 
 A script resolves its config once (flags + ``--config`` file + ``--demo`` defaults, utils/cli.py) and hands it down;
 the library reads ``cfg.saving.output_dir``, never an ``argparse`` namespace. Field names are the flags' names, so a
@@ -262,3 +263,54 @@ def resolve(cls, values: dict[str, Any]):
 def field_names(cls) -> set[str]:
     """Every flag name a config class holds."""
     return set(flatten(cls()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference.py
+
+
+@dataclass
+class InferenceModelSettings:
+    pretrained_model_name_or_path: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    vae: str | None = None
+    mixed_precision: str = "no"
+    device: str | None = None  # None: cuda if available
+
+
+@dataclass
+class LibrarySettings:
+    embeddings_dir: list[str] | None = None  # None: embeddings/ if it exists
+    list_embeddings: bool = False
+    hypernetwork: list[str] = field(default_factory=list)
+    hypernetwork_dir: list[str] | None = None  # None: hypernetworks/
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str | None = None
+    prompt_file: str | None = None
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "Euler a"
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int | None = None  # None: the model's own size
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+
+
+@dataclass
+class ImageOutputSettings:
+    outdir: str = "outputs/txt2img-images"
+    grid: bool = False
+
+
+@dataclass
+class InferenceConfig:
+    model: InferenceModelSettings = field(default_factory=InferenceModelSettings)
+    library: LibrarySettings = field(default_factory=LibrarySettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    output: ImageOutputSettings = field(default_factory=ImageOutputSettings)
