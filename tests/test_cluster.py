@@ -331,8 +331,8 @@ def test_wandb_init_options(monkeypatch, tmp_path):
 
     for k in [k for k in os.environ if k.startswith("SLURM_")] + ["WANDB_RUN_GROUP"]:
         monkeypatch.delenv(k, raising=False)
-    cfg = LoopConfig(output_dir=tmp_path / "my-run", max_train_steps=10, report_to="wandb",
-                     tracker_config={"wandb_tags": "style,v2", "learning_rate": "0.005"})
+    cfg = LoopConfig(output_dir=tmp_path / "my-run", max_train_steps=10, report_to="wandb", wandb_tags=["style", "v2"],
+                     tracker_config={"learning_rate": "0.005"})
     assert _tracker_init_kwargs(LoopConfig(output_dir=tmp_path, max_train_steps=1), None) == {}
     w = _tracker_init_kwargs(cfg, None)["wandb"]
     assert w == {"name": "my-run", "resume": "allow", "dir": str(tmp_path / "my-run"), "job_type": "train",

@@ -269,9 +269,9 @@ def run_plan(accelerator, **fields) -> RunPlan:
 # W&B
 
 
-def wandb_tags(tracker_config: Mapping, job: SlurmJob | None) -> list[str]:
-    """--wandb_tags (it reaches the loop inside the tracker config) plus 'slurm' for runs inside a Slurm job."""
-    tags = parse_tags(tracker_config.get("wandb_tags"))
+def wandb_tags(tags: list[str], job: SlurmJob | None) -> list[str]:
+    """--wandb_tags plus 'slurm' for runs inside a Slurm job."""
+    tags = parse_tags(tags)
     if job and "slurm" not in tags:
         tags.append("slurm")
     return tags

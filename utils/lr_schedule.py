@@ -76,6 +76,17 @@ def validate_learning_rate(text: str) -> None:
         raise UserError(f"--learning_rate {text!r}: {bad[0]:g} is not a usable rate (it must be a finite number >= 0)")
 
 
+# diffusers.optimization.SchedulerType's values: known here without importing diffusers (flag errors come before it).
+SCHEDULER_NAMES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                   "piecewise_constant")
+
+
+def check_scheduler_name(name: str) -> None:
+    """An unknown ``--lr_scheduler`` name, answered before torch loads (validate_scheduler checks the rest later)."""
+    if name not in SCHEDULER_NAMES:
+        raise UserError(f"--lr_scheduler {name!r} is not one of {', '.join(SCHEDULER_NAMES)}")
+
+
 def validate_scheduler(name: str, warmup_steps: int = 0, num_cycles: int = 1, power: float = 1.0) -> None:
     """Fail early on an unknown ``--lr_scheduler`` (the step count does not matter for that)."""
     _diffusers_multiplier(name, warmup_steps, max(1, warmup_steps) + 1, num_cycles, power)

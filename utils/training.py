@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils import checkpoints
+from utils.config import OptimConfig  # noqa: F401 - the loop's optimizer settings (also imported from here)
 from utils.data.plan import optimizer_steps_per_epoch
 from utils.diffusion_loss import (
     denoising_loss,
@@ -42,22 +43,6 @@ from utils.fileio import WriteError, atomic_path, write_error
 from utils.lr_schedule import LearningRate
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-@dataclass
-class OptimConfig:
-    learning_rate: str = "0.005"
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    scale_lr: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = None
-    clip_grad_mode: str = "norm"  # norm | value
 
 
 @dataclass
@@ -78,6 +63,7 @@ class LoopConfig:
     report_to: str = "none"
     tracker_project_name: str = "embedforge"
     run_name: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
     tracker_config: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -432,7 +418,7 @@ class LossLog:
 def _tracker_init_kwargs(cfg: LoopConfig, run_id: str | None) -> dict:
     """W&B: a resumed or requeued run continues the same run (its id is saved in every checkpoint) under a stable
     name (default: the output folder's name), grouped per Slurm job unless WANDB_RUN_GROUP says otherwise, tagged
-    with --wandb_tags (carried in the tracker config) and 'slurm' inside Slurm jobs."""
+    with --wandb_tags and 'slurm' inside Slurm jobs."""
     from utils.cluster import slurm_job, wandb_tags
 
     kwargs: dict = {}
@@ -440,7 +426,7 @@ def _tracker_init_kwargs(cfg: LoopConfig, run_id: str | None) -> dict:
         job = slurm_job()
         wandb_kwargs = {"name": cfg.run_name or Path(cfg.output_dir).resolve().name, "resume": "allow",
                         "dir": str(cfg.output_dir), "job_type": "train",
-                        "tags": wandb_tags(cfg.tracker_config, job) or None}
+                        "tags": wandb_tags(cfg.wandb_tags, job) or None}
         if run_id:
             wandb_kwargs["id"] = run_id
         if job and not os.environ.get("WANDB_RUN_GROUP"):
