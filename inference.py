@@ -12,18 +12,15 @@ with A1111's ``parameters`` text.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from utils.embeddings import duplicate_note
+# Only standard-library modules at the top: --help and flag errors come before torch and diffusers load.
+from utils.config import GenerationSettings, InferenceConfig, InferenceModelSettings, LibrarySettings, resolve
 from utils.errors import UserError, exit_on_user_error
 from utils.fileio import check_writable_folder
-from utils.generation import (GenerationParams, HypernetworkLibrary, generate, image_grid, next_image_number,
-                              resolve_seed, split_hypernet_tags, validate)
-from utils.infotext import save_png
-from utils.models import ModelSource, load_pipeline, weight_dtype
-from utils.prompts import EmbeddingDatabase, PromptEncoder
-from utils.samplers import sampler_names
+from utils.samplers import resolve_sampler_name, sampler_names
 
 DEFAULT_EMBEDDINGS_DIR = "embeddings"
 DEFAULT_HYPERNETWORK_DIR = "hypernetworks"
@@ -82,28 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_prompts(args) -> list[str]:
-    if args.prompt is not None:
-        return [args.prompt]
-    if args.prompt_file is None:
+def resolve_config(argv: list[str] | None = None) -> InferenceConfig:
+    """The flags, once, as the typed config the rest of the run reads."""
+    return resolve(InferenceConfig, vars(build_parser().parse_args(argv)))
+
+
+def read_prompts(g: GenerationSettings) -> list[str]:
+    if g.prompt is not None:
+        return [g.prompt]
+    if g.prompt_file is None:
         raise UserError("give --prompt or --prompt_file (or --list_embeddings)")
     try:
-        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        lines = Path(g.prompt_file).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise UserError(f"--prompt_file {args.prompt_file}: {e.strerror or e}") from None
+        raise UserError(f"--prompt_file {g.prompt_file}: {e.strerror or e}") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise UserError(f"--prompt_file {args.prompt_file}: no prompts in it")
+        raise UserError(f"--prompt_file {g.prompt_file}: no prompts in it")
     return prompts
 
 
-def embedding_dirs(args) -> list[Path]:
-    if args.embeddings_dir is None:
+def embedding_dirs(lib: LibrarySettings) -> list[Path]:
+    if lib.embeddings_dir is None:
         return [Path(DEFAULT_EMBEDDINGS_DIR)]  # optional: a missing default folder just means no embeddings
-    missing = [d for d in args.embeddings_dir if not Path(d).is_dir()]
+    missing = [d for d in lib.embeddings_dir if not Path(d).is_dir()]
     if missing:
         raise UserError(f"--embeddings_dir {missing[0]}: no such folder")
-    return [Path(d) for d in args.embeddings_dir]
+    return [Path(d) for d in lib.embeddings_dir]
 
 
 def hypernetwork_tags(values: list[str]) -> str:
@@ -119,7 +121,25 @@ def hypernetwork_tags(values: list[str]) -> str:
     return "".join(" " + t for t in tags)
 
 
-def print_embeddings(db: EmbeddingDatabase, width: int) -> None:
+def check_generation_flags(g: GenerationSettings) -> None:
+    """The generation flags, before torch loads, with utils.generation.validate's words (it checks them again with
+    the model's own size and VAE factor)."""
+    if g.steps < 1:
+        raise UserError(f"steps must be at least 1 (got {g.steps})")
+    if not math.isfinite(g.cfg_scale):
+        raise UserError(f"cfg scale must be a finite number (got {g.cfg_scale})")
+    if g.batch_size < 1 or g.n_iter < 1:
+        raise UserError(f"batch size and batch count must be at least 1 (got {g.batch_size}, {g.n_iter})")
+    for name in ("width", "height"):
+        value = getattr(g, name)
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"{name} must be a positive multiple of 8 (got {value})")
+    resolve_sampler_name(g.sampler)
+
+
+def print_embeddings(db, width: int) -> None:
+    from utils.embeddings import duplicate_note
+
     row = "  {:<28} {:>7} {:>6} {:>7}  {:<12}  {}"
 
     def show(emb, extra: str = "") -> None:
@@ -143,8 +163,10 @@ def print_embeddings(db: EmbeddingDatabase, width: int) -> None:
             print(f"  {duplicate_note(name, files)}")
 
 
-def report_duplicates(db: EmbeddingDatabase, limit: int = 3) -> None:
+def report_duplicates(db, limit: int = 3) -> None:
     """Say which file is used when several give one name: one line each, the first ``limit`` names."""
+    from utils.embeddings import duplicate_note
+
     for name, files in list(db.duplicates.items())[:limit]:
         print(f"note: {duplicate_note(name, files)}", file=sys.stderr)
     if len(db.duplicates) > limit:
@@ -157,10 +179,17 @@ def model_default_size(pipeline) -> int:
     return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
 
 
-def device_of(args) -> str:
+def load_pipeline(source, **kwargs):
+    """utils.models.load_pipeline, imported only once the flags have been checked."""
+    from utils.models import load_pipeline as load
+
+    return load(source, **kwargs)
+
+
+def device_of(m: InferenceModelSettings) -> str:
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = m.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.device(device)
     except (RuntimeError, ValueError) as e:
@@ -168,44 +197,51 @@ def device_of(args) -> str:
     return device
 
 
-def generation_params(args, prompt: str, default_size: int) -> GenerationParams:
+def generation_params(g: GenerationSettings, prompt: str, default_size: int):
     """--width/--height not given: the model's own size (``default_size``)."""
+    from utils.generation import GenerationParams, resolve_seed
+
     return GenerationParams(
-        prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
-        cfg_scale=args.cfg_scale, seed=resolve_seed(args.seed), width=default_size if args.width is None else args.width,
-        height=default_size if args.height is None else args.height, batch_size=args.batch_size, n_iter=args.n_iter)
+        prompt=prompt, negative_prompt=g.negative_prompt, steps=g.steps, sampler=g.sampler, cfg_scale=g.cfg_scale,
+        seed=resolve_seed(g.seed), width=default_size if g.width is None else g.width,
+        height=default_size if g.height is None else g.height, batch_size=g.batch_size, n_iter=g.n_iter)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    cfg = resolve_config(argv)
+    m, lib, g = cfg.model, cfg.library, cfg.generation
     with exit_on_user_error("inference.py"):
         # Everything the flags alone can show is checked before the model loads.
-        prompts = [] if args.list_embeddings else read_prompts(args)
-        dirs = embedding_dirs(args)
-        always_on = hypernetwork_tags(args.hypernetwork)
-        device = device_of(args)
-        if not args.list_embeddings:
-            # Sizes left unset come from the model later; any multiple of 8 stands in for them here.
-            validate(generation_params(args, "", default_size=64))
-            check_writable_folder(args.outdir, "--outdir")
-        source = ModelSource(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                             vae=args.vae)
-        model = load_pipeline(source, torch_dtype=weight_dtype(args.mixed_precision))
+        prompts = [] if lib.list_embeddings else read_prompts(g)
+        dirs = embedding_dirs(lib)
+        always_on = hypernetwork_tags(lib.hypernetwork)
+        if not lib.list_embeddings:
+            check_generation_flags(g)
+            check_writable_folder(cfg.output.outdir, "--outdir")
+
+        from utils.generation import HypernetworkLibrary, generate, image_grid, next_image_number, split_hypernet_tags
+        from utils.infotext import save_png
+        from utils.models import ModelSource, weight_dtype
+        from utils.prompts import EmbeddingDatabase, PromptEncoder
+
+        device = device_of(m)
+        source = ModelSource(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant, vae=m.vae)
+        model = load_pipeline(source, torch_dtype=weight_dtype(m.mixed_precision))
         model.pipeline.to(device)
         db = EmbeddingDatabase(dirs)
         encoder = PromptEncoder(model.pipeline, db)
 
-        if args.list_embeddings:
+        if lib.list_embeddings:
             encoder.refresh()
             print_embeddings(db, encoder.expected_width)
             return 0
 
-        hypernetworks = HypernetworkLibrary(args.hypernetwork_dir or [DEFAULT_HYPERNETWORK_DIR])
-        outdir = Path(args.outdir)
+        hypernetworks = HypernetworkLibrary(lib.hypernetwork_dir or [DEFAULT_HYPERNETWORK_DIR])
+        outdir = Path(cfg.output.outdir)
         size = model_default_size(model.pipeline)
         reported = None
         for prompt in prompts:
-            params = generation_params(args, prompt + always_on, size)
+            params = generation_params(g, prompt + always_on, size)
             encoder.refresh()  # pick up embedding files changed since the last prompt (only changed files are read)
             for message in db.new_errors():  # once per file: its name in a prompt is read as plain words
                 print(f"inference.py: warning: {message}; its name is used as plain words", file=sys.stderr)
@@ -220,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = outdir / f"{next_image_number(outdir):05}-{result.seed}.png"
                 save_png(result.image, path, result.infotext)
                 print(path)
-            if args.grid and results:
+            if cfg.output.grid and results:
                 path = outdir / f"grid-{next_image_number(outdir, 'grid-'):04}.png"
                 save_png(image_grid([r.image for r in results]), path, results[0].infotext)
                 print(path)

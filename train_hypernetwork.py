@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from utils import cli
 from utils.cluster import add_cluster_args
+from utils.config import HypernetworkConfig, HypernetworkSettings
 from utils.errors import UserError, exit_on_user_error
-from utils.lr_schedule import validate_learning_rate
 
 PROG = "train_hypernetwork.py"
 
@@ -67,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return cli.parse_with_config(build_parser(), argv)
 
 
+def resolve_config(argv: list[str] | None = None) -> HypernetworkConfig:
+    """Flags + --config file, once, as the typed config the rest of the run reads."""
+    return cli.to_config(parse_args(argv), HypernetworkConfig)
+
+
 def parse_sizes(text: str) -> list[int]:
     """``--sizes '768, 320'`` -> [768, 320]; anything but positive whole numbers is a one-line error."""
     try:
@@ -78,7 +82,7 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-def hypernetwork_options(a: argparse.Namespace):
+def hypernetwork_options(a: HypernetworkSettings):
     from utils.hypernetwork import HypernetworkOptions, check_options, parse_layer_structure
 
     try:
@@ -93,55 +97,55 @@ def hypernetwork_options(a: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    validate_learning_rate(str(args.learning_rate))
-    cli.check_trainer_flags(args)
-    if not args.hypernetwork_name and not args.resume_hypernetwork:
+    cfg = resolve_config(argv)
+    h = cfg.hypernetwork
+    cli.check_flags(cfg)
+    if not h.hypernetwork_name and not h.resume_hypernetwork:
         raise UserError("give --hypernetwork_name or --resume_hypernetwork FILE")
+    sizes = parse_sizes(h.sizes) if h.sizes else None
 
     from accelerate.utils import set_seed
 
     from utils.embeddings import sanitize_name
     from utils.hypernetwork import Hypernetwork, attention_context_widths, load_hypernetwork
-    from utils.hypernetwork_training import HypernetworkOutputs, HypernetworkTrainable
-    from utils.training import config_for_trackers, train
-    from utils.training_setup import finish_run, load_model_for_training, start_run, training_noise_scheduler
+    from utils.run import finish_run
+    from utils.trainers.hypernetwork import HypernetworkOutputs, HypernetworkTrainable
+    from utils.training import train
+    from utils.training_setup import load_model_for_training, training_noise_scheduler
 
-    options = hypernetwork_options(args)  # validates the architecture flags before any model loads
-    sizes = parse_sizes(args.sizes) if args.sizes else None
-    resumed = load_hypernetwork(args.resume_hypernetwork) if args.resume_hypernetwork else None
-    name = sanitize_name(args.hypernetwork_name or resumed.name)
-    source = cli.model_source(args)
-    data_cfg, prompt_cfg, latent_cfg = cli.data_options(args, placeholder=name)
-    out_dir = Path(args.output_dir)
-    accelerator, summary = start_run(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
-                                     args.seed, args.ddp_timeout, data_cfg, prompt_cfg, args.logging_dir)
-    cli.check_data_fits(args, accelerator, summary, data_cfg)
+    cli.check_run(cfg)
+    options = hypernetwork_options(h)  # validates the architecture flags before any model loads
+    resumed = load_hypernetwork(h.resume_hypernetwork) if h.resume_hypernetwork else None
+    name = sanitize_name(h.hypernetwork_name or resumed.name)
+    source = cli.model_source(cfg)
+    data_cfg, prompt_cfg, latent_cfg = cli.data_options(cfg, placeholder=name)
+    accelerator, summary = cli.start_run(cfg, data_cfg, prompt_cfg)
+    cli.check_data_fits(cfg, accelerator, summary, data_cfg)
 
-    loaded = load_model_for_training(source, cli.model_options(args, accelerator.mixed_precision), accelerator.device)
+    loaded = load_model_for_training(source, cli.model_options(cfg, accelerator.mixed_precision), accelerator.device)
     if resumed is not None:
         hn = resumed
         hn.name = name
     else:
         text_width = loaded.pipeline.unet.config.cross_attention_dim
         sizes = sizes or sorted(attention_context_widths(loaded.pipeline.unet) | {text_width})
-        set_seed(args.seed)  # the new modules' initial weights are the same on every rank
+        set_seed(cfg.training.seed)  # the new modules' initial weights are the same on every rank
         hn = Hypernetwork.create(name, sizes, options)
-    trainable = HypernetworkTrainable.build(loaded, hn, accelerator.device, args.offload_text_encoder,
-                                            embeddings_dirs=args.embeddings_dir)
+    trainable = HypernetworkTrainable.build(loaded, hn, accelerator.device, h.offload_text_encoder,
+                                            embeddings_dirs=h.embeddings_dir)
 
-    batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+    batches, max_steps = cli.plan_batches(cfg, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                                           initial_step=trainable.initial_step)
-    settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, hypernetwork_name=name,
+    settings = cli.run_settings(cfg, accelerator, loaded, summary, max_steps, hypernetwork_name=name,
                                 sizes=sorted(hn.layers))
-    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings),
-                               batches.micro_batches_per_epoch)
-    outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
-                                  settings=settings, save_optimizer_state=args.save_optimizer_state)
+    loop_cfg = cli.loop_config(cfg, max_steps, loaded.prediction_type, settings, batches.micro_batches_per_epoch)
+    out_dir = loop_cfg.output_dir
+    outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, cli.preview_options(cfg, data_cfg),
+                                  settings=settings, save_optimizer_state=cfg.saving.save_optimizer_state)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,
-                   outputs.callbacks(previews=not args.no_previews))
-    finish_run(accelerator, result, name, "hypernetwork", out_dir, hub=cli.hub_target(args))
+                   outputs.callbacks(previews=not cfg.previews.no_previews))
+    finish_run(accelerator, result, name, "hypernetwork", out_dir, hub=cli.hub_target(cfg))
     return 0
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from utils import cli
 from utils.cluster import add_cluster_args
+from utils.config import TextualInversionConfig
 from utils.errors import UserError, exit_on_user_error
-from utils.lr_schedule import validate_learning_rate
 
 PROG = "train_textual_inversion.py"
 
@@ -72,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def resolve_config(argv: list[str] | None = None) -> TextualInversionConfig:
+    """Flags + --config file + --demo defaults, once, as the typed config the rest of the run reads."""
+    return cli.to_config(parse_args(argv), TextualInversionConfig)
+
+
 def apply_demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
     """The README's first command: everything local, small and quick. Flags given explicitly still win."""
     from utils.tiny_models import tiny_model_path
@@ -101,59 +106,60 @@ def apply_demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Everything that can be checked without a model is checked first.
-    validate_learning_rate(str(args.learning_rate))
-    cli.check_trainer_flags(args)
-    if args.concepts or args.sweep:
+    cfg = resolve_config(argv)
+    # Everything that can be checked without a model is checked first; the flags before torch is even imported.
+    cli.check_flags(cfg)
+    if cfg.many.active:
         from utils import multi_run
 
-        return multi_run.main(args)
-    if not args.placeholder_token and not args.resume_embedding:
+        return multi_run.main(cfg)
+    e = cfg.embedding
+    if not e.placeholder_token and not e.resume_embedding:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
 
-    from utils import ti_outputs
     from utils.embeddings import MAX_VECTORS, load_embedding, sanitize_name
-    from utils.textual_inversion import TextualInversion
-    from utils.training import config_for_trackers, train
-    from utils.training_setup import finish_run, load_model_for_training, start_run, training_noise_scheduler
+    from utils.run import finish_run
+    from utils.trainers import textual_inversion
+    from utils.trainers.textual_inversion import TextualInversion
+    from utils.training import train
+    from utils.training_setup import load_model_for_training, training_noise_scheduler
 
-    resumed = load_embedding(args.resume_embedding) if args.resume_embedding else None
-    if args.resume_embedding and resumed is None:
-        raise UserError(f"--resume_embedding {args.resume_embedding}: the file holds no embedding")
-    if resumed is None and not 1 <= args.num_vectors <= MAX_VECTORS:
-        raise UserError(f"--num_vectors must be 1..{MAX_VECTORS} (got {args.num_vectors})")
-    name = sanitize_name(args.placeholder_token or resumed.name)
-    source = cli.model_source(args)
-    data_cfg, prompt_cfg, latent_cfg = cli.data_options(args, placeholder=name)
-    out_dir = Path(args.output_dir)
-    accelerator, summary = start_run(out_dir, args.mixed_precision, args.gradient_accumulation_steps, args.report_to,
-                                     args.seed, args.ddp_timeout, data_cfg, prompt_cfg, args.logging_dir)
-    cli.check_data_fits(args, accelerator, summary, data_cfg)
+    cli.check_run(cfg)
+    resumed = load_embedding(e.resume_embedding) if e.resume_embedding else None
+    if e.resume_embedding and resumed is None:
+        raise UserError(f"--resume_embedding {e.resume_embedding}: the file holds no embedding")
+    if resumed is None and not 1 <= e.num_vectors <= MAX_VECTORS:
+        raise UserError(f"--num_vectors must be 1..{MAX_VECTORS} (got {e.num_vectors})")
+    name = sanitize_name(e.placeholder_token or resumed.name)
+    source = cli.model_source(cfg)
+    data_cfg, prompt_cfg, latent_cfg = cli.data_options(cfg, placeholder=name)
+    accelerator, summary = cli.start_run(cfg, data_cfg, prompt_cfg)
+    cli.check_data_fits(cfg, accelerator, summary, data_cfg)
 
-    loaded = load_model_for_training(source, cli.model_options(args, accelerator.mixed_precision), accelerator.device)
-    embedding = resumed if resumed is not None else ti_outputs.new_embedding(
-        loaded, name, args.initializer_token, args.num_vectors)
+    loaded = load_model_for_training(source, cli.model_options(cfg, accelerator.mixed_precision), accelerator.device)
+    embedding = resumed if resumed is not None else textual_inversion.new_embedding(
+        loaded, name, e.initializer_token, e.num_vectors)
     embedding.name = name
-    ti_outputs.check_width(embedding, loaded)
+    textual_inversion.check_width(embedding, loaded)
     trainable = TextualInversion.build(loaded.pipeline, embedding)
 
-    batches, max_steps = cli.plan_batches(args, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+    batches, max_steps = cli.plan_batches(cfg, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                                           initial_step=trainable.initial_step)
-    settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, embedding_name=name)
-    loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings),
-                               batches.micro_batches_per_epoch)
-    outputs = ti_outputs.TextualInversionOutputs(
-        accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
-        save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
-        settings=settings, save_optimizer_state=args.save_optimizer_state).callbacks(previews=not args.no_previews)
+    settings = cli.run_settings(cfg, accelerator, loaded, summary, max_steps, embedding_name=name)
+    loop_cfg = cli.loop_config(cfg, max_steps, loaded.prediction_type, settings, batches.micro_batches_per_epoch)
+    out_dir = loop_cfg.output_dir
+    outputs = textual_inversion.TextualInversionOutputs(
+        accelerator, trainable, loaded, out_dir, cli.preview_options(cfg, data_cfg),
+        save_image_embeddings=e.save_image_embeddings, also_bin=cfg.saving.no_safe_serialization,
+        settings=settings, save_optimizer_state=cfg.saving.save_optimizer_state,
+    ).callbacks(previews=not cfg.previews.no_previews)
 
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs)
-    if args.save_as_full_pipeline and accelerator.is_main_process:
+    if e.save_as_full_pipeline and accelerator.is_main_process:
         from utils.full_pipeline import save_full_pipeline
 
         save_full_pipeline(source, name, out_dir)
-    finish_run(accelerator, result, name, "embedding", out_dir, hub=cli.hub_target(args))
+    finish_run(accelerator, result, name, "embedding", out_dir, hub=cli.hub_target(cfg))
     return 0
 
 

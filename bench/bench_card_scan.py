@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory and time of reading an embeddings folder that holds one very large plain picture, as a user meets it.
 
-Runs ``python -m utils.embeddings inspect FILE`` (the same reader inference.py's embedding folders and
+Runs ``python -m tools.embeddings inspect FILE`` (the same reader inference.py's embedding folders and
 ``--list_embeddings`` use) in a fresh process per file and tree, and prints each process's peak RSS and wall time.
 With ``--baseline DIR`` (another checkout, e.g. the main worktree) both trees are measured side by side in one run.
 
@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # VmHWM (this process's own peak), not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
 WRAPPER = """
-import runpy, sys
+import os, runpy, sys
 sys.path.insert(0, sys.argv[1])
-sys.argv = ["utils.embeddings", "inspect", sys.argv[2]]
+# the command moved from utils/embeddings.py to tools/embeddings.py; a baseline tree may predate that
+tool = "tools.embeddings" if os.path.exists(sys.argv[1] + "/tools/embeddings.py") else "utils.embeddings"
+sys.argv = [tool, "inspect", sys.argv[2]]
 try:
-    runpy.run_module("utils.embeddings", run_name="__main__")
+    runpy.run_module(tool, run_name="__main__")
 except SystemExit:
     pass
 hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))

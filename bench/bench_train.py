@@ -392,8 +392,7 @@ def run_real_loop(session: Session, settings: Settings, case: Case, trainable, c
 
 
 def mode_ours(session: Session, settings: Settings, case: Case, cached: bool, paired: bool):
-    from utils.textual_inversion import TextualInversion
-    from utils.ti_outputs import new_embedding
+    from utils.trainers.textual_inversion import TextualInversion, new_embedding
     from utils.training import OptimConfig
 
     embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
@@ -404,7 +403,7 @@ def mode_ours(session: Session, settings: Settings, case: Case, cached: bool, pa
 
 def mode_hypernetwork(session: Session, settings: Settings, case: Case, offload: bool, bare: "BareStep | None"):
     from utils.hypernetwork import Hypernetwork, HypernetworkOptions, attention_context_widths
-    from utils.hypernetwork_training import HypernetworkTrainable
+    from utils.trainers.hypernetwork import HypernetworkTrainable
     from utils.training import OptimConfig
 
     import torch
@@ -516,7 +515,7 @@ class BareStep:
     def __init__(self, session: Session, settings: Settings, case: Case, trainable):
         import torch
 
-        from utils.textual_inversion import tokenize_with_placeholder
+        from utils.trainers.textual_inversion import tokenize_with_placeholder
 
         self.acc, self.device = session.accelerator, session.device
         self.model, self.vectors = trainable.model, list(trainable.parameters())
@@ -558,8 +557,7 @@ def bare_on_a_copy(session: Session, settings: Settings, case: Case) -> BareStep
     import copy
     from types import SimpleNamespace
 
-    from utils.textual_inversion import TextualInversion
-    from utils.ti_outputs import new_embedding
+    from utils.trainers.textual_inversion import TextualInversion, new_embedding
 
     pipe = session.pipe
     twin = SimpleNamespace(text_encoder=copy.deepcopy(pipe.text_encoder), unet=copy.deepcopy(pipe.unet),
@@ -569,8 +567,7 @@ def bare_on_a_copy(session: Session, settings: Settings, case: Case) -> BareStep
 
 
 def mode_bare(session: Session, settings: Settings, case: Case) -> list[float]:
-    from utils.textual_inversion import TextualInversion
-    from utils.ti_outputs import new_embedding
+    from utils.trainers.textual_inversion import TextualInversion, new_embedding
 
     embedding = new_embedding(session.loaded, PLACEHOLDER, INIT_TEXT, NUM_VECTORS)
     trainable = TextualInversion.build(session.pipe, embedding)

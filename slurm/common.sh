@@ -130,7 +130,7 @@ ef_on_preempt() {
 # ef_array_task LIST TRAIN_SCRIPT [COMMON_ARGS...]: one job array task (slurm/train_array.sbatch). It trains the
 # embedding on line SLURM_ARRAY_TASK_ID of LIST (its flags come after the common ones, so they win), through
 # ef_submit (so preemption and requeue work as in the other templates), then records how it ended in the array's
-# summary folder and rewrites the summary there (utils/job_array.py).
+# summary folder and rewrites the summary there (tools/job_array.py).
 #   ARRAY_SUMMARY_DIR  the summary folder (default: embedforge-array-<array job id>/ in the folder sbatch was called from)
 #   EMBEDDINGS_PER_TASK  with a --concepts file as LIST: its entries per task, trained as one batched run
 ef_array_task() {
@@ -147,7 +147,7 @@ ef_array_task() {
   local log; log="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p' | head -n 1)"
 
   local picked; picked="$(mktemp)"
-  (cd "$repo" && python -m utils.job_array args "$list" "$SLURM_ARRAY_TASK_ID" \
+  (cd "$repo" && python -m tools.job_array args "$list" "$SLURM_ARRAY_TASK_ID" \
      ${EMBEDDINGS_PER_TASK:+--per_task "$EMBEDDINGS_PER_TASK"} -- "$@" > "$picked")
   local rc=$?
   local line=()
@@ -162,7 +162,7 @@ ef_array_task() {
   fi
   # A requeued task records when it really ends; a dry run records nothing.
   [[ "${EF_OUTCOME:-}" == requeued || -n "${DRY_RUN:-}" ]] && return "$rc"
-  (cd "$repo" && python -m utils.job_array record "$summary" --task "$SLURM_ARRAY_TASK_ID" \
+  (cd "$repo" && python -m tools.job_array record "$summary" --task "$SLURM_ARRAY_TASK_ID" \
      --tasks "${SLURM_ARRAY_TASK_COUNT:-0}" --job_id "$SLURM_JOB_ID" --outcome "$EF_OUTCOME" --status "$rc" \
      --restarts "${SLURM_RESTART_COUNT:-0}" --log "$log" -- "${cmd[@]}" >/dev/null) \
     && ef_log "summary: $summary/summary.txt" || ef_log "could not write the summary in $summary"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from utils.embeddings import Embedding
 from utils.prompts import CHUNK_LENGTH, COMMA_BACKTRACK, EmbeddingLookup, PromptChunker
-from utils.textual_inversion import tokenize_with_placeholder
+from utils.trainers.textual_inversion import tokenize_with_placeholder
 from utils.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
 
 CAT, DOG, BIRD, COMMA, X = 2368, 1929, 3329, 267, 343
@@ -82,9 +82,9 @@ def test_72_words_and_a_3_vector_placeholder_fill_one_chunk_in_training_and_infe
     t = _chunks(tokenizer, prompt, {"my-emb": _emb("my-emb", 3)})
     assert len(t.chunks) == 1 and [(off, e.name) for off, e in t.chunks[0].fixes] == [(72, "my-emb")]
     assert t.token_count == 75
-    # 73 words: the placeholder no longer fits; training drops it whole rather than cutting it
+    # 73 words: the placeholder no longer fits; it opens a second chunk whole, in training as in inference
     ids = tokenize_with_placeholder(tokenizer, ["x " * 73 + "my-emb"], "my-emb", 3)[0].tolist()
-    assert ids == [BOS_ID] + [X] * 73 + [EOS_ID] * 3
+    assert ids[:77] == [BOS_ID] + [X] * 73 + [EOS_ID] * 3 and ids[77:82] == [BOS_ID, -1, -2, -3, EOS_ID]
 
 
 def test_a_2_to_1_picture_is_split_at_the_default_threshold():

@@ -146,7 +146,7 @@ def test_array_dry_run_takes_the_tasks_line_after_the_common_flags(fakebin, tmp_
     env = _slurm_env(fakebin, tmp_path / "calls", SLURM_JOB_ID=12, SLURM_ARRAY_JOB_ID=11, SLURM_ARRAY_TASK_ID=1,
                      SLURM_JOB_NODELIST="node3", SLURM_NNODES=1, SLURM_GPUS_ON_NODE=1,
                      ARRAY_SUMMARY_DIR=str(tmp_path / "summary"))
-    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m utils...`
+    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m tools...`
     srun, accel = _dry_run("train_array.sbatch", env, str(listing), "train_textual_inversion.py", "--config", "c.yaml",
                            "--output_dir", "runs/common")
     assert _opt(accel, "--config_file") == str(CONFIGS / "multi_gpu_1node.yaml")
@@ -181,7 +181,7 @@ def test_array_task_without_a_line_fails_with_one_line(fakebin, tmp_path):
     env = _slurm_env(fakebin, tmp_path / "calls", SLURM_JOB_ID=12, SLURM_ARRAY_JOB_ID=11, SLURM_ARRAY_TASK_ID=2,
                      SLURM_ARRAY_TASK_COUNT=3, SLURM_JOB_NODELIST="node3", SLURM_NNODES=1,
                      ARRAY_SUMMARY_DIR=str(tmp_path / "summary"))
-    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m utils...`
+    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m tools...`
     p = subprocess.run(["bash", str(SLURM / "train_array.sbatch"), str(listing), "train_textual_inversion.py"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
@@ -350,8 +350,8 @@ def test_wandb_init_options(monkeypatch, tmp_path):
 
     for k in [k for k in os.environ if k.startswith("SLURM_")] + ["WANDB_RUN_GROUP"]:
         monkeypatch.delenv(k, raising=False)
-    cfg = LoopConfig(output_dir=tmp_path / "my-run", max_train_steps=10, report_to="wandb",
-                     tracker_config={"wandb_tags": "style,v2", "learning_rate": "0.005"})
+    cfg = LoopConfig(output_dir=tmp_path / "my-run", max_train_steps=10, report_to="wandb", wandb_tags=["style", "v2"],
+                     tracker_config={"learning_rate": "0.005"})
     assert _tracker_init_kwargs(LoopConfig(output_dir=tmp_path, max_train_steps=1), None) == {}
     w = _tracker_init_kwargs(cfg, None)["wandb"]
     assert w == {"name": "my-run", "resume": "allow", "dir": str(tmp_path / "my-run"), "job_type": "train",

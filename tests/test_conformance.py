@@ -179,7 +179,7 @@ KINDS = {
     "emb-bin": "embedding `learned_embeds.bin` (`--no_safe_serialization`)",
     "emb-png": "PNG card `image_embeddings/<name>-<step>.png`",
     "emb-optim": "`<name>.pt.optim` of an embedding (`--save_optimizer_state`)",
-    "emb-kohya": "kohya layout `emb_params` (`python -m utils.embeddings convert --format kohya`)",
+    "emb-kohya": "kohya layout `emb_params` (`python -m tools.embeddings convert --format kohya`)",
     "sdxl-safetensors": "SDXL embedding `<name>.safetensors` (`clip_l` + `clip_g`)",
     "sdxl-diffusers": "SDXL `learned_embeds.safetensors` + `learned_embeds_2.safetensors`",
     "hn-pt": "hypernetwork `<name>.pt`, `hypernetworks/<name>-<step>.pt`",
@@ -676,7 +676,7 @@ def test_client_reads_our_file(kind, client, request, tmp_path):
 
 def _kohya_layout_file(ctx) -> Path:
     """The converter's kohya layout of the run's final embedding (``emb_params``)."""
-    from utils.embeddings import main as embeddings_main
+    from tools.embeddings import main as embeddings_main
 
     out = ctx.tmp_path / "kohya" / f"{NAME}.safetensors"
     out.parent.mkdir(exist_ok=True)
@@ -812,7 +812,7 @@ def _pt_files(*outs: Path) -> list[Path]:
 
 
 def test_a1111_safe_check_passes_on_every_pt_we_write(ti_run, hn_run, hn_files, a1111, tmp_path):
-    from utils.embeddings import main as embeddings_main
+    from tools.embeddings import main as embeddings_main
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter and `create` write .pt too
         embeddings_main(["convert", str(ti_run.out / "image_embeddings" / f"{NAME}-2.png"), str(tmp_path / "c.pt")])
@@ -954,7 +954,7 @@ def test_one_run_writes_one_diffusers_token(ti_run, sdxl_run):
 
 
 def test_vocabulary_word_names_are_announced(ti_run, sd1_text):
-    from utils.ti_outputs import prompt_word_lines
+    from utils.trainers.textual_inversion import prompt_word_lines
 
     tokenizer, _ = sd1_text
     lines = prompt_word_lines(NAME, [tokenizer])
@@ -981,7 +981,7 @@ def test_loop_saves_at_every_multiple_of_the_interval_the_last_step_included(tin
     never twice."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from utils.textual_inversion import TextualInversion
+    from utils.trainers.textual_inversion import TextualInversion
     from utils.training import LoopConfig, Outputs, make_accelerator, train
 
     class Latents:
@@ -1008,7 +1008,7 @@ def test_loop_saves_at_every_multiple_of_the_interval_the_last_step_included(tin
 
 def test_a_card_shows_only_the_preview_of_its_own_step(monkeypatch, tmp_path):
     """The picture of a PNG card is the preview of the same step; an older one would misrepresent the embedding."""
-    from utils import ti_outputs
+    from utils.trainers import textual_inversion as ti_outputs
 
     shown = {}
     monkeypatch.setattr(ti_outputs, "save_png_card", lambda emb, path, image: shown.setdefault(emb.step, image))

@@ -101,6 +101,11 @@ def test_denoising_loss_per_sample_mean_then_batch_mean():
     assert denoising_loss(pred, target, sample_weights=sw).item() == pytest.approx((1.5 * 2 + 6.25 * 0.5) / 2)
     both = denoising_loss(pred, target, loss_weights=w, sample_weights=sw)
     assert both.item() == pytest.approx((0.25 * 2 + 9.125 * 0.5) / 2)
+    # reduction="none": the weighted per-sample losses, whose mean is the default reduction, bit for bit
+    each = denoising_loss(pred, target, loss_weights=w, sample_weights=sw, reduction="none")
+    assert each.tolist() == pytest.approx([0.25 * 2, 9.125 * 0.5]) and torch.equal(each.mean(), both)
+    with pytest.raises(ValueError, match="reduction"):
+        denoising_loss(pred, target, reduction="sum")
 
 
 def test_denoising_loss_is_computed_in_float32():

@@ -1,4 +1,5 @@
-"""Reading every embedding format A1111 reads, safely; writing ours; creating new embeddings (a1111-compat §1, §4)."""
+"""Reading every embedding format A1111 reads, safely; writing ours; creating new embeddings
+(docs/a1111-rules.md, "Embedding files")."""
 
 from __future__ import annotations
 

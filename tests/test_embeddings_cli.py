@@ -1,4 +1,4 @@
-"""``python -m utils.embeddings create|inspect|convert``."""
+"""``python -m tools.embeddings create|inspect|convert`` (tools/embeddings.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.embeddings import Embedding, checksum, load_embedding, main, save_diffusers_sdxl
+from tools.embeddings import main
+from utils.embeddings import Embedding, checksum, load_embedding, save_diffusers_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,8 +166,8 @@ def test_help(capsys):
 
 
 def test_subprocess_one_line_error(a1111_fixtures):
-    failed = subprocess.run([sys.executable, "-m", "utils.embeddings", "inspect", str(a1111_fixtures / "empty.pt")],
+    failed = subprocess.run([sys.executable, "-m", "tools.embeddings", "inspect", str(a1111_fixtures / "empty.pt")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2
     assert "Traceback" not in failed.stderr
-    assert failed.stderr.strip().splitlines()[-1].startswith("python -m utils.embeddings: error:")
+    assert failed.stderr.strip().splitlines()[-1].startswith("python -m tools.embeddings: error:")

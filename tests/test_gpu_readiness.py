@@ -75,7 +75,7 @@ def _ti_run(model_dir, out_dir, steps, *, source, scaler=None, resume=None, ckpt
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from utils.embeddings import Embedding
-    from utils.textual_inversion import TextualInversion
+    from utils.trainers.textual_inversion import TextualInversion
     from utils.training import LoopConfig, OptimConfig, Outputs, make_accelerator, train
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
@@ -151,7 +151,7 @@ def _ddp_frozen_worker(rank, model_dir, out_dir):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from utils.embeddings import Embedding
-    from utils.textual_inversion import TextualInversion
+    from utils.trainers.textual_inversion import TextualInversion
     from utils.training import LoopConfig, OptimConfig, Outputs, make_accelerator, train
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
@@ -287,7 +287,7 @@ def test_two_processes_skip_the_same_updates(tiny_sd1, tmp_path):
 
 def _hn_trainable(model_dir, offload):
     from utils.hypernetwork import Hypernetwork, HypernetworkOptions
-    from utils.hypernetwork_training import HypernetworkTrainable
+    from utils.trainers.hypernetwork import HypernetworkTrainable
     from utils.models import ModelSource
     from utils.training_setup import ModelOptions, load_model_for_training
 
@@ -300,7 +300,7 @@ def _hn_trainable(model_dir, offload):
 
 
 def test_offloaded_text_encoder_is_float32_and_previews_are_unchanged(tiny_sd1, tmp_path):
-    from utils.training_setup import PreviewOptions, render_previews
+    from utils.previews import PreviewOptions, render_previews
 
     opts = PreviewOptions(prompt="a photo", steps=2, width=64, height=64)
     images = {}
@@ -312,7 +312,7 @@ def test_offloaded_text_encoder_is_float32_and_previews_are_unchanged(tiny_sd1, 
         hidden, _ = trainable.conditioning.get(["a photo of a thing"])
         assert hidden.dtype == te.dtype
         weights = {k: v.clone() for k, v in te.state_dict().items()}
-        trainable.eval()
+        trainable.train(False)
         out = render_previews("cpu", loaded, trainable.conditioning.encoder, opts, tmp_path / str(offload), "hn", 1,
                               "a photo")
         images[offload] = np.asarray(out[0][0])

@@ -62,7 +62,7 @@ class SynthSource:
 def _train(model_dir, out: Path, steps: int, resume=None, ckpt=2):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from utils.textual_inversion import TextualInversion
+    from utils.trainers.textual_inversion import TextualInversion
     from utils.training import LoopConfig, OptimConfig, Outputs, make_accelerator, train
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
@@ -629,7 +629,7 @@ def _writers(tmp: Path):
     from utils.hypernetwork import Hypernetwork, save_hypernetwork, save_hypernetwork_safetensors
     from utils.infotext import save_png
     from utils.training import LossLog
-    from utils.training_setup import write_settings
+    from utils.outputs import write_settings
 
     def emb(v):
         return Embedding("e", torch.full((2, 32), float(v)), step=v)
@@ -759,7 +759,7 @@ def test_inspect_gives_the_reason_for_each_hostile_file(tmp_path):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(folder / "whole.png")
     (folder / "cut.png").write_bytes((folder / "whole.png").read_bytes()[:60])
     (folder / "junk.safetensors").write_bytes(b"\xff" * 64)
-    r = subprocess.run([sys.executable, "-m", "utils.embeddings", "inspect", *(str(folder / n) for n in files)],
+    r = subprocess.run([sys.executable, "-m", "tools.embeddings", "inspect", *(str(folder / n) for n in files)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "PWNED").exists(), r.stderr

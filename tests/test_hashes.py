@@ -1,4 +1,5 @@
-"""Checkpoint / file hashes as A1111 computes them (a1111-compat §1.6, §6.5) and the model identity built on them."""
+"""Checkpoint / file hashes as A1111 computes them (docs/a1111-rules.md, "Hashes and checksums", "Model hashes") and the
+model identity built on them."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import torch
 
 import train_hypernetwork as thn
 import train_textual_inversion as tti
+from tools import hub as hub_tool
 from utils import hub
 from utils.embeddings import load_embedding
 
@@ -159,12 +160,12 @@ def test_failed_upload_keeps_everything_and_says_how_to_publish_later(tiny_sd1, 
     out = tmp_path / "o"
     with pytest.raises(UserError) as e:
         tti.main(_ti(tiny_sd1, out, "--push_to_hub", "--hub_model_id", "me/x", "--no_previews"))
-    assert "no route to host" in str(e.value) and f"python -m utils.hub {out} --hub_model_id me/x" in str(e.value)
+    assert "no route to host" in str(e.value) and f"python -m tools.hub {out} --hub_model_id me/x" in str(e.value)
     assert (out / "red-ball.pt").is_file() and (out / "README.md").is_file()
 
     # ... which then works from a machine with network.
     fake = FakeHub(monkeypatch)
-    assert hub.main([str(out), "--hub_model_id", "me/x"]) == 0
+    assert hub_tool.main([str(out), "--hub_model_id", "me/x"]) == 0
     assert fake.uploads[0]["repo_id"] == "me/x" and "red-ball.pt" in fake.uploads[0]["files"]
 
 

@@ -1,4 +1,5 @@
-"""Hypernetworks (a1111-compat §2): module layout, every file era, the attention hook, prompt tags."""
+"""Hypernetworks (docs/a1111-rules.md, "Hypernetworks"): module layout, every file era, the attention hook, prompt
+tags."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tools import job_array as job_array_tool
 from utils import job_array
 from utils.errors import UserError
 
@@ -67,7 +68,7 @@ def test_lines_that_would_share_an_output_folder_are_refused(tmp_path):
 
 def test_args_command_prints_the_line_nul_separated(tmp_path, capsys):
     path = _list(tmp_path, "--output_dir a\n--placeholder_token 'b c' --output_dir b\n")
-    assert job_array.main(["args", str(path), "1", "--", "--seed", "1"]) == 0
+    assert job_array_tool.main(["args", str(path), "1", "--", "--seed", "1"]) == 0
     assert capsys.readouterr().out.split("\0") == ["--placeholder_token", "b c", "--output_dir", "b", ""]
 
 
@@ -105,7 +106,7 @@ def test_summary_rows_states_files_steps_and_errors(tmp_path):
     _record(folder, 1, "stopped", a)
     text = (folder / "summary.txt").read_text()
     assert text.startswith("3 task(s): 1 done, 1 failed, 1 stopped") and "submit the task again" in text
-    assert job_array.main(["summary", str(folder)]) == 0
+    assert job_array_tool.main(["summary", str(folder)]) == 0
 
 
 def test_a_concepts_file_is_cut_into_tasks_of_per_task_embeddings(tmp_path):
@@ -125,7 +126,7 @@ def test_the_summary_of_a_batched_task_names_its_embeddings(tmp_path):
     out = tmp_path / "runs" / "task-00000"
     out.mkdir(parents=True)
     (out / "embeddings_summary.csv").write_text("name,steps\na,5\nb,5\n")
-    (out / "all_embeddings_loss.csv").write_text("step,epoch,epoch_step,loss,learn_rate\n5,0,4,0.5,0.005\n")
+    (out / "many_embeddings_loss.csv").write_text("step,epoch,epoch_step,loss,learn_rate\n5,0,4,0.5,0.005\n")
     _record(tmp_path / "s", 0, "done", out, tasks=1)
     row = json.loads((tmp_path / "s" / "summary.json").read_text())[0]
     assert row["files"] == ["a/", "b/"] and row["step"] == 5

@@ -25,8 +25,9 @@ from utils.training import (
 class TinyDenoiser(nn.Module):
     """prediction = conv(noisy) + scale * cond: one 1x1 convolution and a per-channel scale on the conditioning."""
 
-    def __init__(self):
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout)  # the global RNG's only user in a step, as a hypernetwork's dropout
         g = torch.Generator().manual_seed(0)
         self.conv = nn.Conv2d(4, 4, 1)
         with torch.no_grad():
@@ -35,37 +36,31 @@ class TinyDenoiser(nn.Module):
         self.scale = nn.Parameter(torch.zeros(4))
 
     def forward(self, noisy_latents, timesteps, cond):
-        return self.conv(noisy_latents) + self.scale[None, :, None, None] * cond[:, :, None, None]
+        return self.dropout(self.conv(noisy_latents)) + self.scale[None, :, None, None] * cond[:, :, None, None]
 
 
 class FakeTrainer:
     """The smallest thing the loop trains: every parameter of TinyDenoiser; a batch conditions it by a per-prompt
     vector."""
 
-    kind = "fake"
-    csv_name = "fake_loss.csv"
+    method = "fake"
 
-    def __init__(self, name="fake"):
+    def __init__(self, name="fake", dropout=0.0):
         self.name = name
-        self.model = TinyDenoiser()
+        self.model = TinyDenoiser(dropout)
         self.initial_step = 0
         self.mode_calls: list[str] = []
 
     def parameters(self):
         return list(self.model.parameters())
 
-    def train(self):
-        self.mode_calls.append("train")
-
-    def eval(self):
-        self.mode_calls.append("eval")
+    def train(self, mode=True):
+        self.mode_calls.append("train" if mode else "eval")
+        self.model.dropout.train(mode)
 
     def model_inputs(self, batch, device):
         cond = torch.tensor([[float(len(p) % 5), 1.0, -1.0, 0.5] for p in batch["prompts"]], device=device)
         return {"cond": cond}
-
-    def vector_norm(self):
-        return float(sum(p.detach().norm() ** 2 for p in self.parameters()) ** 0.5)
 
     def state_dict(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -77,12 +72,13 @@ class FakeTrainer:
 class Source:
     """n synthetic latents, a fixed permutation per epoch; positions are places in the epoch's global order."""
 
-    def __init__(self, n=8, batch=2, poison_at=None):
+    def __init__(self, n=8, batch=2, poison=(), on_batch=None):
         g = torch.Generator().manual_seed(1)
         self.latents = torch.randn(n, 4, 4, 4, generator=g)
         self.n, self.b = n, batch
         self.micro_batches_per_epoch = n // batch
-        self.poison_at, self.calls = poison_at, 0
+        self.poison, self.on_batch, self.calls = set(poison), on_batch, 0
+        self.served: list[tuple[int, int]] = []  # (epoch, micro-batch) in the order they were served
 
     def iter_epoch(self, epoch, skip):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch)).tolist()
@@ -90,7 +86,10 @@ class Source:
             positions = list(range(j * self.b, (j + 1) * self.b))
             latents = self.latents[[perm[p] for p in positions]].clone()
             self.calls += 1
-            if self.poison_at is not None and self.calls >= self.poison_at:
+            self.served.append((epoch, j))
+            if self.on_batch:
+                self.on_batch(self.calls)
+            if (epoch, j) in self.poison:
                 latents[:] = float("nan")
             yield {"latents": latents, "prompts": [f"prompt {perm[p]}" for p in positions], "positions": positions}
 
@@ -102,12 +101,15 @@ def _scheduler():
 
 
 def _run(out: Path, steps: int, *, hooks=(), resume=None, ckpt=0, accum=1, batch=2, lr="0.01", outputs=None,
-         source=None, trainer=None, **cfg_kw):
+         source=None, trainer=None, scaler=None, schedule="constant", **cfg_kw):
     trainer = trainer or FakeTrainer()
     acc = make_accelerator(out, "no", accum, "none", 0)
+    if scaler is not None:
+        acc.scaler = scaler  # what accelerate builds for fp16 on a GPU; on the CPU it is handed in
+    cfg_kw = {"save_every": 0, "preview_every": 0, **cfg_kw}
     cfg = LoopConfig(output_dir=out, max_train_steps=steps, train_batch_size=batch, gradient_accumulation_steps=accum,
-                     checkpointing_steps=ckpt, save_every=0, preview_every=0, resume_from_checkpoint=resume,
-                     optim=OptimConfig(learning_rate=lr), **cfg_kw)
+                     checkpointing_steps=ckpt, resume_from_checkpoint=resume,
+                     optim=OptimConfig(learning_rate=lr, lr_scheduler=schedule), **cfg_kw)
     outputs = outputs or Outputs(save=lambda s: [], final=lambda s, o: [])
     summary = train(acc, trainer, source or Source(batch=batch), _scheduler(), cfg, outputs, hooks=hooks)
     return summary, trainer
@@ -191,10 +193,11 @@ def test_hook_state_is_restored_on_resume_and_the_same_stop_happens(tmp_path):
 
 
 def test_a_hook_does_not_change_the_trajectory(tmp_path):
-    """Evaluating in the hook (eval mode, no gradients, its own generator) leaves the trained weights bit-identical."""
-    _, plain = _run(tmp_path / "plain", 6)
+    """Evaluating in the hook (eval mode, no gradients, its own generator) leaves the trained weights bit-identical,
+    also when training draws dropout masks from the global RNG."""
+    _, plain = _run(tmp_path / "plain", 6, trainer=FakeTrainer(dropout=0.5))
     hook = StopAt(100)
-    _, hooked = _run(tmp_path / "hooked", 6, hooks=[hook])
+    _, hooked = _run(tmp_path / "hooked", 6, hooks=[hook], trainer=FakeTrainer(dropout=0.5))
     assert len(hook.eval_losses) == 6
     for k, v in plain.state_dict().items():
         assert torch.equal(v, hooked.state_dict()[k]), k
@@ -217,3 +220,142 @@ def test_reduce_loss_is_the_trainers_to_define(tmp_path):
     rows = (tmp_path / "sum" / "fake_loss.csv").read_text().splitlines()[1:]
     mean_rows = (tmp_path / "mean" / "fake_loss.csv").read_text().splitlines()[1:]
     assert float(rows[0].split(",")[3]) == pytest.approx(2 * float(mean_rows[0].split(",")[3]), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rest of the contract
+
+
+def _weights(trainer):
+    return trainer.state_dict()
+
+
+def _same(a, b):
+    return all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def _rows(out):
+    return [r.split(",") for r in (out / "fake_loss.csv").read_text().splitlines()[1:]]
+
+
+def test_accumulation_matches_a_bigger_batch(tmp_path):
+    """2 micro-batches of 1 accumulated = 1 batch of 2 (same samples, same noise): the same update, the same loss."""
+    big, big_t = _run(tmp_path / "big", 4, batch=2)
+    acc, acc_t = _run(tmp_path / "acc", 4, batch=1, accum=2, source=Source(batch=1))
+    assert big.step == acc.step == 4
+    for k, v in _weights(big_t).items():
+        assert torch.allclose(v, _weights(acc_t)[k], atol=1e-6), k
+    assert not _same(_weights(big_t), _weights(FakeTrainer()))
+    for a, b in zip(_rows(tmp_path / "big"), _rows(tmp_path / "acc")):
+        assert a[:3] == b[:3] and float(a[3]) == pytest.approx(float(b[3]), rel=1e-5)
+
+
+def test_each_step_gets_its_own_learning_rate(tmp_path):
+    """A1111's schedule string: the rate for step k is applied to the update that makes step k+1, and logged."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    applied = []
+    handle = register_optimizer_step_pre_hook(lambda opt, a, k: applied.append(opt.param_groups[0]["lr"]))
+    try:
+        summary, _ = _run(tmp_path / "o", 6, lr="0.01:2, 0.005:4, 0.001")
+    finally:
+        handle.remove()
+    assert applied == [0.01, 0.01, 0.005, 0.005, 0.001, 0.001]
+    assert [r[4] for r in _rows(tmp_path / "o")] == ["0.01", "0.01", "0.005", "0.005", "0.001", "0.001"]
+    # The schedule's end ends the run before max_train_steps.
+    short, _ = _run(tmp_path / "s", 10, lr="0.01:3")
+    assert (short.step, short.stopped_by) == (3, "schedule")
+
+
+def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
+    full, full_t = _run(tmp_path / "full", 8, ckpt=3)
+    assert [s for s, _ in list_checkpoints(tmp_path / "full")] == [3, 6, 8]  # the last step too, for a requeue
+    _run(tmp_path / "cut", 5, ckpt=3)
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [3, 5]
+    source = Source()
+    resumed, resumed_t = _run(tmp_path / "cut", 8, ckpt=3, resume="latest", source=source)
+    assert source.served[0] == (1, 1)  # 5 steps of 4 per epoch done: epoch 1, second micro-batch
+    assert resumed.step == 8 and _same(_weights(full_t), _weights(resumed_t))
+    assert _rows(tmp_path / "full") == _rows(tmp_path / "cut")
+
+
+def test_a_stop_signal_checkpoints_and_the_resumed_run_matches(tmp_path):
+    import os
+    import signal
+
+    _, full_t = _run(tmp_path / "full", 6)
+    source = Source(on_batch=lambda calls: calls == 3 and os.kill(os.getpid(), signal.SIGUSR1))
+    stopped, _ = _run(tmp_path / "cut", 6, source=source)
+    assert (stopped.step, stopped.stopped_by) == (3, "signal")  # the current step finished, then stopped
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [3]  # although checkpointing_steps=0
+    resumed, resumed_t = _run(tmp_path / "cut", 6, resume="latest")
+    assert resumed.step == 6 and _same(_weights(full_t), _weights(resumed_t))
+
+
+def test_the_nan_guard_ends_the_run_and_saves_nothing(tmp_path):
+    from utils.training import TrainingDiverged
+
+    calls = []
+    outputs = Outputs(save=lambda s: calls.append(("save", s)) or [], final=lambda s, o: calls.append("final") or [])
+    with pytest.raises(TrainingDiverged, match="diverged at step 3"):
+        _run(tmp_path / "o", 8, source=Source(poison={(0, 2)}), outputs=outputs, ckpt=1, save_every=1)
+    assert calls == [("save", 1), ("save", 2)]  # nothing of step 3, no final files
+    assert [s for s, _ in list_checkpoints(tmp_path / "o")] == [1, 2]
+    assert [r[0] for r in _rows(tmp_path / "o")] == ["1", "2"]  # the rows before the divergence are kept
+
+
+def test_save_preview_and_final_come_at_their_steps(tmp_path):
+    events = []
+    trainer = FakeTrainer()
+
+    def preview(step):
+        events.append(f"preview {step} ({trainer.mode_calls[-1]})")
+        return []
+
+    outputs = Outputs(save=lambda s: events.append(f"save {s}") or [],
+                      final=lambda s, o: events.append(f"final {s}") or [], preview=preview)
+    _run(tmp_path / "o", 6, outputs=outputs, trainer=trainer, save_every=2, preview_every=3)
+    # A periodic copy at every multiple of save_every, the last step included; the last step's preview before
+    # its copy (a PNG card shows it); previews with the trainable in eval mode.
+    assert events == ["save 2", "preview 3 (eval)", "save 4", "preview 6 (eval)", "save 6", "final 6"]
+    assert trainer.mode_calls[-1] == "train"
+
+
+def test_skipped_fp16_steps_are_not_counted(tmp_path):
+    """A NaN loss under a loss scaler is a skipped update: no step number, no log row, no rate advance; the data
+    goes on. (accelerate builds this scaler for fp16 on a GPU; here it is handed in on the CPU.)"""
+    scaler = torch.amp.GradScaler("cpu")
+    source = Source(poison={(0, 1)})
+    summary, trainer = _run(tmp_path / "o", 4, scaler=scaler, source=source, lr="0.01:2, 0.005")
+    assert (summary.step, summary.skipped_steps, summary.stopped_by) == (4, 1, "max_steps")
+    assert source.served == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    rows = _rows(tmp_path / "o")
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"] and [r[4] for r in rows] == ["0.01", "0.01", "0.005", "0.005"]
+    assert all(torch.isfinite(v).all() for v in _weights(trainer).values())
+    assert scaler.get_scale() == 2.0 ** 16 / 2  # halved once
+
+
+class StopOnRankZero(BaseStepHook):
+    name = "rank_zero_stop"
+
+    def after_step(self, step, ctx):
+        return "early_stop" if ctx.accelerator.process_index == 0 and step == 2 else None
+
+
+def _hook_ranks_worker(rank, out):
+    summary, trainer = _run(Path(out), 6, hooks=[StopOnRankZero()], batch=1, source=Source(batch=1))
+    torch.save({"step": summary.step, "stopped_by": summary.stopped_by, "weights": trainer.state_dict()},
+               f"{out}.rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_a_stop_one_rank_asks_for_stops_every_rank_at_the_same_step(tmp_path):
+    """Only rank 0's hook says stop: both ranks end at that step (rank 1 with the reason 'hook'), the checkpoint is
+    written and the ranks hold the same weights."""
+    from test_gpu_readiness import _two_ranks
+
+    _two_ranks(_hook_ranks_worker, str(tmp_path / "o"))
+    r0, r1 = (torch.load(f"{tmp_path / 'o'}.rank{r}.pt", weights_only=True) for r in range(2))
+    assert (r0["step"], r0["stopped_by"]) == (2, "early_stop") and (r1["step"], r1["stopped_by"]) == (2, "hook")
+    assert [s for s, _ in list_checkpoints(tmp_path / "o")] == [2]
+    assert _same(r0["weights"], r1["weights"])

@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from utils.diffusion_loss import sample_seed
 from utils.embeddings import Embedding
-from utils.textual_inversion import TextualInversion, tokenize_with_placeholder
+from utils.trainers.textual_inversion import TextualInversion, tokenize_with_placeholder
 from utils.training import LoopConfig, OptimConfig, Outputs, TrainingDiverged, list_checkpoints, make_accelerator, train
 
 NAME = "myemb"
@@ -215,8 +215,8 @@ def test_weights_turning_non_finite_with_a_finite_loss_stop_the_run(tiny_sd1, tm
 
 @pytest.mark.parametrize("family", ["tiny_sd2", "tiny_sd1", "tiny_sdxl"])
 def test_training_conditions_like_inference(family, request):
-    """The same prompt and vectors give bit-identical text-encoder output in training (negative ids spliced into
-    the token embedding) and in inference (A1111's chunker + rows written over the placeholders). SD-2 pads with
+    """The same prompt and vectors give bit-identical text-encoder output in training (tokenize_with_placeholder +
+    the model's encode) and in inference (the prompt encoder, the embedding registered by name). SD-2 pads with
     id 0 after the end token, so only ids < 0 may be taken as placeholders, never 0. SDXL: both encoders'
     penultimate states side by side, and the second one's pooled output."""
     from utils.prompts import EmbeddingDatabase, PromptEncoder
@@ -240,7 +240,6 @@ def test_training_conditions_like_inference(family, request):
         assert pipe.tokenizer.pad_token_id == 0 and (ids[0] == 0).sum() > 50  # OpenCLIP padding
     with torch.no_grad():
         trained, pooled = ti.model.encode(ids)
-    ti.detach_from_models()
 
     db = EmbeddingDatabase([])
     db.register(Embedding(NAME, vectors))

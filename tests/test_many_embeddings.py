@@ -143,10 +143,10 @@ def test_the_loss_is_the_sum_of_each_embeddings_mean():
     """Each sample's gradient is 1 / (its embedding's sample count): the gradient its own run's mean gives. (AdamW
     hides a wrong scale almost completely, so the reduction is pinned here directly.)"""
     from utils.embeddings import Embedding
-    from utils.multi_embedding import ManyEmbeddings
+    from utils.trainers.many_embeddings import ManyEmbeddings
 
     embs = [Embedding(f"e{k}", torch.zeros(1, 4)) for k in range(4)]
-    many = ManyEmbeddings(embs, tokenizers=[None], model=None, lr_factors=[1.0] * 4)
+    many = ManyEmbeddings(embs, prompt_tokens=None, model=None, lr_factors=[1.0] * 4)
     per_sample = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0, 5.0], requires_grad=True)
     batch = {"embedding_index": torch.tensor([2, 2, 0, 0, 0, 3])}  # embedding 1 has no sample here
     loss = many.reduce_loss(per_sample, batch)

@@ -12,12 +12,13 @@ import torch
 
 from utils.embeddings import Embedding, create_embedding, save_a1111_pt
 from utils.prompts import (
-    CHUNK_LENGTH, EmbeddingDatabase, EmbeddingLookup, PromptChunker, PromptEncoder, TokenEmbeddingWithFixes,
-    apply_emphasis, parse_emphasis, ti_hashes,
+    CHUNK_LENGTH, EmbeddingDatabase, EmbeddingLookup, PromptChunker, PromptEncoder, PromptTokenizer, apply_emphasis,
+    parse_emphasis, ti_hashes,
 )
+from utils.text_encoders import SplicedTokenEmbedding
 from utils.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
 
-# name -> (vectors, step, shorthash) as the files in ../shared/fixtures/a1111 hold them (a1111-compat §8)
+# name -> (vectors, step, shorthash) as the real A1111 files of the a1111_fixtures folder (tests/conftest.py) hold them
 REAL = {
     "bad-artist": (2, 1875, "2d356134903e"),
     "bad-hands-5": (2, 1419, "01b60bdcc335"),
@@ -246,14 +247,22 @@ def test_name_ending_in_punctuation_matches_before_a_comma(tokenizer):
 
 # --- injection and encoding -------------------------------------------------------------------------------------
 
-def test_token_embedding_with_fixes_replaces_rows_after_offset():
-    base = torch.nn.Embedding(10, 4)
-    vec = torch.full((2, 4), 7.0)
-    wrapped = TokenEmbeddingWithFixes(base, [[(3, vec)], []])
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]])
-    out, plain = wrapped(ids), base(ids)
-    assert torch.equal(out[0, 4:6], vec) and torch.equal(out[0, :4], plain[0, :4]) and torch.equal(out[0, 6:], plain[0, 6:])
-    assert torch.equal(out[1], plain[1])
+def test_prompt_tokenizer_numbers_the_slots_into_one_table_per_batch(tokenizer):
+    """Each embedding's slots become negative ids -(row + 1) of one table per batch (embeddings in order of first use);
+    a prompt whose embeddings come in another order is renumbered, a shorter prompt padded with an empty chunk."""
+    a, b = _emb("alpha", 2), _emb("beta", 3)
+    tok = PromptTokenizer([tokenizer], {"alpha": a, "beta": b})
+    (batch,) = tok(["x alpha y beta", "beta alpha", "word " * 80])
+    assert [e.name for e in batch.embeddings] == ["alpha", "beta"] and batch.weights is None
+    assert batch.ids.shape == (3, 154)
+    assert batch.ids[0, 2:4].tolist() == [-1, -2] and batch.ids[0, 5:8].tolist() == [-3, -4, -5]
+    assert batch.ids[1, 1:6].tolist() == [-3, -4, -5, -1, -2]  # beta first in its own prompt, renumbered
+    assert torch.equal(batch.ids[0, 77:], torch.tensor(tok.chunkers[0].empty_chunk().tokens))
+    assert (batch.ids[2] >= 0).all()
+    (alone,) = tok(["beta alpha"])
+    assert alone.ids[0, 1:6].tolist() == [-1, -2, -3, -4, -5] and [e.name for e in alone.embeddings] == ["beta", "alpha"]
+    (weighted,) = tok(["a (red:1.5) cat", "a cat"])
+    assert weighted.weights[0, 2] == 1.5 and (weighted.weights[1] == 1).all()
 
 
 def _tree_embedding(pipe, name="zzzz1234"):
@@ -302,18 +311,18 @@ def test_several_embeddings_each_injected_where_named(sd1):
     enc = PromptEncoder(sd1, db)
     enc.refresh()
     seen = []
-    original_forward = TokenEmbeddingWithFixes.forward
+    original_forward = SplicedTokenEmbedding.forward
 
     def spy(self, ids):
         out = original_forward(self, ids)
         seen.append(out.detach().clone())
         return out
 
-    TokenEmbeddingWithFixes.forward = spy
+    SplicedTokenEmbedding.forward = spy
     try:
         enc.encode(["x alpha y beta"])
     finally:
-        TokenEmbeddingWithFixes.forward = original_forward
+        SplicedTokenEmbedding.forward = original_forward
     (rows,) = seen
     assert torch.equal(rows[0, 2:4], a.vectors) and torch.equal(rows[0, 5:8], b.vectors)
     assert set(enc.used_embeddings) == {"alpha", "beta"}

@@ -170,7 +170,7 @@ def test_single_file_checkpoint_trains_the_same_vectors(tiny_sdxl, data_dir, tmp
     """An SDXL single file (sgm key layout, as A1111 users have it) is detected and trains exactly as its folder.
 
     Latents are the VAE means here: the default "once" sample is seeded from the model file's hash, which differs."""
-    from utils.ldm_export import main as export
+    from tools.ldm_export import main as export
 
     single = tmp_path / "tiny_sdxl.safetensors"
     export(["--model", str(tiny_sdxl), "--out", str(single)])
@@ -219,7 +219,7 @@ def _prompt_encoder(trainable):
 
 def test_training_conditioning_equals_inference_conditioning(run):
     """What the UNet saw in training is what inference feeds it for the same prompt (both encoders, pooled too)."""
-    from utils.textual_inversion import tokenize_with_placeholder
+    from utils.trainers.textual_inversion import tokenize_with_placeholder
 
     _, spy = run
     t = spy.trainable
@@ -269,7 +269,7 @@ def test_output_file_round_trips(run, tmp_path):
     pair = load_diffusers_sdxl_pair(out / "learned_embeds.safetensors", out / "learned_embeds_2.safetensors")
     assert same_vectors(pair.vectors, trained)
     # ... and by the embeddings CLI into the one-file layout.
-    from utils.embeddings import main as embeddings_cli
+    from tools.embeddings import main as embeddings_cli
 
     converted = tmp_path / "joined.safetensors"
     assert embeddings_cli(["convert", str(out / "learned_embeds_2.safetensors"), str(converted),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from utils.embeddings import Embedding
-from utils.textual_inversion import TextualInversion
+from utils.trainers.textual_inversion import TextualInversion
+from utils.training import loss_log_name, method_title, parameter_norm
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +30,16 @@ def test_only_the_vectors_are_parameters_and_the_models_are_frozen(pipe):
     assert params[0].dtype == torch.float32
     for module in (pipe.text_encoder, pipe.unet):
         assert not any(p.requires_grad for p in module.parameters()) and not module.training
-    assert ti.name == "my-emb" and ti.kind == "textual inversion" and ti.csv_name == "textual_inversion_loss.csv"
-    ti.detach_from_models()
+    # The loop derives the messages' title and the loss log's name (A1111's) from the method.
+    assert ti.name == "my-emb" and method_title(ti) == "textual inversion"
+    assert loss_log_name(ti) == "textual_inversion_loss.csv"
 
 
 def test_vector_norm_and_initial_step(pipe):
     ti = _ti(pipe, step=120)
-    assert ti.vector_norm() == pytest.approx(5.0)  # sqrt(3^2 + 4^2)
+    assert parameter_norm(ti.parameters()) == pytest.approx(5.0)  # sqrt(3^2 + 4^2)
     assert ti.initial_step == 120
     assert _ti(pipe).initial_step == 0
-    ti.detach_from_models()
 
 
 def test_current_is_a_detached_copy_at_a_step(pipe):
@@ -52,7 +53,6 @@ def test_current_is_a_detached_copy_at_a_step(pipe):
         ti.parameters()[0].add_(1.0)
     assert not torch.equal(emb.vectors, ti.parameters()[0].detach())  # a copy, not a view
     assert ti.embedding.step == 3 and ti.embedding.filename == "/x/my-emb.pt"  # the original is untouched
-    ti.detach_from_models()
 
 
 def test_state_dict_round_trip(pipe):
@@ -64,7 +64,6 @@ def test_state_dict_round_trip(pipe):
     with torch.no_grad():
         a.parameters()[0].add_(1.0)
     assert not torch.equal(state["vectors.0"], a.parameters()[0].detach())  # the state was a copy
-    b.detach_from_models()
 
 
 def test_model_inputs_put_the_placeholder_in_every_prompt(pipe):
@@ -77,16 +76,16 @@ def test_model_inputs_put_the_placeholder_in_every_prompt(pipe):
     assert torch.equal(again, ids)  # from the per-prompt cache: the same ids
     # on the training device ("meta" stands in for a GPU)
     assert ti.model_inputs({"prompts": ["my-emb"]}, "meta")["input_ids"][0].device.type == "meta"
-    ti.detach_from_models()
 
 
-def test_detach_gives_the_text_encoder_its_plain_table_back(pipe):
+def test_the_text_encoder_keeps_its_plain_table(pipe):
+    """The vectors are spliced in for each forward only: the pipeline's encoder (saved, exported, used for previews)
+    never holds the wrapper, and the spliced ids make a difference."""
     table = pipe.text_encoder.get_input_embeddings()
     ti = _ti(pipe)
     ids = torch.tensor([[49406, 320, -1, -2, 49407]])
     with torch.no_grad():
         spliced = ti.model.encode([ids])[0]
-    ti.detach_from_models()
     assert pipe.text_encoder.get_input_embeddings() is table
     plain_ids = torch.tensor([[49406, 320, 320, 320, 49407]])
     with torch.no_grad():
@@ -104,12 +103,11 @@ def test_sdxl_current_and_state_hold_both_tables(tiny_sdxl):
     emb = ti.current(5)
     assert set(emb.vectors) == {"clip_l", "clip_g"} and torch.equal(emb.vectors["clip_g"], vectors["clip_g"])
     assert list(ti.state_dict()) == ["vectors.0", "vectors.1"]
-    assert ti.vector_norm() == pytest.approx((2 * widths[0] + 4 * 2 * widths[1]) ** 0.5)
+    assert parameter_norm(ti.parameters()) == pytest.approx((2 * widths[0] + 4 * 2 * widths[1]) ** 0.5)
     batch = {"prompts": ["x-emb"], "add_time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
     inputs = ti.model_inputs(batch, "cpu")
     assert len(inputs["input_ids"]) == 2 and torch.equal(inputs["add_time_ids"], batch["add_time_ids"])
     assert ti.model_inputs(batch, "meta")["add_time_ids"].device.type == "meta"
-    ti.detach_from_models()
 
 
 def test_the_unet_gets_the_conditioning_in_its_own_dtype(tiny_sd1):
@@ -124,13 +122,13 @@ def test_the_unet_gets_the_conditioning_in_its_own_dtype(tiny_sd1):
     with torch.no_grad():
         pred = ti.model(noisy, torch.tensor([10]), **ids)
     assert pred.dtype == torch.bfloat16 and pred.shape == (1, 4, 8, 8)
-    ti.detach_from_models()
 
 
 def test_each_prompt_is_tokenized_once(pipe):
     """Templates repeat a bounded set of prompts: the ids are cached per prompt (tokenizing is a per-step cost)."""
     ti = _ti(pipe)
-    tokenizer, calls = ti.tokenizers[0], []
+    chunker = ti.prompt_tokens.chunkers[0]
+    tokenizer, calls = chunker.tokenizer, []
 
     class Counting:
         def __getattr__(self, name):
@@ -140,11 +138,10 @@ def test_each_prompt_is_tokenized_once(pipe):
             calls.append(args)
             return tokenizer(*args, **kwargs)
 
-    ti.tokenizers[0] = Counting()
+    chunker.tokenizer = Counting()
     first = ti.model_inputs({"prompts": ["a photo of my-emb"]}, "cpu")["input_ids"][0]
     n = len(calls)
     again = ti.model_inputs({"prompts": ["a photo of my-emb"] * 3}, "cpu")["input_ids"][0]
     assert n > 0 and len(calls) == n and torch.equal(again[1], first[0])
     ti.model_inputs({"prompts": ["another my-emb"]}, "cpu")
     assert len(calls) > n
-    ti.detach_from_models()

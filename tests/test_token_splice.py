@@ -1,11 +1,13 @@
-"""utils/token_splice.py on a plain embedding table: negative ids take the extra vectors, every other id the vocabulary."""
+"""utils/text_encoders.py's splice on a plain embedding table: negative ids take the extra vectors, every other id the vocabulary."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from utils.token_splice import SplicedTokenEmbedding, find_subsequence, splice_into, unsplice
+import pytest
+
+from utils.text_encoders import SplicedTokenEmbedding, spliced
 
 
 class Encoder(nn.Module):
@@ -37,12 +39,9 @@ def test_negative_ids_take_the_vectors_and_id_0_stays_vocabulary():
         assert torch.equal(out[0, k], base.weight[ids[0, k]])
 
 
-def test_without_vectors_it_is_the_plain_table_and_reports_its_shape():
+def test_the_wrapper_reports_the_tables_weight():
     base = _table()
-    wrapper = SplicedTokenEmbedding(base, None)
-    ids = torch.tensor([[1, 2, 3]])
-    assert torch.equal(wrapper(ids), base(ids))
-    assert wrapper.weight is base.weight and (wrapper.num_embeddings, wrapper.embedding_dim) == (6, 3)
+    assert SplicedTokenEmbedding(base, torch.ones(1, 3)).weight is base.weight
 
 
 def test_vectors_follow_the_output_dtype_and_get_the_gradient():
@@ -61,24 +60,15 @@ def test_vectors_are_moved_to_the_models_device():
     assert out.device.type == "meta" and out.shape == (1, 2, 3)
 
 
-def test_splice_into_wraps_once_and_unsplice_restores_the_table():
-    table = _table()
-    enc = Encoder(table)
-    first = splice_into(enc, torch.zeros(1, 3))
-    assert enc.get_input_embeddings() is first and first.base is table and torch.equal(first.vectors, torch.zeros(1, 3))
-    second = splice_into(enc, torch.ones(2, 3))
-    assert second is first and torch.equal(first.vectors, torch.ones(2, 3))  # re-pointed, not wrapped twice
-    unsplice(enc)
-    assert enc.get_input_embeddings() is table
-    unsplice(enc)  # a second call changes nothing
-    assert enc.get_input_embeddings() is table
-
-
-def test_find_subsequence():
-    seq = [5, 1, 2, 1, 2, 3]
-    assert find_subsequence(seq, [1, 2]) == 1
-    assert find_subsequence(seq, [1, 2], start=2) == 3
-    assert find_subsequence(seq, [2, 3]) == 4  # at the very end
-    assert find_subsequence(seq, [5]) == 0
-    assert find_subsequence(seq, [3, 4]) == -1 and find_subsequence(seq, [1, 2], start=4) == -1
-    assert find_subsequence([1], [1, 2]) == -1
+def test_spliced_wraps_for_one_call_and_gives_the_table_back():
+    base = _table()
+    enc = Encoder(base)
+    with spliced(enc, None):  # no vectors: nothing installed
+        assert enc.get_input_embeddings() is base
+    with spliced(enc, torch.ones(1, 3)):
+        wrapper = enc.get_input_embeddings()
+        assert isinstance(wrapper, SplicedTokenEmbedding) and wrapper.base is base
+    assert enc.get_input_embeddings() is base
+    with pytest.raises(RuntimeError), spliced(enc, torch.ones(1, 3)):
+        raise RuntimeError("a failing forward")
+    assert enc.get_input_embeddings() is base  # given back on errors too

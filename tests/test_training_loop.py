@@ -11,7 +11,7 @@ import torch
 
 from utils.embeddings import Embedding
 from utils.errors import UserError
-from utils.textual_inversion import TextualInversion, tokenize_with_placeholder
+from utils.trainers.textual_inversion import TextualInversion, tokenize_with_placeholder
 from utils.training import LoopConfig, OptimConfig, Outputs, TrainingDiverged, list_checkpoints, make_accelerator, train
 
 
@@ -153,10 +153,10 @@ def test_placeholder_tokenization():
     ids = tokenize_with_placeholder(tok, ["a photo of my-emb, my-emb"], "my-emb", 3)[0].tolist()
     assert ids[:5] == [49406, 320, 1125, 539, -1] and ids[5:9] == [-2, -3, 267, -1]
     assert ids[9:12] == [-2, -3, 49407] and len(ids) == 77 and ids[-1] == 49407
-    # never split: a placeholder that does not fit in 75 tokens is dropped whole
+    # never split: a placeholder that does not fit in the first 75 tokens opens the second chunk (as A1111)
     long = " ".join(["word"] * 74) + " my-emb"
     ids = tokenize_with_placeholder(tok, [long], "my-emb", 3)[0].tolist()
-    assert -1 not in ids and ids[75] == 49407
+    assert -1 not in ids[:77] and ids[75] == 49407 and ids[77:82] == [49406, -1, -2, -3, 49407]
 
 
 def test_bad_epoch_length(tiny_sd1, tmp_path):

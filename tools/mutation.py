@@ -32,13 +32,14 @@ WORK = ROOT / ".mutation"
 MODULES: dict[str, tuple[str, list[str]]] = {
     # cheapest test files first: they run first (tools/mutation_order.py) and usually kill the mutant alone
     "diffusion_loss": ("utils/diffusion_loss.py", ["tests/test_diffusion_loss.py", "tests/test_loop_numerics.py"]),
-    "token_splice": ("utils/token_splice.py",
-                     ["tests/test_token_splice.py", "tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
+    "text_encoders": ("utils/text_encoders.py",
+                      ["tests/test_token_splice.py", "tests/test_text_encoders.py", "tests/test_loop_numerics.py"]),
     "lr_schedule": ("utils/lr_schedule.py", ["tests/test_lr_schedule.py", "tests/test_loop_numerics.py"]),
-    "textual_inversion": ("utils/textual_inversion.py",
+    "textual_inversion": ("utils/trainers/textual_inversion.py",
                           ["tests/test_textual_inversion.py", "tests/test_a1111_rules.py", "tests/test_loop_numerics.py",
                            "tests/test_training_loop.py", "tests/test_sdxl.py"]),
-    "training": ("utils/training.py", ["tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
+    "training": ("utils/training.py", ["tests/test_loop_contract.py", "tests/test_loop_numerics.py",
+                                        "tests/test_training_loop.py"]),
     # utils/data.py becomes the package utils/data/ (either layout is handled below)
     "data": ("utils/data", ["tests/test_a1111_rules.py", "tests/test_data.py"]),
     "latents": ("utils/latents.py", ["tests/test_latents.py"]),

@@ -1,7 +1,7 @@
 """Captions for training pictures: image-to-text models (BLIP and friends) and booru-style taggers, batched.
 
 Also the small text rules around captions that A1111's preprocessing had: combining with an existing caption file, and the
-old layout that put the caption in the file name (spec §5.1, §3.4).
+old layout that put the caption in the file name (docs/a1111-rules.md, "Preprocessing").
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -168,8 +168,7 @@ def load_pickle(path: Path, what: str, allow_numpy: bool = False):
         raise CheckpointError(f"{path}: refused: a {what} holds only tensors and plain data, this pickle wants to "
                               f"call code{culprit}; it may be malicious") from None
     except Exception as e:  # zip or pickle damage surfaces as many exception types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _tensors(value):

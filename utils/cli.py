@@ -1,4 +1,5 @@
-"""Command-line flags shared by the two trainers, and their conversion into the library's dataclasses.
+"""Command-line flags shared by the two trainers, turned once into the typed config (utils/config.py); the
+conversions of its sections into the library's own dataclasses.
 
 Flag names follow diffusers' example scripts where one exists (so their command lines run unchanged) and A1111's
 Train tab otherwise. ``--config FILE`` (YAML or JSON with the same option names) supplies defaults; flags given on the
@@ -12,13 +13,12 @@ import json
 import math
 from pathlib import Path
 
-from utils.data import DataConfig, PromptConfig
+from utils.config import TrainerConfig, flatten, resolve
 from utils.errors import UserError
-from utils.fileio import check_writable_folder
-from utils.latents import LatentConfig
-from utils.lr_schedule import validate_scheduler
-from utils.models import ModelSource
-from utils.training import LoopConfig, OptimConfig, check_resume
+from utils.lr_schedule import check_scheduler_name, validate_learning_rate
+
+# Only the standard library at module level: the scripts build their parser and check every flag before torch,
+# diffusers or transformers load, so --help and flag errors answer at once. Library types are imported where used.
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -165,64 +165,45 @@ def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> arg
     return p.parse_args(argv)
 
 
-def optim_config(a: argparse.Namespace) -> OptimConfig:
-    return OptimConfig(
-        learning_rate=str(a.learning_rate), lr_scheduler=a.lr_scheduler, lr_warmup_steps=a.lr_warmup_steps,
-        lr_num_cycles=a.lr_num_cycles, lr_power=a.lr_power, scale_lr=a.scale_lr, adam_beta1=a.adam_beta1,
-        adam_beta2=a.adam_beta2, adam_weight_decay=a.adam_weight_decay, adam_epsilon=a.adam_epsilon,
-        max_grad_norm=a.max_grad_norm, clip_grad_mode=a.clip_grad_mode)
+def to_config(a: argparse.Namespace, cls):
+    """The parsed flags (the --config file already folded in) as the trainer's typed config, once."""
+    return resolve(cls, {k: v for k, v in vars(a).items() if k != "config"})
 
 
-def loop_config(a: argparse.Namespace, max_train_steps: int, prediction_type: str, tracker_config: dict,
-                micro_batches_per_epoch: int | None = None) -> LoopConfig:
-    return LoopConfig(
-        output_dir=Path(a.output_dir), max_train_steps=max_train_steps, train_batch_size=a.train_batch_size,
-        gradient_accumulation_steps=a.gradient_accumulation_steps, seed=a.seed, prediction_type=prediction_type,
-        snr_gamma=a.snr_gamma, save_every=a.save_every, checkpointing_steps=a.checkpointing_steps,
-        checkpoints_total_limit=a.checkpoints_total_limit, resume_from_checkpoint=a.resume_from_checkpoint,
-        preview_every=preview_every(a, micro_batches_per_epoch), log_every=a.log_every, report_to=a.report_to,
-        tracker_project_name=a.tracker_project_name, run_name=a.run_name, tracker_config=tracker_config,
-        optim=optim_config(a))
-
-
-def preview_every(a: argparse.Namespace, micro_batches_per_epoch: int | None) -> int:
-    """Optimizer steps between previews: --preview_every, or --validation_epochs epochs of steps (diffusers)."""
-    if a.no_previews:
-        return 0
-    if a.validation_epochs and micro_batches_per_epoch:
-        return a.validation_epochs * max(1, micro_batches_per_epoch // a.gradient_accumulation_steps)
-    return a.preview_every
-
-
-def hub_target(a: argparse.Namespace):
-    """Where --push_to_hub publishes (None without it)."""
-    from utils.hub import HubTarget
-
-    return HubTarget(a.hub_model_id, a.hub_token) if a.push_to_hub else None
-
-
-def check_positive(a: argparse.Namespace, *names: str) -> None:
-    for n in names:
-        v = getattr(a, n)
-        if v is not None and v <= 0:
-            raise UserError(f"--{n} must be > 0 (got {v})")
-
-
-def check_trainer_flags(a: argparse.Namespace) -> None:
-    """Numbers both trainers take, checked before anything loads."""
-    check_positive(a, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-                   "log_every", "preview_steps", "num_preview_images", "validation_epochs")
+def check_flags(cfg: TrainerConfig) -> None:
+    """Everything both trainers can check with the standard library alone: before torch is imported, so a bad flag
+    is answered at once."""
+    values = flatten(cfg)
+    validate_learning_rate(cfg.optim.learning_rate)
+    for n in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs", "log_every",
+              "preview_steps", "num_preview_images", "validation_epochs"):
+        if values[n] is not None and values[n] <= 0:
+            raise UserError(f"--{n} must be > 0 (got {values[n]})")
     for n in ("save_every", "checkpointing_steps", "preview_every", "lr_warmup_steps"):
-        if getattr(a, n) < 0:
-            raise UserError(f"--{n} must be >= 0 (got {getattr(a, n)})")
-    check_numbers(a)
-    validate_scheduler(a.lr_scheduler, a.lr_warmup_steps, a.lr_num_cycles, a.lr_power)
-    if a.push_to_hub:
+        if values[n] < 0:
+            raise UserError(f"--{n} must be >= 0 (got {values[n]})")
+    for name, (ok, rule) in _FLOAT_RULES.items():
+        value = values.get(name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name} must be a finite number{rule} (got {value})")
+    check_scheduler_name(cfg.optim.lr_scheduler)
+
+
+def check_run(cfg: TrainerConfig) -> None:
+    """The checks that need the libraries (the scheduler's arguments, the Hub login) or the disk, before any model
+    loads. Creates --output_dir: the last check."""
+    from utils.fileio import check_writable_folder
+    from utils.lr_schedule import validate_scheduler
+    from utils.training import check_resume
+
+    o = cfg.optim
+    validate_scheduler(o.lr_scheduler, o.lr_warmup_steps, o.lr_num_cycles, o.lr_power)
+    if cfg.hub.push_to_hub:
         from utils.hub import check_can_push
 
-        check_can_push(hub_target(a))
-    check_writable_folder(a.output_dir, "--output_dir")  # creates it: the last check
-    check_resume(Path(a.output_dir), a.resume_from_checkpoint)
+        check_can_push(hub_target(cfg))
+    check_writable_folder(cfg.saving.output_dir, "--output_dir")
+    check_resume(Path(cfg.saving.output_dir), cfg.saving.resume_from_checkpoint)
 
 
 # Float flags whose bad values would otherwise surface only after the model has loaded (AdamW's own checks) or never
@@ -237,23 +218,16 @@ _FLOAT_RULES = {
 }
 
 
-def check_numbers(a: argparse.Namespace) -> None:
-    """Every float flag in _FLOAT_RULES is a finite number within its rule."""
-    for name, (ok, rule) in _FLOAT_RULES.items():
-        value = getattr(a, name, None)
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise UserError(f"--{name} must be a finite number{rule} (got {value})")
-
-
-def check_data_fits(a: argparse.Namespace, accelerator, summary, data_cfg: DataConfig) -> None:
+def check_data_fits(cfg: TrainerConfig, accelerator, summary, data_cfg) -> None:
     """After the data scan, before the model: one epoch must hold at least one optimizer step on every process."""
     from utils.data import steps_per_epoch
 
-    batches = steps_per_epoch(summary, data_cfg, a.train_batch_size, accelerator.num_processes)
-    if batches < a.gradient_accumulation_steps:
+    t = cfg.training
+    batches = steps_per_epoch(summary, data_cfg, t.train_batch_size, accelerator.num_processes)
+    if batches < t.gradient_accumulation_steps:
         raise UserError(
             f"one epoch has {batches} batch(es) per process, fewer than --gradient_accumulation_steps "
-            f"{a.gradient_accumulation_steps}; use more images, a smaller batch or less accumulation")
+            f"{t.gradient_accumulation_steps}; use more images, a smaller batch or less accumulation")
 
 
 def add_data_args(p: argparse.ArgumentParser, default_template: str | None) -> None:
@@ -302,62 +276,113 @@ def add_data_args(p: argparse.ArgumentParser, default_template: str | None) -> N
                    help="Keep encoded latents in DIR (reused by reruns and shared by ranks).")
     g.add_argument("--no_cache_latents", action="store_true", help="Encode with the VAE every step.")
 
+def data_options(cfg: TrainerConfig, placeholder: str):
+    """The data, prompt and latent sections as utils.data's DataConfig / PromptConfig and utils.latents' LatentConfig."""
+    from utils.data import DataConfig, PromptConfig
+    from utils.latents import LatentConfig
 
-def data_options(a: argparse.Namespace, placeholder: str) -> tuple[DataConfig, PromptConfig, LatentConfig]:
-    width = a.width or a.resolution
-    height = a.height or a.resolution
+    d, p = cfg.data, cfg.prompts
+    width, height = d.size
     data = DataConfig(
-        train_data_dir=a.train_data_dir, dataset_name=a.dataset_name, dataset_config_name=a.dataset_config_name,
-        image_column=a.image_column, caption_column=a.caption_column, recursive=a.recursive,
-        filename_word_regex=a.filename_word_regex, filename_join_string=a.filename_join_string, width=width,
-        height=height, center_crop=a.center_crop, random_crop=a.random_crop, enable_buckets=a.enable_buckets,
-        min_bucket_reso=a.min_bucket_reso, max_bucket_reso=a.max_bucket_reso, bucket_reso_steps=a.bucket_reso_steps,
-        bucket_no_upscale=a.bucket_no_upscale, flip_p=a.flip_p, use_alpha_as_loss_weight=a.use_alpha_as_loss_weight,
-        repeats=a.repeats, verify_images=a.verify_images)
-    prompt = PromptConfig(placeholder=placeholder, template_file=a.template_file,
-                          learnable_property=a.learnable_property, caption_only=a.caption_only,
-                          shuffle_tags=a.shuffle_tags, tag_dropout=a.tag_dropout)
-    latents = LatentConfig(latent_sampling=a.latent_sampling, cache_dir=a.cache_latents_to_disk)
+        train_data_dir=d.train_data_dir, dataset_name=d.dataset_name, dataset_config_name=d.dataset_config_name,
+        image_column=d.image_column, caption_column=d.caption_column, recursive=d.recursive,
+        filename_word_regex=d.filename_word_regex, filename_join_string=d.filename_join_string, width=width,
+        height=height, center_crop=d.center_crop, random_crop=d.random_crop, enable_buckets=d.enable_buckets,
+        min_bucket_reso=d.min_bucket_reso, max_bucket_reso=d.max_bucket_reso, bucket_reso_steps=d.bucket_reso_steps,
+        bucket_no_upscale=d.bucket_no_upscale, flip_p=d.flip_p, use_alpha_as_loss_weight=d.use_alpha_as_loss_weight,
+        repeats=d.repeats, verify_images=d.verify_images)
+    prompt = PromptConfig(placeholder=placeholder, template_file=p.template_file,
+                          learnable_property=p.learnable_property, caption_only=p.caption_only,
+                          shuffle_tags=p.shuffle_tags, tag_dropout=p.tag_dropout)
+    latents = LatentConfig(latent_sampling=cfg.latents.latent_sampling, cache_dir=cfg.latents.cache_latents_to_disk)
     return data, prompt, latents
 
 
-def model_source(a: argparse.Namespace) -> ModelSource:
-    if not a.pretrained_model_name_or_path:
+def model_source(cfg: TrainerConfig):
+    from utils.models import ModelSource
+
+    m = cfg.model
+    if not m.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required (or --demo for the built-in tiny model)")
-    return ModelSource(a.pretrained_model_name_or_path, a.revision, a.variant, a.vae, a.model_config,
-                       tokenizer=a.tokenizer_name)
+    return ModelSource(m.pretrained_model_name_or_path, m.revision, m.variant, m.vae, m.model_config,
+                       tokenizer=m.tokenizer_name)
 
 
-def model_options(a: argparse.Namespace, mixed_precision: str):
+def model_options(cfg: TrainerConfig, mixed_precision: str):
     from utils.training_setup import ModelOptions
 
-    return ModelOptions(mixed_precision, a.gradient_checkpointing, a.enable_xformers_memory_efficient_attention,
-                        a.allow_tf32, a.prediction_type)
+    m = cfg.model
+    return ModelOptions(mixed_precision, m.gradient_checkpointing, m.enable_xformers_memory_efficient_attention,
+                        m.allow_tf32, m.prediction_type)
 
 
-def plan_batches(a: argparse.Namespace, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
+def start_run(cfg: TrainerConfig, data_cfg, prompt_cfg):
+    """utils.run.start_run with the config's values: the Accelerator and the data scan."""
+    from utils.run import start_run as start
+
+    t = cfg.training
+    return start(Path(cfg.saving.output_dir), cfg.model.mixed_precision, t.gradient_accumulation_steps,
+                 cfg.tracking.report_to, t.seed, cfg.cluster.ddp_timeout, data_cfg, prompt_cfg, cfg.saving.logging_dir)
+
+
+def plan_batches(cfg: TrainerConfig, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                  initial_step: int = 0):
-    """utils.training_setup.plan_batches with the trainers' flags."""
-    from utils.training_setup import plan_batches as plan
+    """utils.run.plan_batches with the config's values."""
+    from utils.run import plan_batches as plan
 
-    return plan(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded, Path(a.output_dir),
-                batch_size=a.train_batch_size, accumulation=a.gradient_accumulation_steps, seed=a.seed,
-                num_workers=a.dataloader_num_workers, cache_latents=not a.no_cache_latents,
-                max_train_steps=a.max_train_steps, num_train_epochs=a.num_train_epochs, report_to=a.report_to,
-                ddp_timeout=a.ddp_timeout, initial_step=initial_step)
+    t = cfg.training
+    return plan(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded, Path(cfg.saving.output_dir),
+                batch_size=t.train_batch_size, accumulation=t.gradient_accumulation_steps, seed=t.seed,
+                num_workers=cfg.data.dataloader_num_workers, cache_latents=not cfg.latents.no_cache_latents,
+                max_train_steps=t.max_train_steps, num_train_epochs=t.num_train_epochs,
+                report_to=cfg.tracking.report_to, ddp_timeout=cfg.cluster.ddp_timeout, initial_step=initial_step)
 
 
-def run_settings(a: argparse.Namespace, accelerator, loaded, summary, max_steps: int, **extra) -> dict:
-    """Every option of the run plus what it resolved to, for training_settings.json and the trackers."""
-    return {**{k: v for k, v in vars(a).items() if k not in ("config", "hub_token")}, **extra,
+def run_settings(cfg: TrainerConfig, accelerator, loaded, summary, max_steps: int, **extra) -> dict:
+    """Every option of the run (no secrets) plus what it resolved to, for training_settings.json and the trackers."""
+    return {**cfg.settings(), **extra,
             "max_train_steps": max_steps, "model_hash": loaded.identity.shorthash, "model_name": loaded.identity.name,
             "model_family": loaded.family, "mixed_precision_used": str(accelerator.mixed_precision),
             "num_of_dataset_images": summary.num_examples, "world_size": accelerator.num_processes}
 
 
-def preview_options(a: argparse.Namespace, data_cfg: DataConfig):
-    from utils.training_setup import PreviewOptions
+def loop_config(cfg: TrainerConfig, max_train_steps: int, prediction_type: str, settings: dict,
+                micro_batches_per_epoch: int | None = None):
+    """The loop's LoopConfig: the config's values plus what the run resolved (steps, prediction type)."""
+    from utils.training import LoopConfig, config_for_trackers
 
-    return PreviewOptions(prompt=a.preview_prompt, negative_prompt=a.preview_negative_prompt, steps=a.preview_steps,
-                          sampler=a.preview_sampler, cfg_scale=a.preview_cfg_scale, seed=a.preview_seed,
-                          num_images=a.num_preview_images, width=data_cfg.width, height=data_cfg.height)
+    t, s, k = cfg.training, cfg.saving, cfg.tracking
+    return LoopConfig(
+        output_dir=Path(s.output_dir), max_train_steps=max_train_steps, train_batch_size=t.train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, seed=t.seed, prediction_type=prediction_type,
+        snr_gamma=t.snr_gamma, save_every=s.save_every, checkpointing_steps=s.checkpointing_steps,
+        checkpoints_total_limit=s.checkpoints_total_limit, resume_from_checkpoint=s.resume_from_checkpoint,
+        preview_every=preview_every(cfg, micro_batches_per_epoch), log_every=k.log_every, report_to=k.report_to,
+        tracker_project_name=k.tracker_project_name, run_name=k.run_name, wandb_tags=k.wandb_tags,
+        tracker_config=config_for_trackers(settings), optim=cfg.optim)
+
+
+def preview_every(cfg: TrainerConfig, micro_batches_per_epoch: int | None) -> int:
+    """Optimizer steps between previews: --preview_every, or --validation_epochs epochs of steps (diffusers)."""
+    v = cfg.previews
+    if v.no_previews:
+        return 0
+    if v.validation_epochs and micro_batches_per_epoch:
+        return v.validation_epochs * max(1, micro_batches_per_epoch // cfg.training.gradient_accumulation_steps)
+    return v.preview_every
+
+
+def preview_options(cfg: TrainerConfig, data_cfg):
+    from utils.previews import PreviewOptions
+
+    v = cfg.previews
+    return PreviewOptions(prompt=v.preview_prompt, negative_prompt=v.preview_negative_prompt, steps=v.preview_steps,
+                          sampler=v.preview_sampler, cfg_scale=v.preview_cfg_scale, seed=v.preview_seed,
+                          num_images=v.num_preview_images, width=data_cfg.width, height=data_cfg.height)
+
+
+def hub_target(cfg: TrainerConfig):
+    """Where --push_to_hub publishes (None without it)."""
+    from utils.hub import HubTarget
+
+    return HubTarget(cfg.hub.hub_model_id, cfg.hub.hub_token) if cfg.hub.push_to_hub else None

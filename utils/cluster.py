@@ -110,7 +110,7 @@ def _available_cpus() -> int:
 def threads_per_rank(environ: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
     """CPU threads one rank should use: an explicit OMP_NUM_THREADS, else the CPUs this node's job step has divided
     by the ranks on this node (LOCAL_WORLD_SIZE, set by the launcher). Ranks that each take every core slow each other
-    down badly (2 ranks x 2 threads on 2 cores ran 25x slower, field notes)."""
+    down badly (2 ranks x 2 threads on 2 cores ran 25x slower, docs/cluster.md section 9)."""
     env = os.environ if environ is None else environ
     explicit = env.get("OMP_NUM_THREADS", "")
     if explicit.isdigit() and int(explicit) > 0:
@@ -269,23 +269,26 @@ def run_plan(accelerator, **fields) -> RunPlan:
 # W&B
 
 
-def wandb_tags(tracker_config: Mapping, job: SlurmJob | None) -> list[str]:
-    """--wandb_tags (it reaches the loop inside the tracker config) plus 'slurm' for runs inside a Slurm job."""
-    tags = parse_tags(tracker_config.get("wandb_tags"))
+def wandb_tags(tags: list[str], job: SlurmJob | None) -> list[str]:
+    """--wandb_tags plus 'slurm' for runs inside a Slurm job."""
+    tags = parse_tags(tags)
     if job and "slurm" not in tags:
         tags.append("slurm")
     return tags
 
 
+def wandb_run(accelerator):
+    """This process's W&B run object, or None when W&B is not among the run's trackers."""
+    try:
+        return accelerator.get_tracker("wandb", unwrap=True)
+    except (ValueError, KeyError):
+        return None
+
+
 def log_output_artifact(accelerator, name: str, kind: str, files: list[Path], metadata: dict | None = None) -> bool:
     """Upload the run's final files as one W&B artifact (main process; offline runs keep it for `wandb sync`).
     Returns False when W&B is not in use."""
-    if not accelerator.is_main_process:
-        return False
-    try:
-        run = accelerator.get_tracker("wandb", unwrap=True)
-    except (ValueError, KeyError):
-        return False
+    run = wandb_run(accelerator) if accelerator.is_main_process else None
     if run is None or not hasattr(run, "log_artifact"):
         return False
     import wandb

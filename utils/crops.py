@@ -1,4 +1,5 @@
-"""Turning one picture into training-sized pictures, as A1111's "Preprocess images" tab did (spec §5.1-5.3).
+"""Turning one picture into training-sized pictures, as A1111's "Preprocess images" tab did
+(docs/a1111-rules.md, "Preprocessing").
 
 Every operation takes and returns PIL images; nothing here touches files. `make_outputs` is the recipe for one
 source picture: split / focal crop / auto-sized crop / keep original, else the default crop-and-resize, then flips.
@@ -20,7 +21,8 @@ AUTOSIZE_OBJECTIVES = ("max_area", "min_error")
 
 @dataclass
 class SplitConfig:
-    threshold: float = 0.5  # split only pictures whose aspect ratio is this far off the target (spec §5.1 "ratio")
+    # split only pictures whose aspect ratio is this far off the target (docs/a1111-rules.md, "Preprocessing")
+    threshold: float = 0.5
     overlap: float = 0.2  # fraction of a tile shared with its neighbour
 
     def __post_init__(self) -> None:
@@ -342,7 +344,7 @@ def focal_crop(img: Image.Image, crop_w: int, crop_h: int, cfg: FocalConfig, fac
 
 
 def make_outputs(img: Image.Image, cfg: CropConfig) -> CropResult:
-    """All training pictures for one source picture, in A1111's order (spec §5.1)."""
+    """All training pictures for one source picture, in A1111's order (docs/a1111-rules.md, "Preprocessing")."""
     pictures: list[Image.Image] = []
     result = CropResult(images=[])
     applied = False

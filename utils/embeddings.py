@@ -1,4 +1,4 @@
-"""The Embedding type and every embedding file format in use (a1111-compat §1, §4).
+"""The Embedding type and every embedding file format in use (docs/a1111-rules.md, "Embedding files").
 
 Reading (:func:`load_embedding`) follows A1111's rules: dispatch on the extension, classify the loaded dict
 (``string_to_param`` / ``clip_l``+``clip_g`` / one tensor), name from the file stem except for images. Pickles are
@@ -8,18 +8,16 @@ pickled (``ParameterDict``, ``Parameter``).
 Writing: A1111 ``.pt``, diffusers ``{token: [n, dim]}`` (``.safetensors`` or ``.bin``; SDXL as two files), kohya
 ``emb_params`` / ``clip_l``+``clip_g`` safetensors, and A1111's PNG card. All writes are atomic.
 
-    python -m utils.embeddings create|inspect|convert --help
+The command line (create, inspect, convert) is tools/embeddings.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
 import re
 import struct
-import sys
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError, exit_on_user_error
+from utils.errors import UserError, first_line
 from utils.fileio import atomic_path
 from utils.hashes import sha256_file
 from utils.pt_file import save_pt, write_pt
@@ -204,7 +202,7 @@ def _str_or_none(value) -> str | None:
 
 def embedding_from_data(data, name: str, path: str | os.PathLike = "<data>",
                         metadata: Mapping | None = None) -> Embedding:
-    """Classify a loaded dict the way A1111 does (§1.3) and build an Embedding named ``name``.
+    """Classify a loaded dict the way A1111 does (docs/a1111-rules.md, "Reading") and build an Embedding named ``name``.
 
     ``metadata`` supplies step/checkpoint fields when the data itself has none (safetensors header metadata).
     """
@@ -264,12 +262,7 @@ def _torch_load(path: Path):
         raise EmbeddingError(f"{path}: refused to load: its pickle needs code an embedding never contains{culprit}; "
                              f"it may be malicious") from None
     except Exception as e:  # zip/pickle corruption surfaces as many exception types
-        raise EmbeddingError(f"{path}: not a readable torch file ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+        raise EmbeddingError(f"{path}: not a readable torch file ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _safetensors_load(path: Path) -> tuple[dict, dict]:
@@ -279,7 +272,7 @@ def _safetensors_load(path: Path) -> tuple[dict, dict]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # SafetensorError, header errors, OSError
-        raise EmbeddingError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise EmbeddingError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def _load_image_embedding(path: Path) -> Embedding | None:
@@ -302,7 +295,7 @@ def _load_image_embedding(path: Path) -> Embedding | None:
                              f"budget {MAX_CARD_PIXELS})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
             MemoryError) as e:
-        raise EmbeddingError(f"{path}: not a readable image ({type(e).__name__}: {_first_line(e)})") from None
+        raise EmbeddingError(f"{path}: not a readable image ({type(e).__name__}: {first_line(e)})") from None
     if found is None:
         return None  # a plain picture: A1111 ignores it silently
     data, source = found
@@ -373,7 +366,8 @@ def load_diffusers_sdxl_pair(path_l: str | os.PathLike, path_g: str | os.PathLik
 
 
 def checksum(emb: Embedding | torch.Tensor) -> str:
-    """A1111's 4-hex fingerprint of the values (§1.6): used in ``.optim`` sidecars and old generation comments.
+    """A1111's 4-hex fingerprint of the values (docs/a1111-rules.md, "Hashes and checksums"): used in ``.optim``
+    sidecars and old generation comments.
 
     A1111 leaves it undefined for SDXL; here it runs over clip_l then clip_g.
     """
@@ -405,7 +399,7 @@ def _single(emb: Embedding, what: str) -> torch.Tensor:
 
 
 def a1111_dict(emb: Embedding) -> dict:
-    """The dict A1111 ``torch.save``s, keys in A1111's order (§1.2)."""
+    """The dict A1111 ``torch.save``s, keys in A1111's order (docs/a1111-rules.md, "Writing")."""
     return {
         "string_to_token": {"*": A1111_STAR_TOKEN},
         "string_to_param": {"*": _single(emb, "an A1111 .pt / PNG")},
@@ -483,7 +477,8 @@ def save_kohya(emb: Embedding, path: str | os.PathLike) -> Path:
 
 def save_png_card(emb: Embedding, path: str | os.PathLike, image=None, *, padding: str = "cyclic",
                   steps_done: int | None = None, checkpoint_hash: str | None = None) -> Path:
-    """A1111's "embedding in PNG" card (§3.7): captioned picture + pixel payload + ``sd-ti-embedding`` text chunk.
+    """A1111's "embedding in PNG" card (docs/a1111-rules.md, "Embeddings inside images"): captioned picture + pixel
+    payload + ``sd-ti-embedding`` text chunk.
 
     ``image`` is the preview picture (PIL); without one a pattern drawn from the vectors is used. ``steps_done``
     and ``checkpoint_hash`` only change the caption (default: the stored step and sd_checkpoint).
@@ -603,7 +598,8 @@ def _truncates(tokenizer) -> bool:
 
 def create_embedding(name: str, init_text: str, num_vectors: int, tokenizer, token_embedding: torch.nn.Embedding,
                      *, truncate: bool | None = None) -> Embedding:
-    """A fresh embedding as A1111 creates it (§4): row i = embedding of init token ⌊i·T/n⌋; empty init -> zeros.
+    """A fresh embedding as A1111 creates it (docs/a1111-rules.md, "Creating an embedding"): row i = embedding of init
+    token ⌊i·T/n⌋; empty init -> zeros.
 
     ``truncate`` (default: decided from the tokenizer) keeps at most ``num_vectors`` init tokens, as SD-1 does.
     """
@@ -626,190 +622,5 @@ def create_embedding_sdxl(name: str, init_text: str, num_vectors: int,
     return Embedding(name=sanitize_name(name), vectors=dict(zip(SDXL_KEYS, vecs)), step=0)
 
 
-# =====================================================================================================================
-# Command line
-
-
-def _load_or_fail(path: str) -> Embedding:
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
-    emb = load_embedding(path)
-    if emb is None:
-        raise UserError(f"{path}: carries no embedding (A1111 would ignore this file)")
-    return emb
-
-
-def describe(emb: Embedding) -> dict:
-    """The fields ``inspect`` prints (also a handy summary for logs)."""
-    try:
-        check = checksum(emb)
-    except EmbeddingError:
-        check = "n/a (non-finite values)"
-    info = {
-        "file": emb.filename, "format": emb.format, "name": emb.name, "vectors": emb.num_vectors, "width": emb.width,
-        "step": emb.step, "sd_checkpoint": emb.sd_checkpoint, "sd_checkpoint_name": emb.sd_checkpoint_name,
-        "sha256": emb.shorthash, "checksum": check,
-    }
-    if emb.is_sdxl:
-        info["widths"] = {k: int(v.shape[-1]) for k, v in emb.vectors.items()}
-    for key in ("stored_name", "token"):
-        if key in emb.extra:
-            info[key] = emb.extra[key]
-    return info
-
-
-def _cmd_inspect(args) -> None:
-    failed = printed = 0
-    for path in args.files:
-        try:
-            info = describe(_load_or_fail(path))
-        except Exception as e:  # noqa: BLE001 - report and go on: one bad file should not hide the others
-            failed += 1
-            reason = str(e) if isinstance(e, UserError) else f"{path}: unreadable ({type(e).__name__}: {_first_line(e)})"
-            print(f"error: {' '.join(reason.split())}", file=sys.stderr)
-            continue
-        if args.json:
-            print(json.dumps(info))
-            continue
-        if printed:
-            print()
-        printed += 1
-        for key, value in info.items():
-            print(f"{key + ':':20s}{'-' if value is None else value}")
-    if failed:
-        raise UserError(f"{failed} of {len(args.files)} files could not be read as embeddings (reasons above)")
-
-
-def _load_text_side(folder: Path, suffix: str = ""):
-    """(tokenizer, token-embedding table) of a diffusers folder; ``suffix="_2"`` for SDXL's second encoder."""
-    import transformers
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    transformers.logging.set_verbosity_error()  # load reports and progress bars are noise for a one-shot command
-    transformers.logging.disable_progress_bar()
-    model_cls = CLIPTextModelWithProjection if suffix else CLIPTextModel  # SDXL's text_encoder_2 has a projection
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder / f"tokenizer{suffix}")
-        encoder = model_cls.from_pretrained(folder / f"text_encoder{suffix}")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: cannot load tokenizer{suffix}/text_encoder{suffix} ({_first_line(e)})") from None
-    return tokenizer, encoder.get_input_embeddings()
-
-
-def _text_sides(where: str) -> list[tuple[object, torch.nn.Embedding]]:
-    """(tokenizer, token-embedding table) per text encoder: read straight from a diffusers folder (fast), or through
-    the project's model loader for single-file checkpoints and Hub ids."""
-    folder = Path(where)
-    if folder.is_dir() and (folder / "tokenizer").is_dir() and (folder / "text_encoder").is_dir():
-        sides = [_load_text_side(folder)]
-        if (folder / "text_encoder_2").is_dir():
-            sides.append(_load_text_side(folder, "_2"))
-        return sides
-    from utils.models import ModelSource, load_pipeline
-
-    pipe = load_pipeline(ModelSource(where)).pipeline
-    sides = [(pipe.tokenizer, pipe.text_encoder.get_input_embeddings())]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        sides.append((pipe.tokenizer_2, pipe.text_encoder_2.get_input_embeddings()))
-    return sides
-
-
-def _cmd_create(args) -> None:
-    name = sanitize_name(args.name)
-    if args.output and Path(args.output).suffix != ".safetensors":
-        # fail on a bad --output before loading a model (.safetensors suits both SD and SDXL, checked later)
-        resolve_format(Embedding(name, torch.zeros(1, 1)), Path(args.output), args.format)
-    sides = _text_sides(args.pretrained_model_name_or_path)
-    sdxl = len(sides) == 2
-    output = Path(args.output) if args.output else Path(args.embeddings_dir) / (
-        f"{name}.safetensors" if sdxl else f"{name}.pt")
-    if output.exists() and not args.overwrite:
-        raise UserError(f"{output} already exists (pass --overwrite to replace it)")
-    if sdxl:
-        emb = create_embedding_sdxl(name, args.init_text, args.num_vectors, sides)
-    else:
-        emb = create_embedding(name, args.init_text, args.num_vectors, *sides[0])
-    written = save_embedding(emb, output, resolve_format(emb, output, args.format), overwrite=args.overwrite)
-    print(f"created {written} ({emb.num_vectors} vectors x {emb.width})")
-
-
-def _cmd_convert(args) -> None:
-    if args.input_2:
-        emb = load_diffusers_sdxl_pair(args.input, args.input_2)
-    else:
-        emb = _load_or_fail(args.input)
-    output = Path(args.output)
-    if output.resolve() == Path(args.input).resolve():
-        raise UserError(f"{output}: output is the input file")
-    if args.name:
-        emb.name = sanitize_name(args.name)
-    elif output.suffix.lower() not in IMAGE_EXTENSIONS:
-        # A1111 names .pt/.bin/.safetensors after the file: store that name so the file agrees with its keyword.
-        emb.name = output.stem
-    written = save_embedding(emb, output, args.format, overwrite=args.overwrite, token=args.token,
-                             padding=args.padding)
-    print(f"wrote {written} ({resolve_format(emb, output, args.format)}, {emb.num_vectors} vectors x {emb.width})")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.embeddings",
-        description="Create, inspect and convert textual-inversion embedding files (A1111 .pt, diffusers, kohya, "
-                    "A1111 PNG cards).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{create,inspect,convert}")
-
-    p = sub.add_parser("create", help="create a new embedding from initialization text, as A1111's Train tab does",
-                       description="Create a new embedding: each vector starts as the token embedding of the "
-                                   "initialization text (stretched over the vectors), or zeros for empty text.")
-    p.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="diffusers model folder; its tokenizer/ and text_encoder/ (and _2 for SDXL) are used")
-    p.add_argument("--name", required=True, help="embedding name (the prompt keyword); characters other than "
-                                                 "letters, digits, '.', '_', '-' and space are dropped")
-    p.add_argument("--init_text", default="*",
-                   help="initialization text (default: '*'); pass '' for all-zero vectors")
-    p.add_argument("--num_vectors", type=int, default=1, help=f"vectors per token, 1..{MAX_VECTORS} (default: 1)")
-    p.add_argument("--embeddings_dir", default="embeddings",
-                   help="folder for <name>.pt (<name>.safetensors for SDXL) when --output is not given "
-                        "(default: embeddings)")
-    p.add_argument("--output", help="file to write instead; the extension picks the format")
-    p.add_argument("--format", choices=FORMATS, help="file format, when the extension allows several (.safetensors: "
-                                                     "diffusers, kohya or diffusers-sdxl)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    p.set_defaults(func=_cmd_create)
-
-    p = sub.add_parser("inspect", help="print name, vectors, width, step, checkpoint, hashes and format",
-                       description="Print what an embedding file holds. Files A1111 would ignore are reported "
-                                   "as errors.")
-    p.add_argument("files", nargs="+", help="embedding files (.pt, .bin, .safetensors, .png, .webp)")
-    p.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
-    p.set_defaults(func=_cmd_inspect)
-
-    p = sub.add_parser("convert", help="convert between embedding formats",
-                       description="Convert an embedding to another format; the output extension picks it "
-                                   "(.pt A1111, .png A1111 card, .bin diffusers, .safetensors diffusers, or kohya "
-                                   "clip_l/clip_g for SDXL) unless --format says otherwise.")
-    p.add_argument("input", help="embedding file to read (any format load_embedding reads)")
-    p.add_argument("output", help="file to write")
-    p.add_argument("--input_2", help="second file of diffusers' SDXL layout (the 1280-wide text_encoder_2 half); "
-                                     "the pair is joined into one clip_l/clip_g embedding")
-    p.add_argument("--format", choices=FORMATS,
-                   help="output format when the extension allows several; diffusers-sdxl also writes <stem>_2")
-    p.add_argument("--name", help="name to store (default: the output file's stem, as A1111 names .pt/.bin/"
-                                  ".safetensors files; for PNG cards the loaded name, which becomes their keyword)")
-    p.add_argument("--token", help="the key of diffusers files (default: the loaded token, else <name>)")
-    p.add_argument("--padding", choices=("cyclic", "zero"), default="cyclic",
-                   help="PNG card payload padding: cyclic (newest A1111, default) or zero (older A1111)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.set_defaults(func=_cmd_convert)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with exit_on_user_error("python -m utils.embeddings"):
-        args.func(args)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit("python -m utils.embeddings moved: use python -m tools.embeddings create|inspect|convert")

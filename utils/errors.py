@@ -17,6 +17,13 @@ class UserError(Exception):
     """Bad input from the user (a flag, a file, a folder). The message is shown as is, on one line."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (at most 200 characters), for a one-line error; its type's name
+    when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 def peer_failure(error: BaseException) -> str | None:
     """One line for a collective that failed because another process is stuck or gone; None for anything else.
 

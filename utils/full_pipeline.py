@@ -15,19 +15,17 @@ import torch
 
 from utils.embeddings import diffusers_prompt_token
 from utils.models import ModelSource, load_pipeline
+from utils.text_encoders import TextEncoders
 
 
 def save_full_pipeline(source: ModelSource, name: str, out_dir: Path) -> Path:
-    """Load the model again (CPU, float32: the training copy may be cast to fp16/bf16 and carries the training-time
-    vector splice), add the run's learned_embeds files to it, save it into ``out_dir``."""
+    """Load the model again (CPU, float32: the training copy may be cast to fp16/bf16), add the run's learned_embeds
+    files to it (one per text encoder), save it into ``out_dir``."""
     out_dir = Path(out_dir)
-    loaded = load_pipeline(source, torch.float32)
-    pipe = loaded.pipeline
-    encoders = [("text_encoder", "tokenizer", "learned_embeds.safetensors")]
-    if loaded.family == "sdxl":
-        encoders.append(("text_encoder_2", "tokenizer_2", "learned_embeds_2.safetensors"))
-    for encoder, tokenizer, weights in encoders:
+    pipe = load_pipeline(source, torch.float32).pipeline
+    files = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
+    for slot, weights in zip(TextEncoders.of(pipe).slots, files):
         pipe.load_textual_inversion(str(out_dir), weight_name=weights, token=diffusers_prompt_token(name),
-                                    text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, tokenizer))
+                                    text_encoder=slot.text_encoder, tokenizer=slot.tokenizer)
     pipe.save_pretrained(str(out_dir))
     return out_dir / "model_index.json"

@@ -1,4 +1,5 @@
-"""File hashes as A1111 computes them (a1111-compat §1.6, §6.5), cached by (path, size, mtime)."""
+"""File hashes as A1111 computes them (docs/a1111-rules.md, "Hashes and checksums", "Model hashes"), cached by
+(path, size, mtime)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def folder_weights_hash(folder: str | os.PathLike, variant: str | None = None) -
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """How logs, infotext and saved embeddings name the base model (a1111-compat §6.5).
+    """How logs, infotext and saved embeddings name the base model (docs/a1111-rules.md, "Model hashes").
 
     Single file: ``sha256`` of the file, ``shorthash`` its first 10 hex, ``legacy_hash`` A1111's old 8-hex hash.
     Folder: ``sha256`` = ``folder_weights_hash``, ``shorthash`` its first 10 hex, no legacy hash.

@@ -8,12 +8,11 @@ samples, the loss log and training_settings.json through huggingface_hub -- not 
 
 A run that could not upload (an offline cluster node) is published later from any machine with network:
 
-    python -m utils.hub OUTPUT_DIR --hub_model_id you/my-embedding
+    python -m tools.hub OUTPUT_DIR --hub_model_id you/my-embedding    # the command line: tools/hub.py
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -21,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.errors import UserError, exit_on_user_error
+from utils.errors import UserError
 
 CARD_FILE = "README.md"
 CARD_MARK = "<!-- model card written by Embedforge; it is rewritten by the next run in this folder -->"
@@ -272,7 +271,7 @@ def check_can_push(target: HubTarget) -> None:
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UserError("publishing to the Hub (--push_to_hub) needs the network but HF_HUB_OFFLINE is set; train "
-                        "without it and publish later with: python -m utils.hub OUTPUT_DIR --hub_model_id ID")
+                        "without it and publish later with: python -m tools.hub OUTPUT_DIR --hub_model_id ID")
     if not (target.token or get_token()):
         raise UserError("publishing to the Hub (--push_to_hub) needs a Hugging Face token: give --hub_token, set "
                         "HF_TOKEN, or run `hf auth login` once")
@@ -295,28 +294,5 @@ def publish(out_dir: Path, target: HubTarget, run_link: str | None = None) -> st
     return repo_id
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m utils.hub", description=__doc__.split("\n\n")[0] + " " +
-                                "Writes the card of a finished run's output folder and uploads it with its files.")
-    p.add_argument("output_dir", help="A training run's --output_dir (it holds training_settings.json).")
-    p.add_argument("--hub_model_id", default=None, help="Repository, 'name' or 'owner/name' (default: the folder's "
-                                                        "name under your account).")
-    p.add_argument("--hub_token", default=None, help="Token (default: HF_TOKEN or your saved login).")
-    p.add_argument("--card_only", action="store_true", help="Only (re)write README.md; upload nothing.")
-    a = p.parse_args(argv)
-    with exit_on_user_error("utils.hub"):
-        out_dir = Path(a.output_dir)
-        if a.card_only:
-            path = write_model_card(out_dir, card_info(out_dir, read_settings(out_dir), repo_id=a.hub_model_id))
-            print(path or "card not written")
-            return 0
-        read_settings(out_dir)  # a folder that is not a run's output fails first
-        target = HubTarget(a.hub_model_id, a.hub_token)
-        check_can_push(target)
-        repo_id = publish(out_dir, target)
-    print(f"Published: https://huggingface.co/{repo_id}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit("python -m utils.hub moved: use python -m tools.hub OUTPUT_DIR --hub_model_id ID")

@@ -1,5 +1,5 @@
-"""A1111-compatible hypernetworks (a1111-compat §2): the module, the container, every file layout, the attention
-hook for diffusers models, and the prompt tags.
+"""A1111-compatible hypernetworks (docs/a1111-rules.md, "Hypernetworks"): the module, the container, every file layout,
+the attention hook for diffusers models, and the prompt tags.
 
 A hypernetwork is, per context width, a pair of residual MLPs (one for the attention keys, one for the values). Every
 attention layer whose context (the text for cross-attention, the image features for self-attention) has a width with a
@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.fileio import atomic_path
 from utils.hashes import sha256_file
 from utils.pt_file import save_pt
@@ -355,7 +355,8 @@ def _layer_keys(data: dict) -> list[int]:
 
 
 def options_from_a1111_dict(data: dict) -> HypernetworkOptions:
-    """The options of a loaded file with A1111's load defaults for every key an older file lacks (§2.1)."""
+    """The options of a loaded file with A1111's load defaults for every key an older file lacks
+    (docs/a1111-rules.md, "Hypernetworks")."""
     dropout_structure = data.get("dropout_structure")
     if dropout_structure is not None:
         dropout_structure = list(dropout_structure)
@@ -405,8 +406,8 @@ def hypernetwork_from_a1111_dict(data: dict, path: str | os.PathLike) -> Hyperne
                 try:
                     module.load_a1111_state_dict(sd)
                 except (RuntimeError, AttributeError, TypeError) as e:
-                    first = str(e).strip().splitlines()[0]
-                    raise UserError(f"weights for width {dim} do not match the stored options ({first})") from None
+                    reason = first_line(e)
+                    raise UserError(f"weights for width {dim} do not match the stored options ({reason})") from None
                 if not all(bool(torch.isfinite(t).all()) for t in module.state_dict().values()):
                     # e.g. saved from a diverged run: every image it touched would turn NaN
                     raise UserError(f"weights for width {dim} hold NaN or infinite values; refusing a broken "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,25 +81,36 @@ def _too_large(e: Exception) -> str:
     return f"image too large ({declared} declared in its header; limit {MAX_IMAGE_PIXELS})"
 
 
-def _decode(source) -> LoadedImage:
-    """Decode a path or file object fully, refusing oversized images before their pixels are read."""
+@contextmanager
+def _opened(source, refuse_empty: bool = False) -> Iterator[Image.Image]:
+    """``Image.open`` with our limits: an image whose header declares more than MAX_IMAGE_PIXELS is refused before
+    its pixels are read, and every way Pillow fails (also inside the ``with`` body) becomes one ImageLoadError."""
     try:
+        if refuse_empty and os.path.getsize(source) == 0:
+            raise ImageLoadError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 w, h = img.size
                 if w * h > MAX_IMAGE_PIXELS:
                     raise ImageLoadError(f"image too large ({w}x{h} pixels; limit {MAX_IMAGE_PIXELS})")
-                img.load()
-                return to_rgb_and_alpha(img)
+                yield img
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow refuses a header that declares far more pixels than our limit while opening it.
         raise ImageLoadError(_too_large(e)) from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"corrupt or truncated image ({e})") from None
+
+
+def _decode(source) -> LoadedImage:
+    """Decode a path or file object fully, refusing oversized images before their pixels are read."""
+    with _opened(source) as img:
+        img.load()
+        return to_rgb_and_alpha(img)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,27 +231,10 @@ def image_size(path_or_bytes) -> tuple[int, int]:
     """(w, h) after EXIF orientation, read from the header only (no full decode); raises ImageLoadError."""
     import io
 
-    try:
-        src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
-        if not isinstance(src, io.BytesIO) and os.path.getsize(src) == 0:
-            raise ImageLoadError("empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(src) as img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageLoadError(f"image too large ({w}x{h} pixels; limit {MAX_IMAGE_PIXELS})")
-                orientation = _header_orientation(img)
-                return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    except ImageLoadError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        # Pillow refuses a header that declares far more pixels than our limit while opening it.
-        raise ImageLoadError(_too_large(e)) from None
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError("not an image") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"corrupt or truncated image ({e})") from None
+    in_memory = isinstance(path_or_bytes, (bytes, bytearray))
+    with _opened(io.BytesIO(path_or_bytes) if in_memory else path_or_bytes, refuse_empty=not in_memory) as img:
+        w, h = img.size
+        return (h, w) if _header_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
 def open_image_bytes(data: bytes) -> LoadedImage:

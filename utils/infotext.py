@@ -1,4 +1,5 @@
-"""A1111's generation "infotext" (the PNG ``parameters`` text chunk, a1111-compat §6.4): write, read, save.
+"""A1111's generation "infotext" (the PNG ``parameters`` text chunk; docs/a1111-rules.md, "Infotext"): write, read,
+save.
 
 Layout::
 

@@ -5,12 +5,8 @@ text file, one line each: the flags that differ between them (shell quoting; bla
 skipped). Array task i takes line i. Each task records how it ended in a folder that the whole array shares and
 rewrites the summary there, so the summary is complete when the last task ends. With a ``--concepts`` file
 (.csv/.json/.yaml) as the list (``slurm/train_concepts_array.sbatch``), task i takes ``per_task`` of its entries and
-trains them as one batched run in ``<output_dir>/task-<i>/``. The templates call:
-
-    python -m utils.job_array args LIST TASK_ID [-- COMMON_ARGS...]    # the task's flags, NUL-separated
-    python -m utils.job_array args CONCEPTS.csv TASK_ID --per_task N [-- COMMON_ARGS...]  # N embeddings, one run
-    python -m utils.job_array record DIR --task I ... -- SCRIPT ARGS... # after the training; rewrites the summary
-    python -m utils.job_array summary DIR                               # (users) rewrite and print the summary
+trains them as one batched run in ``<output_dir>/task-<i>/``. The templates call these through
+``python -m tools.job_array`` (tools/job_array.py).
 
 Nothing here starts a training or talks to Slurm.
 """
@@ -22,15 +18,13 @@ import csv
 import fcntl
 import json
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from utils.errors import UserError, exit_on_user_error
+from utils.errors import UserError
 from utils.fileio import write_text_atomic
 
-PROG = "python -m utils.job_array"
 DEFAULT_OUTPUT_DIR = "outputs"  # the trainers' --output_dir default (utils/cli.py)
 
 
@@ -238,50 +232,5 @@ def record(folder: Path, rec: TaskRecord) -> str:
     return write_summary(folder)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    rest: list[str] = []
-    if "--" in argv:
-        argv, rest = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("args", help="print array task TASK_ID's flags from LIST, NUL-separated (a --concepts "
-                                    "file as LIST: the task's slice, written to <output_dir>/task-<id>/)")
-    a.add_argument("list")
-    a.add_argument("task_id", type=int)
-    a.add_argument("--per_task", type=int, default=1,
-                   help="with a --concepts file (.csv/.json/.yaml) as LIST: embeddings per task, trained as one run")
-    r = sub.add_parser("record", help="record how a task ended and rewrite the summary in DIR")
-    r.add_argument("dir", type=Path)
-    for name in ("task", "tasks", "status", "restarts"):
-        r.add_argument(f"--{name}", type=int, required=True)
-    r.add_argument("--job_id", required=True)
-    r.add_argument("--outcome", required=True, choices=["done", "stopped", "failed"])
-    r.add_argument("--log", default="")
-    s = sub.add_parser("summary", help="rewrite and print the summary of the array whose records are in DIR")
-    s.add_argument("dir", type=Path)
-    ns = p.parse_args(argv)
-
-    if ns.command == "args":
-        words = (concepts_task_args(ns.list, ns.task_id, ns.per_task, rest) if is_concepts_file(ns.list)
-                 else task_args(ns.list, ns.task_id, rest))
-        sys.stdout.write("".join(f"{w}\0" for w in words))
-    elif ns.command == "record":
-        if not rest:
-            raise UserError("record: give the training command after --")
-        rec = TaskRecord(task=ns.task, tasks=ns.tasks, job_id=ns.job_id, outcome=ns.outcome, status=ns.status,
-                         restarts=ns.restarts, script=rest[0], args=rest[1:], log=ns.log)
-        sys.stdout.write(record(ns.dir, rec))
-    else:
-        if not ns.dir.is_dir():
-            raise UserError(f"{ns.dir}: no such folder")
-        sys.stdout.write(write_summary(ns.dir))
-    return 0
-
-
 if __name__ == "__main__":
-    with exit_on_user_error(PROG):
-        sys.exit(main())
+    raise SystemExit("python -m utils.job_array moved: use python -m tools.job_array")

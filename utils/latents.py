@@ -146,9 +146,6 @@ class LatentStore:
     def _path(self, key: str) -> Path:
         return self.cache_dir / key[:2] / f"{key}.safetensors"
 
-    def has(self, key: str) -> bool:
-        return key in self.memory or (self.cache_dir is not None and self._path(key).is_file())
-
     def lookup(self, key: str, need_weight: bool = False) -> Entry | None:
         """The entry, or None when it is not cached (or lacks the loss weight that is needed now)."""
         entry = self.memory.get(key)
@@ -244,7 +241,6 @@ class LatentEncoder:
     def __init__(self, vae, store: LatentStore):
         self.vae = vae
         self.store = store
-        self.encoded = 0  # images that went through the VAE
 
     def complete(self, batch: dict, seeds: list[int]) -> torch.Tensor:
         """[B,C,h,w] scaled latents in batch order. ``batch``: ``latents`` + ``latent_slots`` for the cache hits,
@@ -275,7 +271,6 @@ class LatentEncoder:
                 mean, std = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
             else:  # encoded at every use: the same batch on a resume, one call is enough
                 mean, std = encode_pixels(self.vae, pixels[rows])
-            self.encoded += len(rows)
             weights = batch.get("loss_weights")
             for (row, slot), m, s in zip(todo, mean, std):
                 sizes = {k: tuple(int(x) for x in batch[k][slot]) for k in ("original_size", "crop_top_left",

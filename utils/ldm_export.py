@@ -5,12 +5,11 @@ That is the layout A1111 users have (``model.diffusion_model.*``, ``first_stage_
 ``conditioner.embedders.{0,1}.*`` for SDXL's two text encoders). The tests use it to
 prove that single-file checkpoints load offline and give the same images as the folder they came from.
 
-    python -m utils.ldm_export --model DIFFUSERS_FOLDER --out model.safetensors
+The command line is tools/ldm_export.py (``python -m tools.ldm_export --model FOLDER --out FILE``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
@@ -217,17 +216,5 @@ def export_single_file(pipeline_folder: str | os.PathLike, out_path: str | os.Pa
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Write a diffusers SD-1.x/SD-2.x/SDXL folder as one LDM-layout .safetensors.")
-    parser.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json inside)")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--text_encoder_format", choices=("clip", "openclip"), default=None,
-                        help="SD-1.x/2.x only. clip: SD-1.x layout; openclip: SD-2.x layout "
-                             "(default: from the text encoder's activation)")
-    args = parser.parse_args(argv)
-    print(export_single_file(args.model, args.out, args.text_encoder_format))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit("python -m utils.ldm_export moved: use python -m tools.ldm_export")

@@ -1,8 +1,8 @@
 """Learning rate as a pure function of the optimizer step.
 
-Two sources: A1111's schedule strings (``"0.005:100, 1e-3:1000, 1e-5"``, a1111-compat §3.2) and a plain number with one
-of diffusers' scheduler names. Because the rate depends only on the step, resuming needs no scheduler state and gives
-the same rates as an uninterrupted run on any number of processes.
+Two sources: A1111's schedule strings (``"0.005:100, 1e-3:1000, 1e-5"``; docs/a1111-rules.md, "Learning-rate
+schedules") and a plain number with one of diffusers' scheduler names. Because the rate depends only on the
+step, resuming needs no scheduler state and gives the same rates as an uninterrupted run on any number of processes.
 """
 
 from __future__ import annotations
@@ -74,6 +74,17 @@ def validate_learning_rate(text: str) -> None:
     bad = [r for r in rates if not math.isfinite(r) or r < 0]
     if bad:
         raise UserError(f"--learning_rate {text!r}: {bad[0]:g} is not a usable rate (it must be a finite number >= 0)")
+
+
+# diffusers.optimization.SchedulerType's values: known here without importing diffusers (flag errors come before it).
+SCHEDULER_NAMES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                   "piecewise_constant")
+
+
+def check_scheduler_name(name: str) -> None:
+    """An unknown ``--lr_scheduler`` name, answered before torch loads (validate_scheduler checks the rest later)."""
+    if name not in SCHEDULER_NAMES:
+        raise UserError(f"--lr_scheduler {name!r} is not one of {', '.join(SCHEDULER_NAMES)}")
 
 
 def validate_scheduler(name: str, warmup_steps: int = 0, num_cycles: int = 1, power: float = 1.0) -> None:

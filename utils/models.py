@@ -399,10 +399,10 @@ def load_vae(vae: str | os.PathLike, config_dir: str | os.PathLike, torch_dtype:
 
 
 def family_of(pipe) -> str:
-    """'sdxl' for two text encoders, else 'sd2' for a 1024-wide text encoder, else 'sd1'."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    return "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"
+    """'sdxl', 'sd2' or 'sd1', from the pipeline's text encoders (utils/text_encoders.py)."""
+    from utils.text_encoders import TextEncoders
+
+    return TextEncoders.of(pipe).family
 
 
 # ----------------------------------------------------------------------------------------------------------------

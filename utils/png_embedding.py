@@ -1,4 +1,4 @@
-"""Embeddings carried inside images, as A1111 writes and reads them (a1111-compat §1.5, §3.7).
+"""Embeddings carried inside images, as A1111 writes and reads them (docs/a1111-rules.md, "Embeddings inside images").
 
 Two independent copies of the same payload live in one PNG:
 

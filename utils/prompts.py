@@ -1,6 +1,6 @@
-"""Embeddings used by name in prompts, as A1111 does it (a1111-compat §6.1–6.3).
+"""Embeddings used by name in prompts, as A1111 does it (docs/a1111-rules.md, "Embeddings in prompts").
 
-Three parts:
+Four parts:
 
 * :class:`EmbeddingDatabase` — every embedding file under some folders, re-checked before each generation so files
   added, replaced in place or removed are picked up without a restart; sorted into ``loaded`` and ``skipped`` (wrong
@@ -10,11 +10,12 @@ Three parts:
   An embedding name is matched as a token-id sequence (longest first) and replaced by as many placeholder slots as it
   has vectors; an embedding never straddles two chunks; ``BREAK`` starts a new chunk; a chunk that fills up moves the
   words after its last comma (if within 20 tokens) to the next one.
-* :class:`PromptEncoder` — runs each chunk through the text encoder(s) with the vectors written over the placeholder
-  rows of the token-embedding output, and concatenates the chunks: ``[B, 77·k, C]`` (plus pooled output for SDXL).
+* :class:`PromptTokenizer` — prompts -> token ids per text encoder, each embedding's slots as negative ids that
+  utils/text_encoders.py reads as rows of a vector table. Training, previews and inference all tokenize here.
+* :class:`PromptEncoder` — prompt text -> conditioning for inference and previews: ``[B, 77·k, C]`` (plus the
+  pooled output for SDXL), the named embeddings' vectors spliced in by utils.text_encoders.TextEncoders.encode.
 
-The vectors are injected by wrapping the text encoder's token-embedding module for the duration of one forward pass;
-the vocabulary, the tokenizer and the weights are never changed.
+The vocabulary, the tokenizer and the weights are never changed.
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ from __future__ import annotations
 import math
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from utils.embeddings import Embedding
 from utils.errors import UserError
+from utils.text_encoders import WINDOW, Conditioning, TextEncoders, apply_emphasis  # noqa: F401  (apply_emphasis: API)
 
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20
@@ -88,10 +88,6 @@ class EmbeddingDatabase:
     def register(self, embedding: Embedding) -> None:
         """Add an in-memory embedding (e.g. the one being trained, for previews); it wins over files of that name."""
         self._registered[embedding.name] = embedding
-        self._state = None
-
-    def unregister(self, name: str) -> None:
-        self._registered.pop(name, None)
         self._state = None
 
     def _scan(self) -> list[tuple[str, tuple]]:
@@ -412,92 +408,112 @@ class PromptChunker:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Chunks -> conditioning
+# Chunks -> token ids -> conditioning
 # ---------------------------------------------------------------------------------------------------------------
 
-class TokenEmbeddingWithFixes(nn.Module):
-    """Wraps a token-embedding module; after the lookup, writes embedding vectors over the placeholder rows.
+@dataclass(frozen=True)
+class _PromptIds:
+    """One prompt for one encoder: ids [77·k] where a negative id -(r+1) is row r of the prompt's own table (its
+    embeddings' vectors in order of first use), weights [77·k] (None when all 1), those embeddings."""
 
-    ``fixes[b]`` lists (offset, vectors [n, C]) for batch row b: rows offset+1 … offset+n are replaced, never the last.
-    """
-
-    def __init__(self, wrapped: nn.Module, fixes: list[list[tuple[int, torch.Tensor]]]):
-        super().__init__()
-        self.wrapped = wrapped
-        self.fixes = fixes
-
-    @property
-    def weight(self) -> torch.Tensor:  # callers that read .weight (dtype, device) see the real table
-        return self.wrapped.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.wrapped(input_ids)
-        rows = []
-        for b in range(x.shape[0]):
-            row = x[b]
-            for offset, vec in self.fixes[b]:
-                n = min(vec.shape[0], row.shape[0] - offset - 2)
-                row = torch.cat([row[: offset + 1], vec[:n].to(row), row[offset + 1 + n :]])
-            rows.append(row)
-        return torch.stack(rows)
-
-
-@contextmanager
-def token_fixes(text_encoder: nn.Module, fixes: list[list[tuple[int, torch.Tensor]]]):
-    """Install :class:`TokenEmbeddingWithFixes` around ``text_encoder``'s current token embedding for one call.
-
-    Whatever is installed already (e.g. a trainer's own spliced module) stays underneath and keeps working.
-    """
-    original = text_encoder.get_input_embeddings()
-    if not any(fixes):
-        yield
-        return
-    text_encoder.set_input_embeddings(TokenEmbeddingWithFixes(original, fixes))
-    try:
-        yield
-    finally:
-        text_encoder.set_input_embeddings(original)
+    ids: torch.Tensor
+    weights: torch.Tensor | None
+    embeddings: tuple[Embedding, ...]
+    names: list[str]  # of those embeddings
+    length: int  # 77·k
 
 
 @dataclass
-class TextEncoderSlot:
-    tokenizer: object
-    text_encoder: nn.Module
-    key: str | None  # which SDXL vectors go here ('clip_l' / 'clip_g'); None for SD-1/SD-2
-    penultimate: bool  # SDXL conditions on the second-to-last hidden layer
-    pooled: bool  # this encoder provides SDXL's pooled text embedding
+class TokenBatch:
+    """Prompts for one text encoder: ids [B, 77·k] (negative ids: rows of the table stacked from ``embeddings``, see
+    utils/text_encoders.py), A1111's emphasis weights [B, 77·k] or None when all 1."""
 
-    @property
-    def width(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+    ids: torch.Tensor
+    weights: torch.Tensor | None
+    embeddings: list[Embedding]
 
 
-@dataclass
-class Conditioning:
-    embeds: torch.Tensor  # [B, 77·k, C]
-    pooled: torch.Tensor | None = None  # [B, P] for SDXL
+class PromptTokenizer:
+    """Prompts -> one :class:`TokenBatch` per text encoder, the way training, previews and inference all tokenize.
+
+    A1111's chunking (:class:`PromptChunker`) with the embeddings given by name; prompts with fewer chunks than the
+    longest in the batch are padded with empty chunks (A1111's batches). Each distinct prompt is tokenized once per
+    encoder and kept (up to ``cache_size`` prompts): training asks every step, templates repeat a few prompts.
+    """
+
+    def __init__(self, tokenizers: list, embeddings: dict[str, Embedding], comma_backtrack: int = COMMA_BACKTRACK,
+                 cache_size: int = 100_000):
+        self.chunkers = [PromptChunker(t, EmbeddingLookup(t, embeddings), comma_backtrack) for t in tokenizers]
+        self.cache_size = cache_size
+        self._cache: dict[tuple[int, str], _PromptIds] = {}
+        self._empty = [self._ids([c.empty_chunk()], ()) for c in self.chunkers]
+
+    def tokenize(self, prompt: str) -> TokenizedPrompt:
+        """The first encoder's view (the others chunk identically: same BPE, only the pad id differs)."""
+        return self.chunkers[0](prompt)
+
+    @staticmethod
+    def _ids(chunks: list[Chunk], embeddings) -> _PromptIds:
+        start, rows = {}, 0
+        for emb in embeddings:
+            start[emb.name] = rows
+            rows += emb.num_vectors
+        ids, weights = [], []
+        for c, chunk in enumerate(chunks):
+            tokens = list(chunk.tokens)
+            for off, emb in chunk.fixes:
+                first = start[emb.name]
+                tokens[off + 1 : off + 1 + emb.num_vectors] = [-(first + j + 1) for j in range(emb.num_vectors)]
+            ids += tokens
+            weights += chunk.weights
+        w = None if all(x == 1.0 for x in weights) else torch.tensor(weights)
+        embeddings = tuple(embeddings)
+        return _PromptIds(torch.tensor(ids, dtype=torch.long), w, embeddings, [e.name for e in embeddings], len(ids))
+
+    def _one(self, k: int, prompt: str) -> _PromptIds:
+        hit = self._cache.get((k, prompt))
+        if hit is None:
+            t = self.chunkers[k](prompt)
+            hit = self._ids(t.chunks, t.embeddings.values())
+            if len(self._cache) < self.cache_size:
+                self._cache[(k, prompt)] = hit
+        return hit
+
+    def __call__(self, prompts: list[str], num_chunks: int | None = None) -> list[TokenBatch]:
+        return [self._batch(k, prompts, num_chunks) for k in range(len(self.chunkers))]
+
+    def _batch(self, k: int, prompts: list[str], num_chunks: int | None) -> TokenBatch:
+        items = [self._one(k, p) for p in prompts]
+        length = max([it.length for it in items] + [(num_chunks or 1) * WINDOW])
+        order: dict[str, Embedding] = {}
+        for it in items:
+            for emb in it.embeddings:
+                order.setdefault(emb.name, emb)
+        names = list(order)
+        empty = self._empty[k]
+        weighted = any(it.weights is not None for it in items)
+        ids, weights = [], []
+        for it in items:
+            # A prompt's own table is the start of the batch's when its embeddings come first in the same order
+            # (always so in training: one embedding); otherwise its rows are renumbered.
+            row = it.ids if it.names == names[: len(it.names)] else _renumbered(it, order)
+            pad = (length - it.length) // WINDOW
+            ids.append(torch.cat([row] + [empty.ids] * pad) if pad else row)
+            if weighted:
+                w = it.weights if it.weights is not None else torch.ones(it.length)
+                weights.append(torch.cat([w] + [torch.ones(WINDOW)] * pad) if pad else w)
+        return TokenBatch(torch.stack(ids), torch.stack(weights) if weighted else None, list(order.values()))
 
 
-def encoder_slots(pipeline) -> list[TextEncoderSlot]:
-    te2 = getattr(pipeline, "text_encoder_2", None)
-    te1 = getattr(pipeline, "text_encoder", None)
-    if te2 is not None:  # SDXL (a refiner has only the second encoder)
-        slots = []
-        if te1 is not None:
-            slots.append(TextEncoderSlot(pipeline.tokenizer, te1, "clip_l", True, False))
-        slots.append(TextEncoderSlot(pipeline.tokenizer_2, te2, "clip_g", True, True))
-        return slots
-    return [TextEncoderSlot(pipeline.tokenizer, te1, None, False, False)]
-
-
-def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A1111 "Original" emphasis: scale each token's output, then restore each sample's mean."""
-    if bool((weights == 1).all()):
-        return z
-    before = z.mean(dim=(1, 2), keepdim=True)
-    z = z * weights.to(z)[:, :, None]
-    after = z.mean(dim=(1, 2), keepdim=True)
-    return z * (before / after)
+def _renumbered(item: _PromptIds, order: dict[str, Embedding]) -> torch.Tensor:
+    """``item``'s ids with its own table rows renumbered into the table of the batch's embeddings ``order``."""
+    start, rows = {}, 0
+    for name, emb in order.items():
+        start[name] = rows
+        rows += emb.num_vectors
+    mapping = [r for emb in item.embeddings for r in range(start[emb.name], start[emb.name] + emb.num_vectors)]
+    new_rows = torch.tensor(mapping, dtype=torch.long)[(-item.ids - 1).clamp(min=0)]
+    return torch.where(item.ids < 0, -(new_rows + 1), item.ids)
 
 
 class PromptEncoder:
@@ -512,30 +528,29 @@ class PromptEncoder:
         self.pipeline = pipeline
         self.db = db if db is not None else EmbeddingDatabase([])
         self.comma_backtrack = comma_backtrack
-        self.slots = encoder_slots(pipeline)
+        self.encoders = TextEncoders.of(pipeline)
         self.used_embeddings: dict[str, Embedding] = {}
-        self._chunkers: list[PromptChunker] | None = None
+        self._tokenizer: PromptTokenizer | None = None
         self._db_version = -1
 
     @property
     def expected_width(self) -> int:
         """A1111's expected embedding shape: SD-1 768, SD-2 1024, SDXL 768 + 1280."""
-        return sum(s.width for s in self.slots)
+        return self.encoders.width
 
     def refresh(self) -> bool:
         """Pick up embedding files that changed since the last call (do this before each generation)."""
         return self.db.refresh(self.expected_width)
 
-    def chunkers(self) -> list[PromptChunker]:
-        if self._chunkers is None or self._db_version != self.db.version:
-            self._chunkers = [PromptChunker(s.tokenizer, EmbeddingLookup(s.tokenizer, self.db.loaded),
-                                            self.comma_backtrack) for s in self.slots]
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        if self._tokenizer is None or self._db_version != self.db.version:
+            self._tokenizer = PromptTokenizer(self.encoders.tokenizers, self.db.loaded, self.comma_backtrack,
+                                              cache_size=1000)
             self._db_version = self.db.version
-        return self._chunkers
+        return self._tokenizer
 
     def tokenize(self, prompt: str) -> TokenizedPrompt:
-        """The first encoder's view (the others chunk identically: same BPE, only the pad id differs)."""
-        return self.chunkers()[0](prompt)
+        return self.prompt_tokenizer().tokenize(prompt)
 
     def count_tokens(self, prompt: str) -> tuple[int, int]:
         """(tokens used, limit) as A1111 shows them, e.g. (80, 150)."""
@@ -543,20 +558,12 @@ class PromptEncoder:
         return t.token_count, t.token_limit
 
     def encode(self, prompts: list[str], num_chunks: int | None = None) -> Conditioning:
-        per_slot = [[chunker(p) for p in prompts] for chunker in self.chunkers()]
-        n = max([len(t.chunks) for t in per_slot[0]] + [num_chunks or 1])
-        self.used_embeddings = {k: v for t in per_slot[0] for k, v in t.embeddings.items()}
-        hidden, pooled = [], None
-        for slot, chunker, tokenized in zip(self.slots, self.chunkers(), per_slot):
-            padded = [t.chunks + [chunker.empty_chunk()] * (n - len(t.chunks)) for t in tokenized]
-            outs = []
-            for c in range(n):
-                z, p = self._encode_chunk(slot, [chunks[c] for chunks in padded])
-                outs.append(z)
-                if c == 0 and slot.pooled:
-                    pooled = p
-            hidden.append(torch.cat(outs, dim=1))
-        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+        batches = self.prompt_tokenizer()(list(prompts), num_chunks)
+        self.used_embeddings = {e.name: e for e in batches[0].embeddings}
+        devices = [s.text_encoder.device for s in self.encoders.slots]
+        return self.encoders.encode(
+            [b.ids.to(d) for b, d in zip(batches, devices)], self.encoders.tables_for(batches[0].embeddings),
+            [None if b.weights is None else b.weights.to(d) for b, d in zip(batches, devices)])
 
     def encode_pair(self, prompts: list[str], negative_prompts: list[str]) -> tuple[Conditioning, Conditioning]:
         """Conditioning for prompts and negative prompts with the same number of chunks."""
@@ -566,27 +573,6 @@ class PromptEncoder:
         cond = self.encode(prompts, num_chunks=n)
         self.used_embeddings = {**self.used_embeddings, **used_by_negative}
         return cond, uncond
-
-    def _encode_chunk(self, slot: TextEncoderSlot, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        te = slot.text_encoder
-        device = te.device
-        ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
-        fixes = [[(off, _vectors_for(emb, slot.key)) for off, emb in c.fixes] for c in chunks]
-        with token_fixes(te, fixes):
-            out = te(ids, output_hidden_states=slot.penultimate)
-        z = out.hidden_states[-2] if slot.penultimate else out[0]
-        z = apply_emphasis(z, torch.tensor([c.weights for c in chunks], device=device))
-        return z, (out[0] if slot.pooled else None)
-
-
-def _vectors_for(emb: Embedding, key: str | None) -> torch.Tensor:
-    if key is None:
-        if emb.is_sdxl:
-            raise UserError(f"embedding {emb.name!r} is an SDXL embedding; this model is not SDXL")
-        return emb.vectors
-    if not emb.is_sdxl:
-        raise UserError(f"embedding {emb.name!r} is not an SDXL embedding (it has no {key} vectors)")
-    return emb.vectors[key]
 
 
 def ti_hashes(embeddings: dict[str, Embedding]) -> str | None:

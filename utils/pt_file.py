@@ -127,13 +127,6 @@ def write_pt(obj, file) -> None:
         _add_record(zf, "version", ZIP_FORMAT_VERSION)
 
 
-def pt_bytes(obj) -> bytes:
-    """The file :func:`save_pt` would write, as bytes."""
-    buffer = io.BytesIO()
-    write_pt(obj, buffer)
-    return buffer.getvalue()
-
-
 def save_pt(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` as a torch ``.pt`` file atomically (temporary file, then rename); returns the path."""
     with atomic_path(path) as tmp:

@@ -4,12 +4,11 @@ They have the real architecture families' shapes where it matters to users (text
 real embedding files load; the real CLIP vocabulary) and are otherwise as small as possible so a CPU can train on
 them in seconds. Builds are seeded and cached under ``cache_root()/tiny-models``.
 
-    python -m utils.tiny_models --family sd1 --out DIR
+The command line is tools/tiny_models.py (``python -m tools.tiny_models --family sd1 --out DIR``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -164,16 +163,5 @@ def tiny_model_path(family: str = "sd1", seed: int = 0) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build a tiny random-weight Stable Diffusion model offline.")
-    parser.add_argument("--family", choices=FAMILIES, default="sd1",
-                        help="sd1: text width 32 (fast tests); sd1-768: real SD-1 text width; sd2: 1024 wide, "
-                             "v-prediction; sdxl: two text encoders (768 + 1280).")
-    parser.add_argument("--out", required=True, help="output folder (diffusers layout)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(save_tiny_model(args.family, args.out, args.seed))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit("python -m utils.tiny_models moved: use python -m tools.tiny_models")

@@ -2,8 +2,9 @@
 
 It owns everything that is not specific to what is trained: the Accelerator, gradient accumulation, clipping, the
 learning rate, checkpoints and exact resume, stop signals, the NaN guard, the CSV log, trackers, previews and the
-progress bar. What is trained comes in through a small Trainable interface (see utils/textual_inversion.py and
-utils/hypernetwork_training.py); the data comes in through a BatchSource.
+progress bar. What is trained comes in through a small Trainable interface (one module per method in
+utils/trainers/); the data comes in through a BatchSource; code that runs after each step (evaluation, early stop)
+through StepHooks.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils import checkpoints
+from utils.config import OptimConfig  # noqa: F401 - the loop's optimizer settings (also imported from here)
 from utils.data.plan import optimizer_steps_per_epoch
 from utils.diffusion_loss import (
     denoising_loss,
@@ -41,22 +43,6 @@ from utils.fileio import WriteError, atomic_path, write_error
 from utils.lr_schedule import LearningRate
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-@dataclass
-class OptimConfig:
-    learning_rate: str = "0.005"
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    scale_lr: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = None
-    clip_grad_mode: str = "norm"  # norm | value
 
 
 @dataclass
@@ -77,27 +63,43 @@ class LoopConfig:
     report_to: str = "none"
     tracker_project_name: str = "embedforge"
     run_name: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
     tracker_config: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 class Trainable(Protocol):
-    """What differs between textual inversion and hypernetwork training."""
+    """What differs between training methods (utils/trainers/): what to optimise, how a batch conditions the model,
+    and the trained state a checkpoint holds. The loop derives the rest: messages and the checkpoint identity from
+    ``method`` ("textual_inversion" -> "textual inversion"), the loss log's name (``<method>_loss.csv``, A1111's
+    names), the logged norm from ``parameters()``. A method may also define ``reduce_loss(per_sample, batch)``
+    (default: ``mean_loss``)."""
 
-    name: str
-    kind: str  # for messages: "textual inversion" / "hypernetwork"
-    csv_name: str
+    method: str  # "textual_inversion" | "hypernetwork"
+    name: str  # what is trained, as the user named it
     model: torch.nn.Module  # the module DDP wraps; its forward(noisy_latents, timesteps, **inputs) -> prediction
+    initial_step: int  # the step counter of a continued file (0 for a new one)
 
-    @property
-    def initial_step(self) -> int: ...
-    def parameters(self) -> list[torch.nn.Parameter]: ...
-    def train(self) -> None: ...
-    def eval(self) -> None: ...
-    def model_inputs(self, batch: dict, device) -> dict: ...
-    def vector_norm(self) -> float: ...
-    def state_dict(self) -> dict: ...
+    def parameters(self) -> list[torch.nn.Parameter]: ...  # what the optimizer updates (and DDP all-reduces)
+    def train(self, mode: bool = True) -> None: ...  # False around previews and evaluation (e.g. dropout off)
+    def model_inputs(self, batch: dict, device) -> dict: ...  # the conditioning for model.forward
+    def state_dict(self) -> dict: ...  # the trained state (tensors), checkpoint-N/trainable.pt
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def method_title(trainable: Trainable) -> str:
+    """For messages and the checkpoint identity: "textual inversion", "hypernetwork"."""
+    return trainable.method.replace("_", " ")
+
+
+def loss_log_name(trainable: Trainable) -> str:
+    """A1111's loss log names: textual_inversion_loss.csv, hypernetwork_loss.csv."""
+    return f"{trainable.method}_loss.csv"
+
+
+def parameter_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    """The L2 norm of everything trained, as one vector (logged as ``vector_norm``)."""
+    return float(sum(p.detach().float().norm() ** 2 for p in params) ** 0.5)
 
 
 def mean_loss(per_sample: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -149,7 +151,7 @@ class StepContext:
         only use of the global RNG in a training step), back to train mode afterwards. The loop's noise, timesteps
         and latents come from per-sample seeds with their own generators, so a hook that draws its own numbers from
         its own ``torch.Generator`` leaves the training trajectory bit-identical."""
-        self.trainable.eval()
+        self.trainable.train(False)
         try:
             with torch.no_grad(), self.accelerator.autocast():
                 yield
@@ -416,7 +418,7 @@ class LossLog:
 def _tracker_init_kwargs(cfg: LoopConfig, run_id: str | None) -> dict:
     """W&B: a resumed or requeued run continues the same run (its id is saved in every checkpoint) under a stable
     name (default: the output folder's name), grouped per Slurm job unless WANDB_RUN_GROUP says otherwise, tagged
-    with --wandb_tags (carried in the tracker config) and 'slurm' inside Slurm jobs."""
+    with --wandb_tags and 'slurm' inside Slurm jobs."""
     from utils.cluster import slurm_job, wandb_tags
 
     kwargs: dict = {}
@@ -424,7 +426,7 @@ def _tracker_init_kwargs(cfg: LoopConfig, run_id: str | None) -> dict:
         job = slurm_job()
         wandb_kwargs = {"name": cfg.run_name or Path(cfg.output_dir).resolve().name, "resume": "allow",
                         "dir": str(cfg.output_dir), "job_type": "train",
-                        "tags": wandb_tags(cfg.tracker_config, job) or None}
+                        "tags": wandb_tags(cfg.wandb_tags, job) or None}
         if run_id:
             wandb_kwargs["id"] = run_id
         if job and not os.environ.get("WANDB_RUN_GROUP"):
@@ -482,7 +484,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                       cfg.optim.lr_warmup_steps * 1, scale, cfg.optim.lr_num_cycles, cfg.optim.lr_power)
     end_step = lr.end_step()
 
-    identity = {"kind": trainable.kind, "name": trainable.name,
+    kind = method_title(trainable)
+    identity = {"kind": kind, "name": trainable.name,
                 "shapes": [list(p.shape) for p in trainable.parameters()]}
     state = TrainerState(identity, {"global_micro_batch": cfg.train_batch_size * world, "accumulation": A}, hooks)
     state.step = trainable.initial_step
@@ -526,16 +529,16 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                                   init_kwargs=_tracker_init_kwargs(cfg, state.tracker_run_id))
         state.tracker_run_id = state.tracker_run_id or _tracker_run_id(accelerator)
 
-    log = LossLog(out_dir / trainable.csv_name, resumed_step) if accelerator.is_main_process else None
+    log = LossLog(out_dir / loss_log_name(trainable), resumed_step) if accelerator.is_main_process else None
     accelerator.print(
-        f"Training {trainable.kind} '{trainable.name}': {world} process(es), global batch {global_batch} "
+        f"Training {kind} '{trainable.name}': {world} process(es), global batch {global_batch} "
         f"({cfg.train_batch_size} x {A} accumulation x {world}), {steps_per_epoch} steps per epoch, "
         f"steps {state.step} -> {end_step}, learning rate {lr.describe()}")
 
     files: list[Path] = []
     stopped_by = ""
     progress = tqdm(total=end_step, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc=f"Training {trainable.kind}", dynamic_ncols=True)
+                    desc=f"Training {kind}", dynamic_ncols=True)
     device = accelerator.device
     trainable.train()
     samples_done, t_start = 0, time.perf_counter()
@@ -548,6 +551,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
         tmp_dir = out_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
         if accelerator.is_main_process:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            if log:
+                log.flush()  # before the checkpoint exists: a checkpoint at step N promises the log up to N
         accelerator.wait_for_everyone()
         # A write the disk refuses ends every rank with one line (all learn of it in the same collective, so none is
         # left waiting); the temporary folder goes and the previous checkpoint stays.
@@ -563,8 +568,6 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
         if accelerator.is_main_process:
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp_dir, final_dir)
-            if log:
-                log.flush()
             if cfg.checkpoints_total_limit:
                 for _, old in list_checkpoints(out_dir)[: -cfg.checkpoints_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -637,7 +640,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                         if log:
                             log.flush()
                         raise TrainingDiverged(
-                            f"{trainable.kind} training stopped at step {state.step}: the fp16 loss scaler skipped "
+                            f"{kind} training stopped at step {state.step}: the fp16 loss scaler skipped "
                             f"{skipped_in_a_row} updates in a row (the loss or gradients are NaN/inf at any scale). "
                             f"The last good files are kept. Try --mixed_precision bf16 or no, or a lower learning "
                             f"rate.")
@@ -652,7 +655,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     if log:
                         log.flush()  # the rows leading up to the divergence are the useful ones
                     raise TrainingDiverged(
-                        f"{trainable.kind} training diverged at step {state.step + 1}: the loss or the trained "
+                        f"{kind} training diverged at step {state.step + 1}: the loss or the trained "
                         f"weights became NaN/inf. Nothing from this step was saved; the last good files are kept. "
                         f"Try a lower learning rate or --max_grad_norm.")
                 state.step += 1
@@ -665,7 +668,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                             step_loss, rate)
                 if cfg.report_to != "none" and state.step % cfg.log_every == 0:
                     elapsed = time.perf_counter() - t_start
-                    metrics = {"loss": step_loss, "lr": rate, "vector_norm": trainable.vector_norm(),
+                    metrics = {"loss": step_loss, "lr": rate, "vector_norm": parameter_norm(params),
                                "epoch": epoch, "images_per_sec": samples_done * world / max(elapsed, 1e-9)}
                     if grad_norm is not None:
                         metrics["grad_norm"] = float(grad_norm)
@@ -739,7 +742,8 @@ MAX_SKIPPED_IN_A_ROW = 50
 
 
 def check_ranks_agree(accelerator: Accelerator, trainable: Trainable) -> None:
-    """Every rank must hold bit-identical trained weights; a silent DDP sync failure (field notes) is caught here."""
+    """Every rank must hold bit-identical trained weights; a silent DDP sync failure is caught here (gradients
+    reach DDP only through the wrapped module's forward, see utils/distributed.py)."""
     if accelerator.num_processes == 1:
         return
     flat = torch.cat([p.detach().double().flatten() for p in trainable.parameters()])
@@ -755,7 +759,7 @@ def check_ranks_agree(accelerator: Accelerator, trainable: Trainable) -> None:
 def _preview(accelerator: Accelerator, trainable: Trainable, outputs: Outputs, step: int) -> None:
     """Previews on the main process; the others wait. Generation uses its own generators (training RNG untouched)."""
     if accelerator.is_main_process:
-        trainable.eval()
+        trainable.train(False)
         try:
             images = outputs.preview(step)
         finally:

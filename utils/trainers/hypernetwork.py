@@ -1,7 +1,8 @@
 """What makes a training run a hypernetwork run: A1111 hypernetwork modules inside the UNet's attention, trained
-against a frozen UNet, with text-encoder outputs computed once per distinct prompt.
+against a frozen UNet, with text-encoder outputs computed once per distinct prompt; and the files it writes.
 
-The loop in utils/training.py sees only the Trainable interface implemented here.
+The loop in utils/training.py sees only the Trainable interface implemented here, and the Outputs callbacks of
+HypernetworkOutputs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from utils.hypernetwork import (
     save_optimizer_sidecar,
 )
 from utils.models import LoadedModel
-from utils.training_setup import RunOutputs, write_settings
+from utils.outputs import RunOutputs, write_settings
 
 
 class HypernetworkModel(HypernetworkTrainingModule):
@@ -55,12 +56,10 @@ class ConditioningCache:
         self.bytes = 0
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if offload:
-            for name in ("text_encoder", "text_encoder_2"):
-                module = getattr(pipeline, name, None)
-                if module is not None:
-                    # float32 on the CPU: fp16/bf16 matmuls there are several times slower. The weights were loaded
-                    # in the weight dtype, so previews cast them back to it exactly (utils.training_setup).
-                    module.to("cpu", dtype=torch.float32)
+            for module in self.encoder.encoders.modules:
+                # float32 on the CPU: fp16/bf16 matmuls there are several times slower. The weights were loaded
+                # in the weight dtype, so previews cast them back to it exactly (utils/previews.py).
+                module.to("cpu", dtype=torch.float32)
 
     @torch.no_grad()
     def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,8 +94,7 @@ class HypernetworkTrainable:
     model: HypernetworkModel
     conditioning: ConditioningCache
     sdxl: bool
-    csv_name: str = "hypernetwork_loss.csv"
-    kind: str = "hypernetwork"
+    method = "hypernetwork"
     initial_step: int = 0
     _params: list = field(default_factory=list)
 
@@ -124,11 +122,8 @@ class HypernetworkTrainable:
     def parameters(self) -> list[nn.Parameter]:
         return self._params
 
-    def train(self) -> None:
-        self.hypernetwork.train()  # dropout on (only in training, as A1111)
-
-    def eval(self) -> None:
-        self.hypernetwork.eval()
+    def train(self, mode: bool = True) -> None:
+        self.hypernetwork.train(mode)  # dropout on only in training, as A1111
 
     def model_inputs(self, batch: dict, device) -> dict:
         hidden, pooled = self.conditioning.get(batch["prompts"])
@@ -136,9 +131,6 @@ class HypernetworkTrainable:
         if self.sdxl:
             inputs.update(text_embeds=pooled, add_time_ids=batch["add_time_ids"].to(device))
         return inputs
-
-    def vector_norm(self) -> float:
-        return float(sum(p.detach().float().norm() ** 2 for p in self._params) ** 0.5)
 
     def state_dict(self) -> dict:
         return {f"{dim}.{i}": m.state_dict() for dim, pair in self.hypernetwork.layers.items()
@@ -184,5 +176,5 @@ class HypernetworkOutputs(RunOutputs):
 
     def preview(self, step: int) -> list:
         """The hypernetwork is already in the UNet's attention; render with it in eval mode (multiplier 1)."""
-        return self.render(step, "a photo of an object",
+        return self.previewer.render(step, "a photo of an object",
                            extra_info=f", Hypernet: {self.trainable.name}, Hypernet step: {step}")
