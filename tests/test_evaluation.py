@@ -321,10 +321,10 @@ def test_plot_marks_the_stop_and_best_steps(tmp_path):
     red = np.argwhere((arr[:, :, 0] == 200) & (arr[:, :, 1] == 0) & (arr[:, :, 2] == 0))
     green = np.argwhere((arr[:, :, 0] == 0) & (arr[:, :, 1] == 140) & (arr[:, :, 2] == 0))
     assert red.size and green.size
-    # the stop line is left of the best line, at 200/400 and 325/400 of the axis
+    # the stop and best lines at steps 200 and 325 of an axis from 0 to 400 (+2% margin)
     left, plot_w = 70, 600 - 70 - 160
-    assert abs(np.median(red[:, 1]) - (left + plot_w / 2)) < 3
-    assert abs(np.median(green[:, 1]) - (left + plot_w * 325 / 400)) < 3
+    assert abs(np.median(red[:, 1]) - (left + plot_w * 200 / 408)) < 3
+    assert abs(np.median(green[:, 1]) - (left + plot_w * 325 / 408)) < 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -126,6 +126,7 @@ def plot_curves(path: Path, panels: dict[str, dict[str, list[tuple[int, float]]]
     steps += [s for s in marks.values() if s is not None]
     s_lo, s_hi = (min(steps), max(steps)) if steps else (0, 1)
     s_hi = s_hi if s_hi > s_lo else s_lo + 1
+    s_hi += (s_hi - s_lo) * 0.02  # a line at the last step stays clear of the frame
     plot_w = width - left - right
 
     def x_of(step: float) -> float:
@@ -159,7 +160,11 @@ def plot_curves(path: Path, panels: dict[str, dict[str, list[tuple[int, float]]]
                 for y in range(int(y0), int(y0 + h), 6):  # dashed
                     draw.line([x, y, x, min(y + 3, y0 + h)], fill=colour)
                 if p == 0:
-                    draw.text((x + 3, y0 + 2), f"{label} {step}", fill=colour, font=font)
+                    text = f"{label} {step}"
+                    tw = draw.textlength(text, font=font)
+                    # labels right of the line, or left of it in the right half of the plot
+                    tx = x + 3 if x < left + plot_w / 2 else x - 3 - tw
+                    draw.text((tx, y0 + 2 + 12 * list(marks).index(label)), text, fill=colour, font=font)
         for k, (curve, points) in enumerate(curves.items()):
             colour = COLOURS[k % len(COLOURS)]
             xy = [(x_of(s), y_of(v)) for s, v in sorted(points)]

@@ -178,6 +178,20 @@ class Evaluator:
         best = self.best.best_step if self.best is not None else None
         return plot_curves(path, panels, {"early stop": self.stopped_at, "best": best}, title=title)
 
+    def write_report(self, out_dir: Path, title: str = "") -> list[Path]:
+        """``evaluation.json`` (the summary and every evaluation's metrics) and ``evaluation.png`` (the curves, the
+        stop and best steps marked) in ``out_dir``; each written to a temporary name and renamed."""
+        import json
+
+        from utils.fileio import atomic_path
+
+        out_dir = Path(out_dir)
+        path = out_dir / "evaluation.json"
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps({**self.summary(), "history": self.history}, indent=1), encoding="utf-8")
+        png = self.plot(out_dir / "evaluation.png", title=title)
+        return [path] + ([png] if png else [])
+
     def state_dict(self) -> dict:
         return {"config": asdict(self.cfg), "eval_set": self.eval_set.fingerprint(),
                 "rule": self.rule.state_dict() if self.rule is not None else None,
