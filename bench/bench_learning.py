@@ -143,7 +143,8 @@ class EvalHook:
         scheduler = training_noise_scheduler(outputs.loaded)
         cfg = EvalConfig(eval_every=early.eval_every, eval_set_size=early.eval_set_size,
                          early_stopping=early.early_stop, dvar_window=early.dvar_window,
-                         dvar_threshold=early.dvar_threshold, patience=early.patience, select_best=early.select_best)
+                         dvar_window_fraction=early.dvar_window_fraction, dvar_threshold=early.dvar_threshold,
+                         patience=early.patience, select_best=early.select_best)
         eval_set = build_eval_set(latents, eval_prompts(data, template), scheduler.config.num_train_timesteps,
                                   cfg.eval_set_size, cfg.eval_seed)
         vocab = VocabularyNorms.of(pipe.text_encoder.get_input_embeddings().weight)
@@ -198,8 +199,8 @@ def train(data: Path, out: Path, extra: list[str], steps: int, every: int, early
     if early is None:
         argv.append("--no_previews")
     elif trainer_has_eval_flags():
-        argv += ["--no_previews", "--eval_every", str(early.eval_every), "--early_stopping", early.early_stop,
-                 "--select_best", early.select_best]
+        argv += ["--no_previews", "--eval_every", str(early.eval_every), "--eval_set_size", str(early.eval_set_size),
+                 "--early_stopping", early.early_stop, "--select_best", early.select_best]
     else:
         argv += ["--preview_every", str(early.eval_every)]
         hook = eval_hook(data, template, early)
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--eval_every", type=int, default=ev.EVAL_EVERY, help="a multiple of --every")
     g.add_argument("--eval_set_size", type=int, default=ev.EVAL_SET_SIZE)
     g.add_argument("--dvar_window", type=int, default=ev.DVAR_WINDOW, help="evaluations")
+    g.add_argument("--dvar_window_fraction", type=float, default=ev.DVAR_WINDOW_FRACTION,
+                   help="0: the paper's fixed window")
     g.add_argument("--dvar_threshold", type=float, default=ev.DVAR_THRESHOLD)
     g.add_argument("--patience", type=int, default=ev.PATIENCE, help="evaluations")
     g.add_argument("--select_best", default=ev.SELECT_BEST, help="eval_loss or a band, e.g. eval_loss_t750-999")

@@ -183,6 +183,36 @@ def test_dvar_stops_after_most_of_the_drop_not_while_it_falls_steeply():
     assert run_rule(DVAR(window=100, threshold=0.15), curve) > stop + 40
 
 
+def test_fixed_window_dvar_stops_a_steady_decline_the_growing_window_does_not():
+    rng = np.random.default_rng(4)
+    line = (0.05 - 1e-5 * np.arange(2000) + rng.normal(0, 1e-5, 2000)).tolist()  # still improving at the end
+    # the paper's fixed window: the window's variance shrinks against the history's as the run grows
+    assert run_rule(DVAR(window=10, threshold=0.15), line) is not None
+    # a window of half the history: the ratio stays near 0.25 on a straight line
+    assert run_rule(DVAR(window=10, threshold=0.15, window_fraction=0.5), line) is None
+
+
+@pytest.mark.parametrize("tau", [10, 40, 160])
+def test_growing_window_stops_at_the_same_multiple_of_the_time_scale(tau):
+    rng = np.random.default_rng(5)
+    steps = np.arange(40 * tau)
+    curve = 0.02 + 0.02 * np.exp(-steps / tau) + rng.normal(0, 2e-5, steps.size)
+    stop = run_rule(DVAR(window=5, threshold=0.1, window_fraction=0.5), curve)
+    # at the same multiple of tau whatever tau is (about 1.6: four fifths of the fall done)
+    assert stop is not None and 1.4 * tau <= stop <= 1.8 * tau, (tau, stop)
+
+
+def test_growing_window_uses_half_the_history_and_waits_for_two_windows():
+    rule = DVAR(window=3, threshold=0.01, window_fraction=0.5)
+    values = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # a straight line: never settles
+    for i, v in enumerate(values[:5], 1):
+        assert not rule.update(i, v) and rule.ratio is None  # fewer than 2 x 3 evaluations
+    for i, v in enumerate(values[5:], 6):
+        rule.update(i, v)
+    assert rule.current_window() == 5  # ceil(9 / 2)
+    assert rule.ratio == pytest.approx(np.var(values[-5:]) / np.var(values), rel=1e-12)
+
+
 def test_dvar_never_stops_on_pure_noise():
     rng = np.random.default_rng(1)
     assert run_rule(DVAR(window=50, threshold=0.15), 0.03 + rng.normal(0, 1e-3, 2000)) is None
@@ -225,6 +255,69 @@ def test_dvar_state_round_trip_makes_the_same_decision_at_the_same_step():
     other = DVAR(window=10, threshold=0.1)
     with pytest.raises(ValueError, match="other settings"):
         other.load_state_dict(saved)
+
+
+def pause_then_learn(seed=6, n=80, drift_until=40):
+    """Evaluations (every 10 steps): the loss settles early (a pause) while the weights still drift in one direction
+    until evaluation ``drift_until``, then only jitter around where they arrived."""
+    rng = np.random.default_rng(seed)
+    loss = 0.02 + 0.02 * np.exp(-np.arange(n) / 3) + rng.normal(0, 1e-5, n)
+    pos = np.zeros(8)
+    weights = []
+    for i in range(n):
+        centre = np.full(8, 0.1 * min(i, drift_until))
+        pos = centre + rng.normal(0, 0.01, 8) if i >= drift_until else pos + 0.1 + rng.normal(0, 0.01, 8)
+        weights.append(torch.tensor(pos, dtype=torch.float32).view(2, 4))
+    return loss.tolist(), weights
+
+
+def test_dvar_direction_check_waits_for_the_weights_to_stop_heading_somewhere():
+    loss, weights = pause_then_learn()
+    plain = DVAR(window=3, threshold=0.15)
+    gated = DVAR(window=3, threshold=0.15, direction_threshold=0.5)
+    stop_plain = next(10 * i for i, v in enumerate(loss) if plain.update(10 * i, v))
+    stop_gated = next((10 * i for i, (v, w) in enumerate(zip(loss, weights)) if gated.update(10 * i, v, w)), None)
+    assert stop_plain <= 150  # the loss alone: stops during the pause
+    # with the check: only once the last 3 moves are uncorrelated jitter (the drift ends at evaluation 40)
+    assert stop_gated is not None and 410 <= stop_gated <= 500, stop_gated
+    assert gated.persistence < 0.5 and gated.ratio < 0.15
+
+
+def test_dvar_direction_of_a_steady_drift_is_one_and_of_jitter_near_zero():
+    drift = DVAR(window=3, threshold=0.5, direction_threshold=0.5)
+    for i in range(6):
+        drift.update(i, 1.0 / (i + 1), torch.tensor([[float(i), 2.0 * i]]))
+    assert drift.persistence == pytest.approx(1.0) and drift.stopped_at is None
+    rng = np.random.default_rng(0)
+    jitter = DVAR(window=200, threshold=0.99, direction_threshold=0.5)
+    for i in range(203):
+        jitter.update(i, float(rng.normal()), torch.tensor(rng.normal(size=(4, 8)), dtype=torch.float32))
+    # independent positions: consecutive moves share one point, so their cosine averages -0.5
+    assert jitter.persistence == pytest.approx(-0.5, abs=0.1)
+
+
+def test_dvar_direction_state_round_trip_and_bad_input():
+    loss, weights = pause_then_learn()
+    whole = DVAR(3, 0.15, direction_threshold=0.5)
+    stop = next(10 * i for i, (v, w) in enumerate(zip(loss, weights)) if whole.update(10 * i, v, w))
+    part = DVAR(3, 0.15, direction_threshold=0.5)
+    for i in range(30):
+        part.update(10 * i, loss[i], weights[i])
+    resumed = DVAR(3, 0.15, direction_threshold=0.5)
+    resumed.load_state_dict(json.loads(json.dumps(part.state_dict())))
+    again = next(10 * i for i in range(30, len(loss)) if resumed.update(10 * i, loss[i], weights[i]))
+    assert again == stop and resumed.state_dict() == whole.state_dict()
+    with pytest.raises(ValueError, match="needs the trained weights"):
+        DVAR(3, 0.15, direction_threshold=0.5).update(1, 0.1)
+    rule = DVAR(3, 0.15, direction_threshold=0.5)
+    rule.update(1, 0.1, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="changed size"):
+        rule.update(2, 0.1, torch.zeros(3, 4))
+    # SDXL's two tables count as one set of weights
+    sdxl = DVAR(2, 0.15, direction_threshold=0.5)
+    for i in range(4):
+        sdxl.update(i, 1.0 / (i + 1), {"clip_l": torch.full((1, 3), float(i)), "clip_g": torch.full((1, 5), 2.0 * i)})
+    assert sdxl.persistence == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("window, threshold", [(1, 0.1), (5, 0.0), (5, 1.0)])
@@ -309,6 +402,14 @@ def test_norm_watch_warns_once_per_vector_and_round_trips():
     assert resumed.check(30, torch.tensor([[1.0, 0, 0], [3.0, 0, 0]]))[1] == []
 
 
+def test_norm_watch_per_text_encoder():
+    vocab = {"clip_l": VocabularyNorms.of(torch.eye(3)), "clip_g": VocabularyNorms.of(2 * torch.eye(5))}
+    watch = NormWatch(vocab)
+    metrics, warnings = watch.check(5, {"clip_l": torch.tensor([[1.0, 0, 0]]), "clip_g": torch.tensor([[3.0, 0, 0, 0, 0]])})
+    assert metrics["norm_clip_l/0"] == 1.0 and metrics["norm_clip_g/0"] == 3.0
+    assert len(warnings) == 1 and "clip_g vector 0" in warnings[0] and watch.max_norm == 2.0
+
+
 def test_plot_marks_the_stop_and_best_steps(tmp_path):
     from PIL import Image
 
@@ -364,7 +465,8 @@ def evaluator_run(cfg, steps, start=None, stop_at_cut=None):
 def test_evaluator_records_decides_and_resumes_identically(tmp_path):
     from utils.evaluator import EvalConfig
 
-    cfg = EvalConfig(eval_every=10, eval_set_size=8, early_stopping="dvar", dvar_window=4, dvar_threshold=0.15)
+    cfg = EvalConfig(eval_every=10, eval_set_size=8, early_stopping="dvar", dvar_window=4, dvar_threshold=0.15,
+                     dvar_direction=None)
     ev, results = evaluator_run(cfg, range(1, 2001))
     assert [r.step for r in results] == list(range(10, results[-1].step + 1, 10))
     stop = ev.stopped_at

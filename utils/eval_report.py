@@ -56,28 +56,41 @@ def norm_report(vectors: torch.Tensor, vocab: VocabularyNorms, prefix: str = "no
 
 
 class NormWatch:
-    """Warns once per vector when its norm first leaves the vocabulary's range (and says at which step)."""
+    """Warns once per vector when its norm first leaves the vocabulary's range (and says at which step).
 
-    def __init__(self, vocab: VocabularyNorms):
+    ``vocab`` is one VocabularyNorms, or one per text encoder ({"clip_l": ..., "clip_g": ...}) for vectors given as
+    a dict with the same keys (SDXL); metrics are then named ``norm_clip_l/0`` etc."""
+
+    def __init__(self, vocab: VocabularyNorms | dict[str, VocabularyNorms]):
         self.vocab = vocab
-        self.warned: set[int] = set()
+        self.warned: set[str] = set()
 
-    def check(self, step: int, vectors: torch.Tensor) -> tuple[dict, list[str]]:
-        metrics, outside = norm_report(vectors, self.vocab)
-        new = []
-        for line in outside:
-            k = int(line.split()[1].rstrip(","))
-            if k not in self.warned:
-                self.warned.add(k)
-                new.append(f"step {step}: {line}; an embedding far beyond the vocabulary's norms can override the "
-                           f"rest of the prompt (an earlier step may be the better one)")
+    def check(self, step: int, vectors) -> tuple[dict, list[str]]:
+        tables = vectors if isinstance(vectors, dict) else {"": vectors}
+        vocabs = self.vocab if isinstance(self.vocab, dict) else {"": self.vocab}
+        metrics, new = {}, []
+        for key, table in tables.items():
+            found, outside = norm_report(table, vocabs[key], prefix=f"norm_{key}" if key else "norm")
+            metrics.update(found)
+            for line in outside:
+                k = f"{key}/{line.split()[1].rstrip(',')}" if key else line.split()[1].rstrip(",")
+                if k not in self.warned:
+                    self.warned.add(k)
+                    where = f"{key} " if key else ""
+                    new.append(f"step {step}: {where}{line}; an embedding far beyond the vocabulary's norms can "
+                               f"override the rest of the prompt (an earlier step may be the better one)")
         return metrics, new
+
+    @property
+    def max_norm(self) -> float:
+        vocabs = self.vocab.values() if isinstance(self.vocab, dict) else [self.vocab]
+        return max(v.max for v in vocabs)
 
     def state_dict(self) -> dict:
         return {"warned": sorted(self.warned)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.warned = set(int(k) for k in state.get("warned", []))
+        self.warned = set(str(k) for k in state.get("warned", []))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,10 @@ from utils.evaluation import DEFAULT_BANDS, EvalSet, Predict, evaluate, summariz
 # Defaults measured on the tiny-world model (bench/bench_learning.py --early_stop; README "Early stopping").
 EVAL_EVERY = 25
 EVAL_SET_SIZE = 16
-DVAR_WINDOW = 4  # evaluations
-DVAR_THRESHOLD = 0.15
+DVAR_WINDOW = 3  # evaluations
+DVAR_WINDOW_FRACTION = 0.0  # the paper's fixed window
+DVAR_THRESHOLD = 0.15  # the paper's code default
+DVAR_DIRECTION = 0.5  # the trained weights' mean cosine between consecutive moves must fall below this
 PATIENCE = 8  # evaluations
 SELECT_BEST = "eval_loss"
 
@@ -51,7 +53,9 @@ class EvalConfig:
     eval_batch_size: int = 8
     early_stopping: str = "none"  # none | dvar | patience
     dvar_window: int = DVAR_WINDOW
+    dvar_window_fraction: float = DVAR_WINDOW_FRACTION  # 0: the paper's fixed window
     dvar_threshold: float = DVAR_THRESHOLD
+    dvar_direction: float | None = DVAR_DIRECTION  # None: the loss alone decides (the paper's rule)
     patience: int = PATIENCE
     patience_metric: str = "eval_loss"
     patience_min_delta: float = 0.0
@@ -69,7 +73,8 @@ class EvalConfig:
 
     def make_rule(self) -> Rule | None:
         if self.early_stopping == "dvar":
-            return DVAR(self.dvar_window, self.dvar_threshold)
+            return DVAR(self.dvar_window, self.dvar_threshold, self.dvar_window_fraction,
+                        direction_threshold=self.dvar_direction)
         if self.early_stopping == "patience":
             return Patience(self.patience, metric_mode(self.patience_metric), self.patience_min_delta)
         return None
@@ -86,7 +91,7 @@ class EvalResult:
 
 class Evaluator:
     def __init__(self, cfg: EvalConfig, eval_set: EvalSet, noise_scheduler, prediction_type: str = "epsilon",
-                 vocab: VocabularyNorms | None = None):
+                 vocab: VocabularyNorms | dict[str, VocabularyNorms] | None = None):
         self.cfg = cfg
         self.eval_set = eval_set
         self.noise_scheduler = noise_scheduler
@@ -110,9 +115,12 @@ class Evaluator:
                                  self.cfg.eval_batch_size, indices=mine)
         return out
 
-    def record(self, step: int, per_sample: torch.Tensor, vectors: torch.Tensor | None = None,
+    def record(self, step: int, per_sample: torch.Tensor, vectors=None,
                extra: dict[str, float] | None = None) -> EvalResult:
-        """The metrics of this evaluation, and what follows from them: a new best step, a stop."""
+        """The metrics of this evaluation, and what follows from them: a new best step, a stop.
+
+        ``vectors``: the trained weights now -- an embedding's [n, dim] table, or {"clip_l": ..., "clip_g": ...}
+        for SDXL -- for the norm metrics and DVAR's direction check (required when that check is on)."""
         metrics = summarize(self.eval_set, per_sample.cpu(), self.cfg.bands)
         warnings: list[str] = []
         if vectors is not None and self.norms is not None:
@@ -126,7 +134,7 @@ class Evaluator:
         if self.best is not None:
             result.new_best = self.best.update(step, self._metric(self.cfg.select_best, metrics))
         if self.rule is not None:
-            result.stop = self.rule.update(step, self._metric(self.cfg.stop_metric(), metrics))
+            result.stop = self.rule.update(step, self._metric(self.cfg.stop_metric(), metrics), vectors)
         return result
 
     @staticmethod
@@ -153,8 +161,12 @@ class Evaluator:
     def stop_reason(self) -> str:
         rule = self.rule
         if isinstance(rule, DVAR):
-            return (f"the evaluation loss settled: the variance of its last {rule.window} values is "
+            text = (f"the evaluation loss settled: the variance of its last {rule.current_window()} values is "
                     f"{rule.ratio:.3g} of its whole history's (threshold {rule.threshold})")
+            if rule.persistence is not None:
+                text += (f", and the trained weights stopped moving in one direction (mean cosine of consecutive "
+                         f"moves {rule.persistence:.2f}, threshold {rule.direction_threshold})")
+            return text
         if isinstance(rule, Patience):
             return (f"{self.cfg.patience_metric} did not improve for {rule.patience} evaluations (best "
                     f"{rule.best:.6g} at step {rule.best_step})")
@@ -166,12 +178,12 @@ class Evaluator:
         loss_keys = [k for k in self.history[0] if k.startswith("eval_loss")]
         panels = {"evaluation loss": {k.replace("eval_loss_", "").replace("eval_loss", "overall"):
                                       [(h["step"], h[k]) for h in self.history if k in h] for k in loss_keys}}
-        norm_keys = [k for k in self.history[-1] if k.startswith("norm/")]
+        norm_keys = [k for k in self.history[-1] if k.startswith("norm") and "/" in k and "_z/" not in k]
         if norm_keys:
-            panels["vector norms"] = {f"vector {k.split('/')[1]}": [(h["step"], h[k]) for h in self.history if k in h]
-                                      for k in norm_keys}
+            panels["vector norms"] = {k.replace("norm/", "vector ").replace("norm_", ""):
+                                      [(h["step"], h[k]) for h in self.history if k in h] for k in norm_keys}
             if self.norms is not None:
-                panels["vector norms"]["vocabulary max"] = [(h["step"], self.norms.vocab.max) for h in self.history]
+                panels["vector norms"]["vocabulary max"] = [(h["step"], self.norms.max_norm) for h in self.history]
         scores = [k for k in HIGHER_IS_BETTER if any(k in h for h in self.history)]
         if scores:
             panels["image scores"] = {k: [(h["step"], h[k]) for h in self.history if k in h] for k in scores}
