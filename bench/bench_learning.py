@@ -144,7 +144,7 @@ class EvalHook:
         cfg = EvalConfig(eval_every=early.eval_every, eval_set_size=early.eval_set_size,
                          early_stopping=early.early_stop, dvar_window=early.dvar_window,
                          dvar_window_fraction=early.dvar_window_fraction, dvar_threshold=early.dvar_threshold,
-                         patience=early.patience, select_best=early.select_best)
+                         dvar_direction=early.dvar_direction, patience=early.patience, select_best=early.select_best)
         eval_set = build_eval_set(latents, eval_prompts(data, template), scheduler.config.num_train_timesteps,
                                   cfg.eval_set_size, cfg.eval_seed)
         vocab = VocabularyNorms.of(pipe.text_encoder.get_input_embeddings().weight)
@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dvar_window_fraction", type=float, default=ev.DVAR_WINDOW_FRACTION,
                    help="0: the paper's fixed window")
     g.add_argument("--dvar_threshold", type=float, default=ev.DVAR_THRESHOLD)
+    g.add_argument("--dvar_direction", type=lambda v: None if v == "none" else float(v), default=ev.DVAR_DIRECTION,
+                   help="the direction check's cosine threshold; 'none': the loss alone (the paper's rule)")
     g.add_argument("--patience", type=int, default=ev.PATIENCE, help="evaluations")
     g.add_argument("--select_best", default=ev.SELECT_BEST, help="eval_loss or a band, e.g. eval_loss_t750-999")
     g.add_argument("--seed", type=int, default=0, help="the training seed")

@@ -388,6 +388,8 @@ def test_vocabulary_norm_statistics():
     assert metrics["norm/0"] == 4.0 and metrics["norm/1"] == 50.0
     assert metrics["norm_z/1"] == pytest.approx((50 - 4.5) / v.std)
     assert len(outside) == 2 and "vector 1" in outside[0] and "above" in outside[0] and "below" in outside[1]
+    _, outside = norm_report(torch.tensor([[0.0, 30.0], [0.0, 50.0]]), v, factor=4.0)  # warn above 40 only
+    assert len(outside) == 1 and "vector 1" in outside[0] and "4 x the largest" in outside[0]
 
 
 def test_norm_watch_warns_once_per_vector_and_round_trips():
@@ -518,3 +520,36 @@ def test_evaluator_patience_on_a_named_metric_and_unknown_metrics():
     bad = Evaluator(EvalConfig(eval_every=1, early_stopping="patience", patience_metric="dino"), es, Scheduler())
     with pytest.raises(ValueError, match="'dino' is not measured"):
         bad.record(1, losses)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench/bench_learning.py's early-stop summary
+
+
+def _bench_learning():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_learning.py"
+    spec = importlib.util.spec_from_file_location("bench_learning_for_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_stop_summary_checks_the_issue_targets(tmp_path):
+    bench = _bench_learning()
+    acc = {25: 0.0, 50: 0.5, 75: 0.9, 100: 1.0, 125: 1.0, 150: 1.0, 175: 0.6}
+    rows = [{"step": s, "accuracy": a} for s, a in acc.items()]
+    history = [{"step": s, "eval_loss": v} for s, v in
+               [(0, 0.05), (25, 0.04), (50, 0.03), (75, 0.026), (100, 0.0252), (125, 0.0251), (150, 0.0253),
+                (175, 0.02)]]
+    path = tmp_path / "evaluation.json"
+    path.write_text(json.dumps({"stopped_at": 150, "history": history}))
+    out = bench.stop_summary(path, "eval_loss", rows)
+    # the pick is the lowest loss up to the stop (175 is after it), first 0.8 at 75, the stop within 2 x 75
+    assert (out["first_0.8"], out["stop"], out["stop_acc"], out["best"], out["best_acc"]) == (75, 150, 1.0, 125, 1.0)
+    assert out["stop_ok"] and out["best_ok"] and out["best_seen"] == 1.0
+    path.write_text(json.dumps({"stopped_at": 175, "history": history}))
+    late = bench.stop_summary(path, "eval_loss", rows)
+    assert not late["stop_ok"] and late["best"] == 175 and not late["best_ok"]  # 0.6 < 0.9 x 1.0

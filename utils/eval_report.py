@@ -40,16 +40,18 @@ class VocabularyNorms:
         return asdict(self)
 
 
-def norm_report(vectors: torch.Tensor, vocab: VocabularyNorms, prefix: str = "norm") -> tuple[dict, list[str]]:
+def norm_report(vectors: torch.Tensor, vocab: VocabularyNorms, prefix: str = "norm",
+                factor: float = 1.0) -> tuple[dict, list[str]]:
     """Per-vector metrics ``{prefix}/{k}``, ``{prefix}_z/{k}`` and the list of vectors outside [vocab.min,
-    vocab.max], as messages. ``vectors`` [n, dim] (one text encoder's table)."""
+    factor x vocab.max], as messages. ``vectors`` [n, dim] (one text encoder's table)."""
     norms = vectors.detach().float().norm(dim=-1).cpu().tolist()
     metrics, outside = {}, []
     for k, n in enumerate(norms):
         metrics[f"{prefix}/{k}"] = n
         metrics[f"{prefix}_z/{k}"] = (n - vocab.mean) / vocab.std if vocab.std > 0 else 0.0
-        if n > vocab.max or n < vocab.min:
-            side = "above the largest" if n > vocab.max else "below the smallest"
+        if n > factor * vocab.max or n < vocab.min:
+            side = ("below the smallest" if n < vocab.min else "above the largest" if factor == 1
+                    else f"above {factor:g} x the largest")
             outside.append(f"vector {k} has norm {n:.3g}, {side} token embedding of the vocabulary "
                            f"({vocab.min:.3g}..{vocab.max:.3g}, mean {vocab.mean:.3g})")
     return metrics, outside
@@ -59,10 +61,12 @@ class NormWatch:
     """Warns once per vector when its norm first leaves the vocabulary's range (and says at which step).
 
     ``vocab`` is one VocabularyNorms, or one per text encoder ({"clip_l": ..., "clip_g": ...}) for vectors given as
-    a dict with the same keys (SDXL); metrics are then named ``norm_clip_l/0`` etc."""
+    a dict with the same keys (SDXL); metrics are then named ``norm_clip_l/0`` etc. ``factor``: warn above
+    factor x the largest vocabulary norm (1: as soon as the vector leaves the vocabulary's range)."""
 
-    def __init__(self, vocab: VocabularyNorms | dict[str, VocabularyNorms]):
+    def __init__(self, vocab: VocabularyNorms | dict[str, VocabularyNorms], factor: float = 1.0):
         self.vocab = vocab
+        self.factor = float(factor)
         self.warned: set[str] = set()
 
     def check(self, step: int, vectors) -> tuple[dict, list[str]]:
@@ -70,7 +74,8 @@ class NormWatch:
         vocabs = self.vocab if isinstance(self.vocab, dict) else {"": self.vocab}
         metrics, new = {}, []
         for key, table in tables.items():
-            found, outside = norm_report(table, vocabs[key], prefix=f"norm_{key}" if key else "norm")
+            found, outside = norm_report(table, vocabs[key], prefix=f"norm_{key}" if key else "norm",
+                                         factor=self.factor)
             metrics.update(found)
             for line in outside:
                 k = f"{key}/{line.split()[1].rstrip(',')}" if key else line.split()[1].rstrip(",")
@@ -78,7 +83,7 @@ class NormWatch:
                     self.warned.add(k)
                     where = f"{key} " if key else ""
                     new.append(f"step {step}: {where}{line}; an embedding far beyond the vocabulary's norms can "
-                               f"override the rest of the prompt (an earlier step may be the better one)")
+                               f"override the rest of a prompt: check the previews (an earlier step may be better)")
         return metrics, new
 
     @property
