@@ -91,14 +91,14 @@ class EvalResult:
 
 class Evaluator:
     def __init__(self, cfg: EvalConfig, eval_set: EvalSet, noise_scheduler, prediction_type: str = "epsilon",
-                 vocab: VocabularyNorms | dict[str, VocabularyNorms] | None = None):
+                 vocab: VocabularyNorms | dict[str, VocabularyNorms] | None = None, norm_factor: float = 1.0):
         self.cfg = cfg
         self.eval_set = eval_set
         self.noise_scheduler = noise_scheduler
         self.prediction_type = prediction_type
         self.rule = cfg.make_rule()
         self.best = BestStep(cfg.select_best, metric_mode(cfg.select_best)) if cfg.select_best else None
-        self.norms = NormWatch(vocab) if vocab is not None else None
+        self.norms = NormWatch(vocab, norm_factor) if vocab is not None else None
         self.history: list[dict] = []  # one {"step": s, metric: value, ...} per evaluation, for the CSV and the plot
 
     def due(self, step: int) -> bool:
@@ -116,8 +116,11 @@ class Evaluator:
         return out
 
     def record(self, step: int, per_sample: torch.Tensor, vectors=None,
-               extra: dict[str, float] | None = None) -> EvalResult:
+               extra: dict[str, float] | None = None, choose: bool = True) -> EvalResult:
         """The metrics of this evaluation, and what follows from them: a new best step, a stop.
+
+        ``choose=False``: the starting point (the untrained weights), in the history and the stopping rule's
+        values but never the best step.
 
         ``vectors``: the trained weights now -- an embedding's [n, dim] table, or {"clip_l": ..., "clip_g": ...}
         for SDXL -- for the norm metrics and DVAR's direction check (required when that check is on)."""
@@ -131,7 +134,7 @@ class Evaluator:
         if self.history and self.history[-1]["step"] >= step:
             return result  # a resumed run re-evaluating a step it already recorded: nothing new to decide
         self.history.append({"step": int(step), **metrics})
-        if self.best is not None:
+        if self.best is not None and choose:
             result.new_best = self.best.update(step, self._metric(self.cfg.select_best, metrics))
         if self.rule is not None:
             result.stop = self.rule.update(step, self._metric(self.cfg.stop_metric(), metrics), vectors)
