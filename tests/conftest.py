@@ -14,6 +14,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# W&B gives its service process 30 s to start and a run 90 s to initialise; on 2 cores shared with other work, imports
+# alone took 37 s, and tests that start W&B (offline) failed under load. These reach the scripts tests start too.
+os.environ.setdefault("WANDB__SERVICE_WAIT", "300")
+os.environ.setdefault("WANDB_INIT_TIMEOUT", "300")
 # The trainers set torch's threads from OMP_NUM_THREADS (utils.cluster.threads_per_rank); one thread per process keeps
 # tests that share the 2 cores (and multi-process runs) from slowing each other down.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

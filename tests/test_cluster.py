@@ -94,7 +94,7 @@ def _slurm_env(fakebin: Path, calls: Path, **slurm) -> dict:
 
 def _dry_run(template: str, env: dict, *args: str) -> tuple[list[str], list[str]]:
     p = subprocess.run(["bash", str(SLURM / template), *args], env={**env, "DRY_RUN": "1"}, capture_output=True,
-                       text=True, timeout=30)
+                       text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     srun_line, accel_line = [line for line in p.stdout.splitlines() if line.strip()]
     return shlex.split(srun_line), shlex.split(accel_line)
@@ -235,12 +235,13 @@ def _run_batch(fakebin: Path, tmp_path: Path, preempt: bool, **extra) -> tuple[i
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
+        # generous bounds: Python start-up alone took tens of seconds on a loaded 2-core machine
+        deadline = time.monotonic() + 300
         while "rank ready" not in calls.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         if preempt:
             p.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@...` does: the batch shell only
-        out, err = p.communicate(timeout=30)
+        out, err = p.communicate(timeout=300)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

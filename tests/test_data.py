@@ -1,4 +1,4 @@
-"""utils/data.py: sources, captions, prompts, sharding, buckets, bad input, resume (small generated images)."""
+"""utils/data/: sources, captions, prompts, sharding, buckets, bad input, resume, start-up cost (small images)."""
 
 from __future__ import annotations
 
@@ -530,3 +530,169 @@ def test_custom_template_without_name_warns(tmp_path):
     cfg = DataConfig(train_data_dir=str(d), resolution=16)
     assert any("has no [name]" in w for w in scan_dataset(cfg, PromptConfig(template_file=str(t), placeholder="x")).warnings)
     assert not scan_dataset(cfg, PromptConfig(template_file="hypernetwork", placeholder="x")).warnings
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# start-up that does not grow with the data; one pipeline across epochs
+
+
+def test_big_folder_is_listed_not_read_and_bad_files_are_met_in_training(tmp_path, monkeypatch):
+    import utils.data.folder as folder
+
+    d = _folder(tmp_path, 6, size=(16, 16))
+    (d / "img001.png").write_bytes(b"not a png")
+    (d / "img002.txt").write_bytes(b"caf\xe9")  # not UTF-8
+    (d / "img003.txt").write_text("a caption")
+    monkeypatch.setattr(folder, "PRECHECK_MAX", 2)  # a "big" folder: more images than are checked up front
+    opened = []
+    for name in ("image_size", "open_image", "read_caption_file"):
+        real = getattr(folder, name)
+        monkeypatch.setattr(folder, name, lambda *a, _real=real, _n=name: opened.append(_n) or _real(*a))
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    report = tmp_path / "skipped.txt"
+    s = scan_dataset(cfg, PromptConfig(), report_file=report)
+    assert opened == [] and s.num_examples == 6 and s.has_captions
+    assert "checked when training first reads them" in s.describe()
+    loader = TrainLoader(s, cfg, PromptConfig(), batch_size=2, report_file=report)
+    batches = [b for _, b in zip(range(3), loader)]
+    assert all(b["pixel_values"].shape[0] == 2 for b in batches)  # batches keep their size
+    used = {int(i) for b in batches for i in b["index"]}
+    assert not used & {1, 2} and {0, 3, 4, 5} <= used
+    reasons = {Path(p).name: r for b in batches for p, r in b["skipped"]}
+    assert reasons == {"img001.png": "not an image", "img002.png": "caption file is not UTF-8"}
+    assert {ln.split("\t")[0].rsplit("/", 1)[-1] for ln in report.read_text().splitlines()[1:]} == set(reasons)
+    assert any(c == "a caption" for b in batches for c in b["captions"])
+
+
+def _tars(tmp_path, shards=3, per=4):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for shard in range(shards):
+        with tarfile.open(tars / f"s{shard}.tar", "w") as t:
+            for i in range(per):
+                k = shard * per + i
+                for ext, data in (("png", _png_bytes(k)), ("txt", f"item {k}".encode())):
+                    info = tarfile.TarInfo(f"{k:05d}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+    return tars
+
+
+def test_stream_scan_counts_rows_from_metadata_without_reading_them(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import utils.data.stream as stream
+
+    def no_reading(*a, **k):
+        raise AssertionError("the scan read the stream's rows")
+
+    monkeypatch.setattr(stream, "_rows", no_reading)
+    tars = _tars(tmp_path)
+    s = scan_dataset(DataConfig(dataset_name=str(tars), resolution=16))
+    assert (s.num_examples, s.exact, s.image_column, s.caption_column) == (12, True, "png", "txt")
+    d = tmp_path / "pq"
+    d.mkdir()
+    for f in range(2):
+        pq.write_table(pa.table({"image": [{"bytes": _png_bytes(i), "path": None} for i in range(3 + f)],
+                                 "text": ["x"] * (3 + f)}), d / f"p{f}.parquet")
+    s = scan_dataset(DataConfig(dataset_name=str(d), resolution=16))
+    assert (s.num_examples, s.exact) == (7, True)
+    # Past the tar-header budget the rest is estimated from the file sizes (equal shards: the exact number).
+    monkeypatch.setattr(stream, "_TAR_MEMBER_BUDGET", 1)
+    s = scan_dataset(DataConfig(dataset_name=str(tars), resolution=16))
+    assert s.exact is False and s.num_examples == 12 and "about 12 rows" in s.describe()
+
+
+def test_no_datasets_fingerprinting_and_one_pipeline_across_epochs(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.fingerprint import Hasher
+
+    d = _folder(tmp_path, 4, size=(16, 16))
+    p = tmp_path / "pq"
+    p.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": _png_bytes(i), "path": None} for i in range(4)],
+                             "text": [f"t{i}" for i in range(4)]}), p / "a.parquet")
+    for cfg in (DataConfig(train_data_dir=str(d), resolution=16), DataConfig(dataset_name=str(p), resolution=16)):
+        s = scan_dataset(cfg)
+        loader = TrainLoader(s, cfg, PromptConfig(), batch_size=2, num_workers=0)
+        it = iter(loader)
+        next(it)  # the stream is open
+        hashed, starts = [], []
+        monkeypatch.setattr(Hasher, "hash", classmethod(lambda cls, v: hashed.append(type(v)) or "x"))
+        real_start = TrainLoader._start
+        monkeypatch.setattr(TrainLoader, "_start", lambda self, *a: starts.append(a) or real_start(self, *a))
+        for _ in range(3 * loader.steps_per_epoch):  # across three epoch boundaries
+            next(it)
+        assert loader.epoch == 3 and hashed == [] and starts == []
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("kind", ["folder", "stream"])
+def test_order_and_resume_independent_of_worker_count(tmp_path, kind):
+    if kind == "folder":
+        cfg = DataConfig(train_data_dir=str(_folder(tmp_path, 10, size=(24, 16))), resolution=16, flip_p=0.5,
+                         random_crop=True)
+    else:
+        cfg = DataConfig(dataset_name=str(_tars(tmp_path)), resolution=16, flip_p=0.5)
+    pc = PromptConfig(placeholder="<t>", shuffle_tags=True)
+    s = scan_dataset(cfg, pc)
+
+    def take(workers, n, state=None):
+        loader = TrainLoader(s, cfg, pc, batch_size=2, seed=5, num_workers=workers)
+        if state:
+            loader.load_state_dict(state)
+        out = [b for _, b in zip(range(n), loader)]
+        loader.close()
+        return out, loader.state_dict()
+
+    spe = TrainLoader(s, cfg, pc, batch_size=2).steps_per_epoch
+    full, _ = take(0, 2 * spe + 1)
+    two, _ = take(2, 2 * spe + 1)
+    _, state = take(1, spe - 1)
+    resumed, _ = take(2, spe + 2, state)
+    for a, b in zip(full, two):
+        assert a["prompts"] == b["prompts"] and torch.equal(a["pixel_values"], b["pixel_values"])
+    for a, b in zip(full[spe - 1:], resumed):
+        assert a["prompts"] == b["prompts"] and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_stream_row_that_fails_to_decode_is_replaced_and_reported(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    good = _png_bytes(9)
+    images = [_png_bytes(i) for i in range(6)]
+    images[2] = good[: len(good) - 30]  # header intact: only decoding finds it
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images],
+                             "text": [f"t{i}" for i in range(6)]}), d / "a.parquet")
+    cfg = DataConfig(dataset_name=str(d), resolution=16)
+    pc = PromptConfig(caption_only=True)
+    s = scan_dataset(cfg, pc)
+    batches = list(iter_batches(s, cfg, pc, batch_size=1, seed=1))
+    assert len(batches) == 6 and all(b["pixel_values"].shape == (1, 3, 16, 16) for b in batches)
+    assert [r for b in batches for _, r in b["skipped"]] and "t2" not in [c for b in batches for c in b["captions"]]
+    # --verify_images finds it before training
+    v = scan_dataset(DataConfig(dataset_name=str(d), resolution=16, verify_images=True), pc)
+    assert v.num_examples == 5 and len(v.skipped) == 1
+
+
+def test_steps_per_epoch_defined_once():
+    from utils.data import micro_batches_per_epoch, optimizer_steps_per_epoch, sample_positions
+
+    assert micro_batches_per_epoch(10, 2, 2) == 2 and optimizer_steps_per_epoch(5, 2) == 2
+    with pytest.raises(UserError, match="gradient_accumulation_steps 4"):
+        optimizer_steps_per_epoch(3, 4)
+    assert sample_positions(3, 1, 2, 2) == [14, 15]
+
+
+def test_loader_hands_out_whole_accumulation_groups(tmp_path):
+    d = _folder(tmp_path, 10, size=(16, 16))
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    s = scan_dataset(cfg)
+    loader = TrainLoader(s, cfg, PromptConfig(), batch_size=2, accumulation=2)
+    assert loader.steps_per_epoch == 4 == steps_per_epoch(s, cfg, 2, accumulation=2) * 2
+    assert len(list(loader.iter_epoch())) == 4

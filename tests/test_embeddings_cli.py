@@ -166,7 +166,7 @@ def test_help(capsys):
 
 def test_subprocess_one_line_error(a1111_fixtures):
     failed = subprocess.run([sys.executable, "-m", "utils.embeddings", "inspect", str(a1111_fixtures / "empty.pt")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2
     assert "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("python -m utils.embeddings: error:")

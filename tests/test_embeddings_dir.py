@@ -40,17 +40,22 @@ def run_dir(tiny_sd1, tmp_path_factory) -> Path:
 def test_only_embedding_files_of_a_run_count(run_dir):
     assert (run_dir / "checkpoint-2" / "trainable.pt").is_file() and (run_dir / "text_encoder").is_dir()
     found = sorted(p.relative_to(run_dir).as_posix() for p in list_embedding_files(run_dir))
-    assert found == ["embeddings/red-ball-2.pt", "embeddings/red-ball-2.safetensors",
-                     "image_embeddings/red-ball-2.png", "images/red-ball-2-0.png", "images/red-ball-4-0.png",
+    # Periodic copies at every multiple of --save_every, the last step included (as A1111).
+    assert found == ["embeddings/red-ball-2.pt", "embeddings/red-ball-2.safetensors", "embeddings/red-ball-4.pt",
+                     "embeddings/red-ball-4.safetensors", "image_embeddings/red-ball-2.png",
+                     "image_embeddings/red-ball-4.png", "images/red-ball-2-0.png", "images/red-ball-4-0.png",
                      "red-ball.pt", "red-ball.safetensors"]
     db = EmbeddingDatabase([run_dir])
     db.refresh(32)
-    assert list(db.loaded) == ["red-ball", "red-ball-2"] and not db.skipped and not db.errors
+    assert list(db.loaded) == ["red-ball", "red-ball-2", "red-ball-4"] and not db.skipped and not db.errors
     assert db.duplicates == {
         "red-ball": [str(run_dir / "red-ball.pt"), str(run_dir / "red-ball.safetensors")],
         "red-ball-2": [str(run_dir / "embeddings" / "red-ball-2.pt"), str(run_dir / "embeddings" /
                                                                        "red-ball-2.safetensors"),
-                       str(run_dir / "image_embeddings" / "red-ball-2.png")]}
+                       str(run_dir / "image_embeddings" / "red-ball-2.png")],
+        "red-ball-4": [str(run_dir / "embeddings" / "red-ball-4.pt"), str(run_dir / "embeddings" /
+                                                                       "red-ball-4.safetensors"),
+                       str(run_dir / "image_embeddings" / "red-ball-4.png")]}
     assert db.loaded["red-ball"].filename == str(run_dir / "red-ball.pt")
 
 
@@ -114,13 +119,13 @@ def test_a_training_output_dir_works_as_embeddings_dir_at_the_models_own_size(ru
     assert params["TI hashes"] == f"red-ball-2: {sha256_file(run_dir / 'embeddings' / 'red-ball-2.pt')[:12]}"
     err = capsys.readouterr().err
     assert "trainable" not in err and "learned_embeds" not in err and "error" not in err.lower()
-    assert sum(line.startswith("note: ") for line in err.splitlines()) == 2  # red-ball and red-ball-2
+    assert sum(line.startswith("note: ") for line in err.splitlines()) == 3  # red-ball, red-ball-2, red-ball-4
 
     inference.main(["--pretrained_model_name_or_path", str(tiny_sd1), "--embeddings_dir", str(run_dir),
                     "--list_embeddings"])
     text = capsys.readouterr().out
-    assert "Loaded embeddings (2)" in text and "Not embeddings" not in text
-    assert "Names given by several files (2):" in text
+    assert "Loaded embeddings (3)" in text and "Not embeddings" not in text
+    assert "Names given by several files (3):" in text
 
 
 def test_help_says_where_the_default_size_comes_from():

@@ -703,6 +703,7 @@ def _ddp_worker(rank: int, world: int, port: int, unet_path: str, out_dir: str) 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_sync_hypernetwork_gradients(tmp_path, tiny_sd1, unet):
     import socket
     import time
@@ -714,7 +715,7 @@ def test_ddp_two_processes_sync_hypernetwork_gradients(tmp_path, tiny_sd1, unet)
         port = s.getsockname()[1]
     ctx = mp.start_processes(_ddp_worker, args=(2, port, str(tiny_sd1), str(tmp_path)), nprocs=2, join=False,
                              start_method="fork")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 400  # a hang guard, generous for a loaded machine
     try:
         while not ctx.join(timeout=1):
             assert time.monotonic() < deadline, "DDP workers timed out"

@@ -1,4 +1,4 @@
-"""utils/latents.py + the cached-latent path of utils/data.py, with the tiny SD-1 VAE."""
+"""utils/latents.py + the latent path of the batch source (encoded as first met, kept, sampled), tiny SD-1 VAE."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data import DataConfig, PromptConfig, TrainLoader, check_latents, prepare_latents, scan_dataset
+from utils.data import DataConfig, PromptConfig, TrainLoader, scan_dataset
 from utils.errors import UserError
-from utils.images import plan_geometry
-from utils.latents import LatentConfig, LatentStore, cache_key, encode_pixels, vae_identity
+from utils.latents import LatentConfig, LatentEncoder, LatentStore, cache_key, encode_pixels, vae_identity
+from utils.training_setup import LoaderSource
 
 
 class CountingVAE:
@@ -46,7 +46,14 @@ def _folder(tmp_path, n, size=(64, 64)):
     return d
 
 
-def test_cache_encodes_each_image_once_and_reuses_disk(tmp_path, vae):
+def _source(summary, cfg, vae, lcfg, pc=PromptConfig(), *, identity="v", batch_size=2, keep=True, **kw):
+    """The trainer's batch source: a TrainLoader over a latent store, completed by LoaderSource."""
+    store = LatentStore.for_vae(vae, lcfg, identity=identity, keep=keep)
+    loader = TrainLoader(summary, cfg, pc, batch_size=batch_size, latents=store, **kw)
+    return LoaderSource(loader, vae, kw.get("seed", 0), sdxl=False, latent_sampling=lcfg.latent_sampling)
+
+
+def test_first_epoch_encodes_as_it_goes_later_epochs_read_and_disk_is_reused(tmp_path, vae):
     d = _folder(tmp_path, 4)
     cfg = DataConfig(train_data_dir=str(d), resolution=64)
     pc = PromptConfig(placeholder="<t>")
@@ -54,39 +61,72 @@ def test_cache_encodes_each_image_once_and_reuses_disk(tmp_path, vae):
     lcfg = LatentConfig("deterministic", cache_dir=str(tmp_path / "cache"))
     ident = vae_identity(vae, "tiny-sd1")
     counting = CountingVAE(vae)
-    cached = prepare_latents(summary, cfg, counting, lcfg, identity=ident, progress=False)
-    check_latents(cached)
-    assert counting.images == 4
-    loader = TrainLoader(summary, cfg, pc, batch_size=2, latents=cached)
-    it = iter(loader)
-    batches = [next(it) for _ in range(2 * loader.steps_per_epoch)]  # two epochs
-    assert loader.epoch == 1 and counting.images == 4  # no encode while training
-    assert all("pixel_values" not in b and b["latents"].shape == (2, 4, 8, 8) for b in batches)
-    # deterministic = mean * scaling factor of the VAE config
-    b = batches[0]
-    i = int(b["index"][0])
-    x = torch.from_numpy(np.asarray(Image.open(summary.examples[i].path).convert("RGB"), np.float32))
-    mean, _ = encode_pixels(vae, (x.permute(2, 0, 1) / 127.5 - 1)[None])
-    assert torch.allclose(b["latents"][0], mean[0] * vae.config.scaling_factor, atol=1e-5)
+    src = _source(summary, cfg, counting, lcfg, pc, identity=ident)
+    it = src.iter_epoch(0, 0)
+    first = next(it)
+    assert counting.images == 2  # only the first batch's images, not the whole set before step 1
+    epoch0 = [first, *it]
+    assert counting.images == 4 and counting.calls == 4  # one VAE call per image
+    epoch1 = list(src.iter_epoch(1, 0))
+    assert counting.images == 4  # no encode after the first epoch
+    assert all(b["latents"].shape == (2, 4, 8, 8) for b in epoch0 + epoch1)
+    assert all(b["pixel_slots"] == [0, 1] for b in epoch0)  # decoded and encoded
+    assert all("pixel_slots" not in b and b["latent_slots"] == [0, 1] for b in epoch1)  # read, nothing decoded
+    # deterministic = mean * scaling factor of the VAE config, whether just encoded or read back
+    for b in (epoch0[0], epoch1[0]):
+        i = int(b["index"][0])
+        x = torch.from_numpy(np.asarray(Image.open(summary.examples[i].path).convert("RGB"), np.float32))
+        mean, _ = encode_pixels(vae, (x.permute(2, 0, 1) / 127.5 - 1)[None])
+        assert torch.allclose(b["latents"][0], mean[0] * vae.config.scaling_factor, atol=1e-5)
     # a second run (new store, same dir) reuses every entry: zero VAE calls
     again = CountingVAE(vae)
-    cached2 = prepare_latents(scan_dataset(cfg, pc), cfg, again, lcfg, identity=ident, progress=False)
-    assert again.calls == 0 and cached2.keys == cached.keys
+    rerun = _source(scan_dataset(cfg, pc), cfg, again, lcfg, pc, identity=ident)
+    reread = list(rerun.iter_epoch(0, 0))
+    assert again.calls == 0
+    assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(epoch0, reread))
     # another VAE identity misses
     other = CountingVAE(vae)
-    prepare_latents(summary, cfg, other, lcfg, identity=ident + "-other", progress=False)
+    list(_source(summary, cfg, other, lcfg, pc, identity=ident + "-other").iter_epoch(0, 0))
     assert other.images == 4
 
 
-def test_flip_variants_cached_and_random_crop_refused(tmp_path, vae):
+def test_a_latent_does_not_depend_on_its_batch(tmp_path, vae):
+    """A resumed run meets an image in another batch than the first run did; its latent must be bit-identical."""
+    d = _folder(tmp_path, 4)
+    cfg = DataConfig(train_data_dir=str(d), resolution=64)
+    summary = scan_dataset(cfg)
+    full = _source(summary, cfg, vae, LatentConfig("once"), batch_size=4)
+    a = next(full.iter_epoch(0, 0))  # all four encoded in one batch
+    part = _source(summary, cfg, vae, LatentConfig("once"), batch_size=4)
+    store = part.encoder.store
+    one = _source(summary, cfg, vae, LatentConfig("once"), batch_size=1)
+    next(one.iter_epoch(0, 0))  # one image encoded alone ...
+    store.memory.update(one.encoder.store.memory)  # ... is a cache hit beside three misses in the next run
+    b = next(part.iter_epoch(0, 0))
+    assert len(store.memory) == 4
+    assert torch.equal(a["latents"], b["latents"])
+
+
+def test_flip_variants_cached_as_met_and_random_crop_refused(tmp_path, vae):
     d = _folder(tmp_path, 3)
     cfg = DataConfig(train_data_dir=str(d), resolution=64, flip_p=0.5)
     counting = CountingVAE(vae)
-    cached = prepare_latents(scan_dataset(cfg), cfg, counting, LatentConfig("once"), identity="v", progress=False)
-    assert counting.images == 6 and len(set(cached.keys.values())) == 6
+    src = _source(scan_dataset(cfg), cfg, counting, LatentConfig("once"), batch_size=1)
+    seen = set()
+    for epoch in range(6):
+        for b in src.iter_epoch(epoch, 0):
+            seen.update(b["latent_keys"])
+    assert len(seen) == 6  # every (image, flip) met over six epochs
+    assert counting.images == len(src.encoder.store.memory) == 6  # each encoded once
     with pytest.raises(UserError, match="random_crop"):
         rc = DataConfig(train_data_dir=str(d), resolution=64, random_crop=True)
-        prepare_latents(scan_dataset(rc), rc, vae, LatentConfig("once"), identity="v", progress=False)
+        _source(scan_dataset(rc), rc, vae, LatentConfig("once"))
+    # --random_crop with a store that keeps nothing (what the trainer builds) encodes every use
+    rc_counting = CountingVAE(vae)
+    rc_src = _source(scan_dataset(rc), rc, rc_counting, LatentConfig("once"), batch_size=1, keep=False)
+    for epoch in range(2):
+        list(rc_src.iter_epoch(epoch, 0))
+    assert rc_counting.images == 6
 
 
 def test_sampling_modes(tmp_path):
@@ -113,47 +153,82 @@ def test_sampling_modes(tmp_path):
     assert torch.allclose(shifted.get(key), (mean - 0.25) * 2.0)
 
 
-def test_random_sampling_in_loader_redrawn_per_use(tmp_path, vae):
+
+def test_memory_store_is_bounded(tmp_path, capsys):
+    mean, std = torch.randn(4, 8, 8), torch.rand(4, 8, 8)
+    store = LatentStore("once", 1.0, memory_budget_mb=2.5 * 1024 / 2**20)  # room for two 1 KB samples
+    for k in range(4):
+        fresh = store.put(f"{k:02d}" * 20, mean, std)
+        assert torch.equal(store.draw(fresh, f"{k:02d}" * 20), LatentStore("once", 1.0).draw(fresh, f"{k:02d}" * 20))
+    assert len(store.memory) == 2 and store.memory_bytes == 2 * 4 * 8 * 8 * 4
+    assert "reached" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["once", "deterministic", "random"])
+def test_sampling_the_same_cached_or_not(tmp_path, vae, mode):
+    """A1111's meanings hold on both paths: an uncached run draws exactly the samples a cached one does."""
     d = _folder(tmp_path, 2)
     cfg = DataConfig(train_data_dir=str(d), resolution=64)
     summary = scan_dataset(cfg)
-    cached = prepare_latents(summary, cfg, vae, LatentConfig("random"), identity="v", progress=False)
-    loader = TrainLoader(summary, cfg, PromptConfig(), batch_size=2, latents=cached, seed=3)
-    it = iter(loader)
-    a, b = next(it), next(it)
-    order = lambda x: x["latents"][x["index"].argsort()]  # noqa: E731
-    assert not torch.equal(order(a), order(b))
-    again = iter(TrainLoader(summary, cfg, PromptConfig(), batch_size=2, latents=cached, seed=3))
-    assert torch.equal(next(again)["latents"], a["latents"])  # seeded: reproducible
+    runs = {}
+    for keep in (True, False):
+        src = _source(summary, cfg, vae, LatentConfig(mode), keep=keep, seed=3)
+        runs[keep] = [b["latents"][b["index"].argsort()] for e in range(3) for b in src.iter_epoch(e, 0)]
+    for cached, uncached in zip(runs[True], runs[False]):
+        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
+    same_every_epoch = all(torch.allclose(runs[True][0], x, atol=1e-5) for x in runs[True][1:])
+    assert same_every_epoch == (mode != "random")
 
 
-def test_keys_cover_content_size_crop_flip_and_vae():
-    g = plan_geometry((80, 64), (64, 64), "center")
-    base = cache_key("h", g, "vae")
-    assert base == cache_key("h", plan_geometry((80, 64), (64, 64), "center"), "vae")
-    assert len({base, cache_key("h2", g, "vae"), cache_key("h", g, "vae2"),
-                cache_key("h", plan_geometry((80, 64), (64, 64), "none"), "vae"),
-                cache_key("h", plan_geometry((80, 64), (64, 64), "center", flip=True), "vae"),
-                cache_key("h", plan_geometry((80, 64), (32, 32), "center"), "vae"),
-                cache_key("h", plan_geometry((96, 64), (64, 64), "center"), "vae")}) == 7
+def test_keys_cover_image_size_crop_flip_and_vae():
+    base = cache_key("h", (64, 64), "center", False, "vae")
+    assert base == cache_key("h", (64, 64), "center", False, "vae")
+    assert len({base, cache_key("h2", (64, 64), "center", False, "vae"),
+                cache_key("h", (64, 64), "center", False, "vae2"),
+                cache_key("h", (64, 64), "none", False, "vae"),
+                cache_key("h", (64, 64), "center", True, "vae"),
+                cache_key("h", (32, 32), "center", False, "vae")}) == 6
 
 
-def test_encoding_split_across_ranks(tmp_path, vae):
-    d = _folder(tmp_path, 5)
+def test_folder_key_changes_with_the_file(tmp_path):
+    import os
+
+    from utils.latents import file_identity
+
+    d = _folder(tmp_path, 1)
+    f = d / "00.png"
+    before = file_identity(f)
+    assert before == file_identity(f) and str(f.resolve()) in before
+    os.utime(f, ns=(1, 1))
+    assert file_identity(f) != before
+
+
+def test_disk_cache_shared_by_ranks_each_encodes_what_it_sees(tmp_path, vae):
+    d = _folder(tmp_path, 4)
     cfg = DataConfig(train_data_dir=str(d), resolution=64)
     summary = scan_dataset(cfg)
     lcfg = LatentConfig("once", cache_dir=str(tmp_path / "c"))
-    counts = []
+    counts, seen = [], []
     for rank in range(2):
         c = CountingVAE(vae)
-        cached = prepare_latents(summary, cfg, c, lcfg, identity="v", rank=rank, world_size=2, progress=False)
+        src = _source(summary, cfg, c, lcfg, batch_size=1, rank=rank, world_size=2)
+        seen.append({int(i) for b in src.iter_epoch(0, 0) for i in b["index"]})
         counts.append(c.images)
-    assert counts == [3, 2]
-    check_latents(cached)  # after both ranks, every entry is on disk
-    partial = LatentConfig("once", cache_dir=str(tmp_path / "c2"))
-    only0 = prepare_latents(summary, cfg, vae, partial, identity="v", rank=0, world_size=2, progress=False)
-    with pytest.raises(UserError, match="missing"):
-        check_latents(only0)
+        assert len(src.encoder.store.memory) == 0  # on disk only
+    assert counts == [2, 2] and not seen[0] & seen[1]  # each rank encoded only its own images
+    later = CountingVAE(vae)  # epoch 1: ranks meet each other's images, already on disk
+    for rank in range(2):
+        list(_source(summary, cfg, later, lcfg, batch_size=1, rank=rank, world_size=2).iter_epoch(1, 0))
+    assert later.images == 0
+
+
+def test_memory_cache_holds_only_what_the_rank_saw(tmp_path, vae):
+    d = _folder(tmp_path, 6)
+    cfg = DataConfig(train_data_dir=str(d), resolution=64)
+    summary = scan_dataset(cfg)
+    src = _source(summary, cfg, vae, LatentConfig("once"), batch_size=1, rank=1, world_size=3)
+    keys = {k for b in src.iter_epoch(0, 0) for k in b["latent_keys"]}
+    assert set(src.encoder.store.memory) == keys and len(keys) == 2
 
 
 def test_alpha_weights_with_cached_latents(tmp_path, vae):
@@ -164,10 +239,13 @@ def test_alpha_weights_with_cached_latents(tmp_path, vae):
     Image.fromarray(rgba, "RGBA").save(d / "x.png")
     cfg = DataConfig(train_data_dir=str(d), width=128, height=64, use_alpha_as_loss_weight=True)
     summary = scan_dataset(cfg)
-    cached = prepare_latents(summary, cfg, vae, LatentConfig("deterministic", cache_dir=str(tmp_path / "c")),
-                             identity="v", progress=False)
-    b = next(iter(TrainLoader(summary, cfg, PromptConfig(), batch_size=1, latents=cached)))
+    lcfg = LatentConfig("deterministic", cache_dir=str(tmp_path / "c"))
+    first = next(_source(summary, cfg, vae, lcfg, batch_size=1).iter_epoch(0, 0))
+    counting = CountingVAE(vae)
+    b = next(_source(summary, cfg, counting, lcfg, batch_size=1).iter_epoch(0, 0))  # read back from disk
+    assert counting.images == 0
     assert b["latents"].shape == (1, 4, 8, 16) and b["loss_weights"].shape == (1, 1, 8, 16)
+    assert torch.equal(b["loss_weights"], first["loss_weights"]) and torch.equal(b["latents"], first["latents"])
     assert torch.all(b["loss_weights"][0, 0, :, :7] > 1) and torch.all(b["loss_weights"][0, 0, :, 9:] == 0)
 
 
@@ -189,12 +267,36 @@ def test_stream_source_with_latent_cache(tmp_path, vae):
     cfg = DataConfig(dataset_name=str(d), resolution=64)
     summary = scan_dataset(cfg)
     counting = CountingVAE(vae)
-    cached = prepare_latents(summary, cfg, counting, LatentConfig("deterministic", cache_dir=str(tmp_path / "c")),
-                             identity="v", progress=False)
-    assert counting.images == 3
-    loader = TrainLoader(summary, cfg, PromptConfig(caption_only=True), batch_size=1, latents=cached)
-    it = iter(loader)
-    got = [next(it) for _ in range(6)]  # two epochs, no VAE
+    src = _source(summary, cfg, counting, LatentConfig("deterministic", cache_dir=str(tmp_path / "c")),
+                  PromptConfig(caption_only=True), batch_size=1)
+    got = [b for e in range(2) for b in src.iter_epoch(e, 0)]  # two epochs, the VAE only in the first
     assert counting.images == 3
     assert sorted(c for b in got for c in b["captions"]) == ["c0", "c0", "c1", "c1", "c2", "c2"]
     assert all(b["latents"].shape == (1, 4, 8, 8) for b in got)
+
+
+def test_once_samples_differ_between_entries_and_repeat_for_one(tmp_path):
+    """'once' draws one sample per entry, seeded by the entry's key: the same key always gives the same sample, two
+    entries with the same distribution get different ones (a constant seed would give every image the same noise)."""
+    mean, std = torch.zeros(4, 2, 2), torch.ones(4, 2, 2)
+    keys = ["1" * 40, "2" * 40, "ab" * 20]
+    for cache_dir in (None, tmp_path / "cache"):
+        store = LatentStore("once", 1.0, cache_dir=cache_dir)
+        for k in keys:
+            store.put(k, mean, std)
+        samples = [store.get(k) for k in keys]
+        assert not torch.equal(samples[0], samples[1]) and not torch.equal(samples[1], samples[2])
+        assert all(torch.equal(s, store.get(k)) for s, k in zip(samples, keys))
+        assert all(0.2 < float(s.std()) < 3 for s in samples)  # a real N(0, 1) draw, not the mean
+
+
+def test_every_part_of_a_plan_is_in_its_key():
+    """Image (content and source size), training size, crop mode, flip and VAE each change the key; nothing else does.
+    (The resize size follows from source size, training size and crop mode, so two plans cannot differ in it alone.)"""
+    base = ("img@100x80", (64, 64), "center", False, "vae")
+    key = cache_key(*base)
+    assert key == cache_key(*base)
+    for i, other in enumerate(("img@100x81", (64, 72), "none", True, "vae2")):
+        changed = list(base)
+        changed[i] = other
+        assert cache_key(*changed) != key, f"part {i} of the plan is not in the key"

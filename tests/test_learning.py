@@ -8,6 +8,11 @@ images generated with it are scored by tiny-world's pixel classifier (no learnin
 The training images get no captions, so the default template is subject.txt ("a photo of [name]", ...): captions
 that name the colour and shape would let the prompt carry the concept and leave the embedding nothing to learn
 (bench/bench_learning.py measures this).
+
+The runs are shared (each costs minutes on 2 cores): one uninterrupted command-line training is the reference; its
+images from inference.py serve the render and command-line claims and give the baseline; the resumed run, bit-identical
+to it, renders the same images, so its render claim follows from the reference's. Only the 2-process run, equal to
+the reference up to rounding, is rendered again.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOUR, SHAPE = "blue", "triangle"
@@ -128,25 +135,6 @@ def scorer(tinyworld, tw_classify) -> Scorer:
     return Scorer(tinyworld, tw_classify.classify)
 
 
-@pytest.fixture(scope="module")
-def baseline_rate(scorer) -> float:
-    """How often the init word alone renders the concept (tiny-world draws a random shape and colour for it)."""
-    preds = scorer.predictions(f"a photo of a {INIT_WORD}")
-    rate = concept_rate(preds)
-    assert rate <= MAX_BASELINE, f"'{INIT_WORD}' alone already renders {COLOUR} {SHAPE}: {describe(preds)}"
-    return rate
-
-
-@pytest.fixture(scope="module")
-def reference_run(tinyworld, concept_images, tmp_path_factory) -> Path:
-    """One uninterrupted single-process run, in-process through the script's main()."""
-    import train_textual_inversion
-
-    out = tmp_path_factory.mktemp("reference")
-    assert train_textual_inversion.main(train_argv(tinyworld, concept_images, out)) == 0
-    return out
-
-
 def run_script(argv: list[str], env: dict | None = None, timeout: int = SUBPROCESS_TIMEOUT):
     proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, **ONE_THREAD, **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)
@@ -154,10 +142,52 @@ def run_script(argv: list[str], env: dict | None = None, timeout: int = SUBPROCE
     return proc
 
 
+@pytest.fixture(scope="module")
+def reference_run(tinyworld, concept_images, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run, through the command line as a user runs it."""
+    out = tmp_path_factory.mktemp("reference")
+    run_script([sys.executable, "train_textual_inversion.py", *train_argv(tinyworld, concept_images, out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_images(tinyworld, reference_run, tmp_path_factory) -> Path:
+    """inference.py with the reference embedding by name: N_SAMPLES of it, then N_SAMPLES of the init word alone."""
+    prompts = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    prompts.write_text(f"a photo of a {NAME}\na photo of a {INIT_WORD}\n", encoding="utf-8")
+    images = tmp_path_factory.mktemp("images")
+    run_script([sys.executable, "inference.py", "--pretrained_model_name_or_path", str(tinyworld),
+                "--embeddings_dir", str(reference_run), "--prompt_file", str(prompts), "--batch_size", str(N_SAMPLES),
+                "--steps", str(GEN["steps"]), "--sampler", GEN["sampler"], "--cfg_scale", str(GEN["cfg_scale"]),
+                "--seed", str(GEN["seed"]), "--width", "64", "--height", "64", "--outdir", str(images),
+                "--device", "cpu"])
+    return images
+
+
+@pytest.fixture(scope="module")
+def reference_predictions(reference_images, tw_classify) -> tuple[list, list]:
+    """(classes of the embedding's images, classes of the init word's images), numbered in prompt order."""
+    from PIL import Image
+
+    files = sorted(reference_images.glob("*.png"))
+    assert len(files) == 2 * N_SAMPLES
+    preds = [tw_classify.classify(Image.open(f)) for f in files]
+    return preds[:N_SAMPLES], preds[N_SAMPLES:]
+
+
+@pytest.fixture(scope="module")
+def baseline_rate(reference_predictions) -> float:
+    """How often the init word alone renders the concept (tiny-world draws a random shape and colour for it)."""
+    preds = reference_predictions[1]
+    rate = concept_rate(preds)
+    assert rate <= MAX_BASELINE, f"'{INIT_WORD}' alone already renders {COLOUR} {SHAPE}: {describe(preds)}"
+    return rate
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_trained_embedding_renders_the_concept(scorer, reference_run, baseline_rate):
+def test_trained_embedding_renders_the_concept(scorer, reference_run, reference_predictions, baseline_rate):
     from utils.embeddings import create_embedding
 
     pipe = scorer.loaded.pipeline
@@ -166,47 +196,36 @@ def test_trained_embedding_renders_the_concept(scorer, reference_run, baseline_r
     assert vectors.shape == init.shape == (1, 64)
     assert not torch.allclose(vectors, init)  # it moved away from "object"
 
-    preds = scorer.predictions(f"a photo of a {NAME}", reference_run)
+    preds = reference_predictions[0]
     rate = concept_rate(preds)
     assert rate >= MIN_CONCEPT, f"only {rate:.0%} {COLOUR} {SHAPE} after {STEPS} steps: {describe(preds)}"
     assert rate - baseline_rate >= 0.5
 
 
-def test_command_line_train_then_inference(tinyworld, concept_images, tmp_path, tw_classify, reference_run):
-    """The real scripts end to end: train_textual_inversion.py, then inference.py with the embedding by name."""
+def test_command_line_train_then_inference(reference_images, reference_predictions):
+    """The real scripts end to end: train_textual_inversion.py (the reference run), then inference.py with the
+    embedding by name (the reference images): numbered in prompt order, infotext naming the embedding it used."""
     from PIL import Image
 
-    out = tmp_path / "train"
-    run_script([sys.executable, "train_textual_inversion.py", *train_argv(tinyworld, concept_images, out)])
-    # the command line gives the same vectors as the in-process run with the same flags
-    assert torch.equal(trained_vectors(out), trained_vectors(reference_run))
+    from utils.infotext import parse_infotext
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"a photo of a {NAME}\na photo of a {INIT_WORD}\n", encoding="utf-8")
-    images = tmp_path / "images"
-    run_script([sys.executable, "inference.py", "--pretrained_model_name_or_path", str(tinyworld),
-                "--embeddings_dir", str(out), "--prompt_file", str(prompts), "--batch_size", str(N_SAMPLES),
-                "--steps", str(GEN["steps"]), "--sampler", GEN["sampler"], "--cfg_scale", str(GEN["cfg_scale"]),
-                "--seed", str(GEN["seed"]), "--width", "64", "--height", "64", "--outdir", str(images),
-                "--device", "cpu"])
-    files = sorted(images.glob("*.png"))
+    files = sorted(reference_images.glob("*.png"))
     assert len(files) == 2 * N_SAMPLES  # numbered in prompt order: the embedding's images first
-    trained = [tw_classify.classify(Image.open(f)) for f in files[:N_SAMPLES]]
-    baseline = [tw_classify.classify(Image.open(f)) for f in files[N_SAMPLES:]]
-    assert Image.open(files[0]).text["parameters"].startswith(f"a photo of a {NAME}\n")
+    first = Image.open(files[0]).text["parameters"]
+    assert first.startswith(f"a photo of a {NAME}\n")
+    assert parse_infotext(first)[2]["TI hashes"].startswith(f"{NAME}: ")
+    assert "TI hashes" not in parse_infotext(Image.open(files[N_SAMPLES]).text["parameters"])[2]
+    trained, baseline = reference_predictions
     assert concept_rate(trained) >= MIN_CONCEPT, describe(trained)
     assert concept_rate(baseline) <= MAX_BASELINE, describe(baseline)
 
 
 def test_two_processes_learn_the_same(tinyworld, concept_images, tmp_path, scorer, reference_run):
     """DDP over gloo on CPU: 2 processes x batch 2 see the same global batches as 1 x 4 and must learn the same."""
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.is_file():
-        pytest.skip("the accelerate launcher is not installed beside this Python")
     out = tmp_path / "ddp"
     proc = run_script(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "train_textual_inversion.py",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train_textual_inversion.py",
          *train_argv(tinyworld, concept_images, out, batch=BATCH // 2)],
         env={"ACCELERATE_USE_CPU": "true"})
     assert "2 process(es), global batch 4" in proc.stdout + proc.stderr
@@ -219,9 +238,11 @@ def test_two_processes_learn_the_same(tinyworld, concept_images, tmp_path, score
     assert concept_rate(preds) >= MIN_CONCEPT, describe(preds)
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tinyworld, concept_images, tmp_path, scorer, reference_run):
-    """Stop a command-line run with SIGINT part-way (it checkpoints where it stops), resume with
-    --resume_from_checkpoint latest: the result is the uninterrupted run's, bit for bit."""
+def test_interrupted_and_resumed_run_is_bit_identical(tinyworld, concept_images, tmp_path, reference_run,
+                                                       reference_predictions):
+    """Stop a command-line run with SIGINT part-way (it checkpoints where it stops), resume in-process through the
+    script's main() with --resume_from_checkpoint latest: the result is the uninterrupted command-line run's, bit for
+    bit (so the in-process main() and the command line also train the same)."""
     import train_textual_inversion
     from utils.training import list_checkpoints
 
@@ -245,7 +266,8 @@ def test_interrupted_and_resumed_run_is_bit_identical(tinyworld, concept_images,
 
     assert train_textual_inversion.main(argv + ["--resume_from_checkpoint", "latest"]) == 0
     assert torch.equal(trained_vectors(out), trained_vectors(reference_run))
-    preds = scorer.predictions(f"a photo of a {NAME}", out)
+    # Bit-identical vectors render bit-identical images: the reference's images are this run's.
+    preds = reference_predictions[0]
     assert concept_rate(preds) >= MIN_CONCEPT, describe(preds)
 
 

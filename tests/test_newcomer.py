@@ -79,7 +79,7 @@ def test_two_processes_asked_on_a_cpu_machine_the_run_says_so_and_starts_and_end
     listing = p.stdout[p.stdout.index("Done at step 4"):].splitlines()[1:]
     entries = [line.strip() for line in listing]
     for expected in ("red-ball.pt", "learned_embeds.safetensors", "README.md", "textual_inversion_loss.csv",
-                     "training_settings.json", "images/ (2 files)", "embeddings/ (2 files)"):
+                     "training_settings.json", "images/ (2 files)", "embeddings/ (4 files)"):
         assert expected in entries, entries
     assert any(e.startswith("checkpoint-2/ checkpoint-4/") for e in entries), entries
 

@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# This interpreter's accelerate, whatever is on PATH (a console script may be missing or belong to another Python).
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
 NAME = "cl-emb"
 STEPS = 30
@@ -39,6 +42,17 @@ def _env(**extra) -> dict:
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="module")
+def accelerate_on_path(tmp_path_factory) -> str:
+    """A PATH whose `accelerate` is this interpreter's (slurm/launch_node.sh calls `accelerate launch`, as a user's
+    job does inside its environment): the test does not depend on what the caller's PATH holds."""
+    bindir = tmp_path_factory.mktemp("bin")
+    shim = bindir / "accelerate"
+    shim.write_text(f'#!/bin/sh\n[ "$1" = launch ] && shift\nexec "{sys.executable}" -m accelerate.commands.launch "$@"\n')
+    shim.chmod(0o755)
+    return f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +83,13 @@ def _checkpoint_steps(out: Path) -> list[int]:
     return [s for s, _ in list_checkpoints(out)]
 
 
-def _node_env(port: int, **extra) -> dict:
+def _node_env(port: int, path: str, **extra) -> dict:
     """What slurm/common.sh exports for launch_node.sh, for one machine with the CPU config."""
     return _env(EF_NUM_MACHINES="1", EF_NUM_PROCESSES="2", EF_MAIN_ADDR="127.0.0.1", EF_MAIN_PORT=str(port),
-                EF_ACCELERATE_CONFIG=str(CPU_CONFIG), SLURM_NODEID="0", **extra)
+                EF_ACCELERATE_CONFIG=str(CPU_CONFIG), SLURM_NODEID="0", PATH=path, **extra)
 
 
-def _run_node(args: list[str], env: dict, log: Path, signal_when=None, timeout=150) -> tuple[int, str]:
+def _run_node(args: list[str], env: dict, log: Path, signal_when=None, timeout=400) -> tuple[int, str]:
     """Run launch_node.sh like srun would; optionally send it SIGUSR1 (as srun forwards it) once signal_when()."""
     with open(log, "w") as f:
         p = subprocess.Popen(["bash", str(ROOT / "slurm" / "launch_node.sh"), *args], cwd=ROOT, env=env,
@@ -181,18 +195,19 @@ def _vectors(out: Path) -> torch.Tensor:
 def uninterrupted(tiny_sd1, images, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "out"
     args = _train_args(tiny_sd1, images, out)
-    p = subprocess.run([ACCELERATE, "launch", "--config_file", str(CPU_CONFIG), "--main_process_port",
-                        str(_free_port()), *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=150)
+    p = subprocess.run([*LAUNCH, "--config_file", str(CPU_CONFIG), "--main_process_port",
+                        str(_free_port()), *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
 
-def test_sigusr1_checkpoint_requeue_resume_is_identical(tiny_sd1, images, uninterrupted, tmp_path):
+def test_sigusr1_checkpoint_requeue_resume_is_identical(tiny_sd1, images, uninterrupted, accelerate_on_path,
+                                                       tmp_path):
     out = tmp_path / "out"
     # The command a Slurm start runs, first or requeued: the sbatch template always adds `--resume_from_checkpoint
     # latest`, and a W&B group per Slurm job comes from SLURM_JOB_ID.
     args = _train_args(tiny_sd1, images, out, **{"--resume_from_checkpoint": "latest", "--wandb_tags": "t1,t2"})
-    env = _node_env(_free_port(), SLURM_JOB_ID="4242")
+    env = _node_env(_free_port(), accelerate_on_path, SLURM_JOB_ID="4242")
     tags_wired = "add_cluster_args" in (ROOT / "train_textual_inversion.py").read_text()
     if not tags_wired:  # utils.cluster's flags are not in the script yet
         args = args[:args.index("--wandb_tags")] + args[args.index("--wandb_tags") + 2:]
@@ -205,7 +220,8 @@ def test_sigusr1_checkpoint_requeue_resume_is_identical(tiny_sd1, images, uninte
     first_csv = (out / "textual_inversion_loss.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in first_csv[1:]] == list(range(1, stopped[-1] + 1))
 
-    rc, log2 = _run_node(args, _node_env(_free_port(), SLURM_JOB_ID="4242"), tmp_path / "second.log")
+    rc, log2 = _run_node(args, _node_env(_free_port(), accelerate_on_path, SLURM_JOB_ID="4242"),
+                         tmp_path / "second.log")
     assert rc == 0, log2[-4000:]
     assert f"at step {stopped[-1]}" in log2  # "Resumed from ... at step k"
 
@@ -249,25 +265,25 @@ def test_a_killed_rank_ends_the_run_with_an_error(tiny_sd1, images, tmp_path):
     args = _train_args(tiny_sd1, images, out, **{"--max_train_steps": 100000, "--report_to": "none",
                                                  "--preview_every": 0})
     with open(tmp_path / "log", "w") as f:
-        p = subprocess.Popen([ACCELERATE, "launch", "--config_file", str(CPU_CONFIG), "--main_process_port",
+        p = subprocess.Popen([*LAUNCH, "--config_file", str(CPU_CONFIG), "--main_process_port",
                               str(_free_port()), *args], cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while 4 not in _checkpoint_steps(out) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         ranks = _children(p.pid)
         assert len(ranks) == 2, (ranks, (tmp_path / "log").read_text()[-3000:])
-        t0 = time.monotonic()
         os.kill(ranks[1], signal.SIGKILL)
-        rc = p.wait(timeout=60)
-        took = time.monotonic() - t0
+        # The launcher notices the dead rank and stops the other one: the run ends (TimeoutExpired otherwise), long
+        # before gloo's 30-minute default would end a rank waiting for its dead peer. No tighter bound: on a loaded
+        # machine the tear-down alone can take tens of seconds.
+        rc = p.wait(timeout=240)
     finally:
         if p.poll() is None:
             _kill_tree(p.pid)
             p.kill()
     assert rc != 0
-    assert took < 40, took  # the launcher notices the dead rank and stops the other one
     assert not any(Path(f"/proc/{r}").exists() and "zombie" not in Path(f"/proc/{r}/status").read_text()
                    for r in ranks)
 
@@ -296,14 +312,13 @@ for i in range(100000):
 def test_a_stuck_rank_fails_the_others_after_ddp_timeout(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(HANG_WORKER)
-    t0 = time.monotonic()
-    p = subprocess.run([ACCELERATE, "launch", "--config_file", str(CPU_CONFIG), "--main_process_port",
+    # The stuck rank sleeps 600 s: the run ends before the timeout only if the launcher stops it once rank 0 failed.
+    p = subprocess.run([*LAUNCH, "--config_file", str(CPU_CONFIG), "--main_process_port",
                         str(_free_port()), str(script), str(ROOT), str(tmp_path), "4"], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=120)
-    took = time.monotonic() - t0
+                       capture_output=True, text=True, timeout=400)
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "rank 1 stuck" in out, out[-3000:]
     line = next(x for x in out.splitlines() if x.startswith("rank 0 failed after"))
     waited = float(line.split()[4])
-    assert 3.5 <= waited <= 15, line  # the configured 4 s, not gloo's default 30 minutes
-    assert took < 90, took
+    # the configured 4 s (never less), not gloo's default 30 minutes; the upper bound leaves room for a loaded machine
+    assert 3.5 <= waited <= 120, line

@@ -13,7 +13,7 @@ import torch
 from utils.embeddings import Embedding, create_embedding, save_a1111_pt
 from utils.prompts import (
     CHUNK_LENGTH, EmbeddingDatabase, EmbeddingLookup, PromptChunker, PromptEncoder, TokenEmbeddingWithFixes,
-    parse_emphasis, ti_hashes,
+    apply_emphasis, parse_emphasis, ti_hashes,
 )
 from utils.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
 
@@ -321,13 +321,30 @@ def test_several_embeddings_each_injected_where_named(sd1):
     assert ti_hashes({"a:b,c": types.SimpleNamespace(shorthash="0123456789ab")}) == "abc: 0123456789ab"
 
 
+def test_emphasis_scales_each_token_then_restores_the_mean_known_values():
+    """A1111's "Original" emphasis on numbers worked out by hand (the tiny model's outputs have a mean of ~1e-8, too
+    close to 0 for a check of the restored mean to mean anything there)."""
+    z = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])
+    w = torch.tensor([[1.0, 1.5, 1.0], [1.0, 1.0, 1.0]])
+    out = apply_emphasis(z, w)
+    # sample 0: token 1 x1.5 -> mean 24.5 / 6; x (3.5 / (24.5 / 6)) = x 6/7 restores the mean 3.5
+    expected0 = torch.tensor([[1.0, 2.0], [4.5, 6.0], [5.0, 6.0]]) * (6 / 7)
+    torch.testing.assert_close(out[0], expected0)
+    torch.testing.assert_close(out[1], z[1])  # all weights 1: unchanged
+    assert out[0].mean().item() == pytest.approx(3.5)
+    assert apply_emphasis(z, torch.ones(2, 3)) is z
+
+
 def test_emphasis_changes_only_weighted_prompts(sd1):
     enc = PromptEncoder(sd1)
     plain = enc.encode(["a red cat"]).embeds
     assert torch.equal(enc.encode(["a (red:1.0) cat"]).embeds, plain)
     weighted = enc.encode(["a (red:1.5) cat"]).embeds
     assert not torch.equal(weighted, plain)
-    torch.testing.assert_close(weighted.mean(), plain.mean())  # A1111 restores the mean
+    # exactly the weighting of the token "red" (position 2 after BOS, "a") applied to the plain encoding
+    w = torch.ones(1, 77)
+    w[0, 2] = 1.5
+    torch.testing.assert_close(weighted, apply_emphasis(plain, w), rtol=1e-5, atol=1e-6)
 
 
 def test_sdxl_each_encoder_gets_its_own_vectors(tiny_sdxl):

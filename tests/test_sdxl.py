@@ -387,6 +387,7 @@ def test_wrong_family_embeddings_are_listed_as_skipped(run, tiny_sdxl, tiny_sd1_
 # Several processes
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(run, tiny_sdxl, data_dir, tmp_path):
     """2 processes x batch 1 train the same clip_l and clip_g as 1 process x batch 2; all ranks agree."""
     one_dir, spy = run

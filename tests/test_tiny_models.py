@@ -1,21 +1,17 @@
-import time
-
 import torch
 
 from utils.tiny_models import FAMILIES, build_pipeline, tiny_model_path
 
 
-def test_build_is_seeded_and_fast():
-    t = time.perf_counter()
+def test_build_is_seeded():
     a = build_pipeline("sd1", seed=0)
-    elapsed = time.perf_counter() - t
     b = build_pipeline("sd1", seed=0)
     c = build_pipeline("sd1", seed=1)
     for part in ("unet", "vae", "text_encoder"):
         sa, sb, sc = (getattr(p, part).state_dict() for p in (a, b, c))
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
         assert not all(torch.equal(sa[k], sc[k]) for k in sa), part
-    assert elapsed < 10  # ~1 s on 2 idle cores; generous for loaded CI machines
+    # (its speed, ~1 s on 2 idle cores, is not asserted: a timed assertion fails on a loaded machine)
 
 
 def test_families_have_the_promised_widths(tiny_sd1, tiny_sd1_768, tiny_sd2):

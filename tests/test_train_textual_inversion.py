@@ -155,6 +155,7 @@ def test_bad_input_is_one_line(tiny_sd1, data_dir, tmp_path, argv, message):
     assert len(err) == 1 and message in err[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tiny_sd1, data_dir, tmp_path):
     """2 processes x batch 1 train the same vectors as 1 process x batch 2; all ranks agree (checked by the loop)."""
     _run(*_args(tiny_sd1, data_dir, tmp_path / "one", "--train_batch_size", "2"))
@@ -204,3 +205,17 @@ def test_resume_refuses_a_checkpoint_of_another_embedding(tiny_sd1, data_dir, tm
     other[other.index("my-emb")] = "other-emb"
     with pytest.raises(UserError, match="belongs to another run"):
         tti.main(other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [None, "deterministic", "random"])
+def test_no_cache_latents_trains_what_the_cache_trains(tiny_sd1, data_dir, tmp_path, sampling):
+    """--no_cache_latents with each --latent_sampling (None: the default, once) draws the samples a cached run draws,
+    across an epoch boundary (the cached run reads its latents back in the second epoch)."""
+    extra = ("--max_train_steps", "4", *(("--latent_sampling", sampling) if sampling else ()))
+    _run(*_args(tiny_sd1, data_dir, tmp_path / "cached", *extra))
+    _run(*_args(tiny_sd1, data_dir, tmp_path / "uncached", *extra, "--no_cache_latents"))
+    cached = load_embedding(tmp_path / "cached" / "my-emb.pt")
+    uncached = load_embedding(tmp_path / "uncached" / "my-emb.pt")
+    assert cached.step == uncached.step == 4
+    torch.testing.assert_close(uncached.vectors, cached.vectors, rtol=1e-4, atol=1e-5)

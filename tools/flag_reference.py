@@ -1,6 +1,7 @@
 """Print the README's flag reference tables from the scripts' own parsers (so the two cannot drift apart).
 
-    python tools/flag_reference.py > /tmp/flags.md     # then paste into README.md
+    python tools/flag_reference.py            # print them
+    python tools/flag_reference.py --write    # replace the tables in README.md's "Flag reference" section
 """
 
 from __future__ import annotations
@@ -39,5 +40,18 @@ def markdown(module_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_readme(readme: Path = ROOT / "README.md") -> None:
+    """Replace everything from the first table heading under '## Flag reference' up to the next '## ' section."""
+    lines = readme.read_text(encoding="utf-8").splitlines(keepends=True)
+    section = next(i for i, line in enumerate(lines) if line.startswith("## Flag reference"))
+    start = next(i for i in range(section, len(lines)) if lines[i].startswith(f"#### `{SCRIPTS[0]}.py`"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("## "))
+    tables = "\n".join(markdown(m) for m in SCRIPTS) + "\n"
+    readme.write_text("".join(lines[:start]) + tables + "".join(lines[end:]), encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print("\n".join(markdown(m) for m in SCRIPTS))
+    if "--write" in sys.argv[1:]:
+        write_readme()
+    else:
+        print("\n".join(markdown(m) for m in SCRIPTS))

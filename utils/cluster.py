@@ -33,7 +33,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="How long a process waits for the others in a collective (gradient sync, barrier) before it "
                         "fails with an error instead of hanging, e.g. when another rank hangs. Default 1800 (PyTorch's "
                         "own is 600 s with NCCL on GPUs). Keep it above the longest stretch one rank works alone "
-                        "(latent caching, previews and saves on the main process).")
+                        "(previews and saves on the main process, --enable_buckets / --verify_images "
+                        "reading a large folder at start).")
     g.add_argument("--wandb_tags", default="", metavar="TAG,TAG",
                    help="Comma-separated W&B tags for the run (a 'slurm' tag is added inside Slurm jobs).")
 

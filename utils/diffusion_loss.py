@@ -43,12 +43,17 @@ def min_snr_weights(noise_scheduler, timesteps, gamma: float, prediction_type: s
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def denoising_loss(pred, target, loss_weights=None, sample_weights=None) -> torch.Tensor:
-    """MSE per sample over C,H,W (optionally weighted per pixel), then mean over the batch (A1111/LDM's loss)."""
+def denoising_loss(pred, target, loss_weights=None, sample_weights=None, reduction: str = "mean") -> torch.Tensor:
+    """MSE per sample over C,H,W (optionally weighted per pixel), then mean over the batch (A1111/LDM's loss).
+    ``reduction="none"``: the per-sample losses [B] (weighted), for a caller that reduces them itself."""
     err = F.mse_loss(pred.float(), target.float(), reduction="none")
     if loss_weights is not None:
         err = err * loss_weights.to(err.dtype)
     per_sample = err.mean(dim=tuple(range(1, err.ndim)))
     if sample_weights is not None:
         per_sample = per_sample * sample_weights
+    if reduction == "none":
+        return per_sample
+    if reduction != "mean":
+        raise ValueError(f"unsupported reduction {reduction!r}")
     return per_sample.mean()

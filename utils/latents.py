@@ -1,19 +1,25 @@
-"""VAE latent cache: encode each training image (per crop/flip variant) once, store on CPU or on disk.
+"""VAE latents: encoded as training first meets an image, kept in memory or on disk, sampled the A1111 way.
 
-A1111's ``latent_sampling_method`` (a1111-compat §3.4):
+A1111's ``latent_sampling_method``:
 
-* ``once``          one sample ``(mean + std·ε)·scale`` taken when the cache is built and reused for the whole run;
+* ``once``          one sample ``(mean + std·ε)·scale`` taken when the image is first encoded, reused for the
+                    whole run;
 * ``deterministic`` the mean of the distribution, ``mean·scale``;
 * ``random``        the distribution is kept and a fresh sample is drawn every time the image is used.
 
-On disk every entry stores the distribution (``mean`` and ``std``), so one cache serves all three modes. For
-``once`` the single sample is drawn with a generator seeded from the entry's key, so it is the same on every rank,
-every epoch and every rerun: "one sample taken once". In memory only what the mode needs is kept (a sample, the
-mean, or both).
+For ``once`` ε comes from a generator seeded by the entry's key, so the one sample is the same on every rank, every
+epoch and every rerun, and whether the latent was just encoded or read back. On disk every entry stores the
+distribution (``mean`` and ``std``), so one cache serves all three modes; in memory only what the mode needs is kept
+(a sample, the mean, or both). Each image is encoded on its own: batching changes the last bits of a VAE's output,
+and a latent must not depend on which batch first met its image (a resumed run meets it in another batch).
 
-Keys hash the image's content (SHA-256 of the file bytes), the planned geometry (source size, resize, crop, target,
-flip) and a VAE identity string, so a rerun or another rank reuses entries and any change of image, size, crop or VAE
-misses. ``LatentStore`` holds no model and can be pickled into DataLoader workers.
+Keys: the image (a folder file's absolute path, size and modification time; a stream row's SHA-256 of its bytes), the
+training size, the crop mode, the flip, and a VAE identity string. A rerun or another rank reuses entries; a changed
+file, size, crop or VAE misses. Nothing reads or hashes every file up front.
+
+The store in memory is bounded (``MEMORY_BUDGET_MB``): past it, new images are encoded at every use instead of kept,
+with a warning that points to ``--cache_latents_to_disk``. ``LatentStore`` holds no model and can be used from
+DataLoader workers (a worker sees the memory entries that existed when it started, and the disk as it is).
 """
 
 from __future__ import annotations
@@ -21,25 +27,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 
 from utils.fileio import atomic_path
-from utils.images import Geometry
 
 SAMPLING_MODES = ("once", "deterministic", "random")
-# Bump when the pixels fed to the VAE change for the same geometry (resample filter, alpha compositing, scaling).
-_FORMAT_VERSION = "ef-latents-1|bicubic|alpha-over-white|x/127.5-1"
+# Bump when the pixels fed to the VAE or the key's meaning change (resample filter, alpha compositing, scaling).
+_FORMAT_VERSION = "ef-latents-2|bicubic|alpha-over-white|x/127.5-1"
+MEMORY_BUDGET_MB = 4096  # per process; a 512 px SD latent is 16 KB (once/deterministic), 32 KB (random)
 
 
 @dataclass
 class LatentConfig:
     latent_sampling: str = "once"  # once | deterministic | random (A1111 meaning)
     cache_dir: str | None = None  # --cache_latents_to_disk DIR; None keeps latents in memory
-    encode_batch_size: int = 4  # images per VAE call while building the cache
 
     def __post_init__(self):
         if self.latent_sampling not in SAMPLING_MODES:
@@ -56,8 +62,20 @@ def vae_identity(vae, name: str = "") -> str:
     return f"{name}|{type(vae).__name__}|{dtype}|{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def cache_key(content_hash: str, geometry: Geometry, identity: str) -> str:
-    text = f"{_FORMAT_VERSION}|{content_hash}|{geometry.key()}|{identity}"
+def file_identity(path: str | os.PathLike) -> str:
+    """A folder image's identity for cache keys: absolute path, size and modification time (one stat, no read)."""
+    st = os.stat(path)
+    return f"file:{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def bytes_identity(data: bytes) -> str:
+    """A stream row's identity for cache keys: the SHA-256 of the image bytes already in hand."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def cache_key(image: str, target: tuple[int, int], crop: str, flip: bool, identity: str) -> str:
+    """The key of one (image, training size, crop mode, flip, VAE). The source size is part of ``image``."""
+    text = f"{_FORMAT_VERSION}|{image}|{target[0]}x{target[1]}|{crop}|flip{int(flip)}|{identity}"
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
@@ -84,24 +102,46 @@ def encode_pixels(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean.float().cpu(), std.float().cpu()
 
 
+class Entry(NamedTuple):
+    """One cached image: ``mean`` (or, for ``once`` in memory, the one sample), ``std`` (None when not kept), the
+    loss weight at latent size (with --use_alpha_as_loss_weight) and the size conditioning of its geometry."""
+
+    mean: torch.Tensor
+    std: torch.Tensor | None
+    weight: torch.Tensor | None
+    sizes: dict  # original_size, crop_top_left, target_size as (h, w) / (top, left) tuples
+
+
 class LatentStore:
-    """Latents by key, in memory or in a cache directory. ``get`` applies the sampling mode and the VAE scaling."""
+    """Latents by key, in memory or in a cache directory; ``draw`` applies the sampling mode and the VAE scaling.
+
+    ``keep=False`` (--no_cache_latents, --random_crop) keeps nothing: every use is encoded, sampled the same way."""
 
     def __init__(self, sampling: str, scaling_factor: float, shift_factor: float | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, *, identity: str = "", keep: bool = True,
+                 memory_budget_mb: float = MEMORY_BUDGET_MB):
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"latent_sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
         self.sampling = sampling
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(shift_factor or 0.0)
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.cache_dir = Path(cache_dir) if cache_dir and keep else None
+        self.identity = identity
+        self.keep = keep
+        self.memory: dict[str, Entry] = {}
+        self.memory_bytes = 0
+        self.memory_budget = int(memory_budget_mb * 2**20)
+        self.full_warned = False
 
     @classmethod
-    def for_vae(cls, vae, config: LatentConfig) -> "LatentStore":
+    def for_vae(cls, vae, config: LatentConfig, *, identity: str = "", keep: bool = True) -> "LatentStore":
         cfg = vae.config
         get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-        return cls(config.latent_sampling, get("scaling_factor", 0.18215), get("shift_factor", None), config.cache_dir)
+        return cls(config.latent_sampling, get("scaling_factor", 0.18215), get("shift_factor", None),
+                   config.cache_dir, identity=identity, keep=keep)
+
+    def key(self, image: str, target: tuple[int, int], crop: str, flip: bool) -> str:
+        return cache_key(image, target, crop, flip, self.identity)
 
     def _path(self, key: str) -> Path:
         return self.cache_dir / key[:2] / f"{key}.safetensors"
@@ -109,107 +149,142 @@ class LatentStore:
     def has(self, key: str) -> bool:
         return key in self.memory or (self.cache_dir is not None and self._path(key).is_file())
 
-    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor, meta: dict | None = None) -> None:
-        """Store one entry ([C,h,w] mean and std, unscaled)."""
+    def lookup(self, key: str, need_weight: bool = False) -> Entry | None:
+        """The entry, or None when it is not cached (or lacks the loss weight that is needed now)."""
+        entry = self.memory.get(key)
+        if entry is None and self.cache_dir is not None:
+            path = self._path(key)
+            if path.is_file():
+                entry = self._read(path)
+        if entry is None or (need_weight and entry.weight is None):
+            return None
+        return entry
+
+    def _read(self, path: Path) -> Entry | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                names = set(f.keys())
+                t = {k: f.get_tensor(k) for k in names}
+            sizes = {k: tuple(v) for k, v in json.loads(meta.get("sizes", "{}")).items()}
+        except (OSError, ValueError, KeyError):  # unreadable or written by an older version: encode again
+            return None
+        if "mean" not in t or "std" not in t:
+            return None
+        return Entry(t["mean"], t["std"], t.get("weight"), sizes)
+
+    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor | None = None,
+            sizes: dict | None = None, meta: dict | None = None) -> Entry:
+        """Store one entry ([C,h,w] mean and std, unscaled); returns it as ``draw`` wants it (full distribution)."""
+        sizes = dict(sizes or {})
+        fresh = Entry(mean, std, weight, sizes)
+        if not self.keep:
+            return fresh
         if self.cache_dir is not None:
             from safetensors.torch import save_file
 
+            tensors = {"mean": mean.contiguous(), "std": std.contiguous()}
+            if weight is not None:
+                tensors["weight"] = weight.contiguous()
+            info = {k: str(v) for k, v in (meta or {}).items()}
+            info["sizes"] = json.dumps({k: list(v) for k, v in sizes.items()})
             with atomic_path(self._path(key)) as tmp:
-                save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp),
-                          metadata={k: str(v) for k, v in (meta or {}).items()})
-            return
+                save_file(tensors, str(tmp), metadata=info)
+            return fresh
         # In memory keep only what the mode reads (A1111 keeps one tensor per image for once/deterministic).
         if self.sampling == "once":
-            self.memory[key] = (mean + std * torch.randn(mean.shape, generator=_once_generator(key)), None)
+            kept = Entry(mean + std * torch.randn(mean.shape, generator=_once_generator(key)), None, weight, sizes)
         elif self.sampling == "deterministic":
-            self.memory[key] = (mean, None)
+            kept = Entry(mean, None, weight, sizes)
         else:
-            self.memory[key] = (mean, std)
+            kept = fresh
+        size = sum(t.numel() * t.element_size() for t in kept[:3] if t is not None)
+        if self.memory_bytes + size > self.memory_budget:
+            if not self.full_warned:
+                self.full_warned = True
+                print(f"warning: the in-memory latent cache reached {self.memory_budget / 2**20:.0f} MB "
+                      f"({len(self.memory)} images); images met from now on are encoded at every use. "
+                      "--cache_latents_to_disk DIR keeps them all.", file=sys.stderr, flush=True)
+            return fresh
+        self.memory[key] = kept
+        self.memory_bytes += size
+        return fresh
 
-    def get(self, key: str, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The scaled latent ``(z - shift)·scale`` for one use; ``random`` mode draws ε from ``generator``."""
-        if key in self.memory:
-            z, std = self.memory[key]
-            if std is not None:  # random
-                z = z + std * torch.randn(z.shape, generator=generator)
-        else:
-            if self.cache_dir is None:
-                raise KeyError(f"latent {key} is not cached")
-            from safetensors.torch import load_file
-
-            path = self._path(key)
-            if not path.is_file():
-                raise KeyError(f"latent {key} is not cached")
-            d = load_file(str(path))
-            mean, std = d["mean"], d["std"]
-            if self.sampling == "deterministic":
-                z = mean
-            elif self.sampling == "once":
-                z = mean + std * torch.randn(mean.shape, generator=_once_generator(key))
+    def draw(self, entry: Entry, key: str | None, seed: int | None = None) -> torch.Tensor:
+        """The scaled latent ``(z - shift)·scale`` for one use. ``once`` draws ε from the key; ``random`` from a
+        generator seeded with ``seed`` (a fresh sample per use); ``deterministic`` takes the mean."""
+        z = entry.mean
+        if entry.std is not None and self.sampling != "deterministic":
+            if self.sampling == "once":
+                if key is None:
+                    raise ValueError("latent sampling 'once' needs the image's cache key")
+                gen = _once_generator(key)
             else:
-                z = mean + std * torch.randn(mean.shape, generator=generator)
+                gen = torch.Generator().manual_seed(int(seed if seed is not None else 0))
+            z = z + entry.std * torch.randn(z.shape, generator=gen)
         return (z - self.shift_factor) * self.scaling_factor
 
-    def missing(self, keys: Iterable[str]) -> list[str]:
-        return [k for k in keys if not self.has(k)]
+    def get(self, key: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The scaled latent of a cached key for one use; ``random`` mode draws ε from ``generator``."""
+        entry = self.lookup(key)
+        if entry is None:
+            raise KeyError(f"latent {key} is not cached")
+        if self.sampling == "random" and entry.std is not None:
+            z = entry.mean + entry.std * torch.randn(entry.mean.shape, generator=generator)
+            return (z - self.shift_factor) * self.scaling_factor
+        return self.draw(entry, key)
 
 
-@dataclass
-class EncodeJob:
-    """One latent to compute: its key, the target size (jobs of one size are batched) and how to get its pixels."""
+class LatentEncoder:
+    """Completes a batch's ``latents``: the uses the store answered come as they are; the others are encoded here
+    (each image on its own when they are kept, see the module doc), stored, and drawn like a cached entry would be."""
 
-    key: str
-    size: tuple[int, int]
-    load_pixels: Callable[[], torch.Tensor]  # -> [3,H,W] float in [-1,1]; may raise to skip the job
-    meta: dict | None = None
+    def __init__(self, vae, store: LatentStore):
+        self.vae = vae
+        self.store = store
+        self.encoded = 0  # images that went through the VAE
 
+    def complete(self, batch: dict, seeds: list[int]) -> torch.Tensor:
+        """[B,C,h,w] scaled latents in batch order. ``batch``: ``latents`` + ``latent_slots`` for the cache hits,
+        ``pixel_values`` + ``pixel_slots`` for the rest (slots default to all), ``latent_keys``, ``loss_weights``
+        and the size conditioning; ``seeds``: each use's ``random``-mode seed."""
+        if "pixel_values" not in batch:
+            return batch["latents"]
+        pixels = batch["pixel_values"]
+        n = len(seeds)
+        pixel_slots = list(batch.get("pixel_slots", range(n)))
+        keys = batch.get("latent_keys") or [None] * n
+        out: list[torch.Tensor | None] = [None] * n
+        if "latents" in batch:
+            for slot, z in zip(batch["latent_slots"], batch["latents"]):
+                out[slot] = z
+        todo = []
+        for row, slot in enumerate(pixel_slots):
+            entry = self.store.lookup(keys[slot], self._need_weight(batch)) if keys[slot] and self.store.keep \
+                else None
+            if entry is not None:  # encoded meanwhile (a worker's view of the memory cache is older)
+                out[slot] = self.store.draw(entry, keys[slot], seeds[slot])
+            else:
+                todo.append((row, slot))
+        if todo:
+            rows = [r for r, _ in todo]
+            if self.store.keep:  # one image per VAE call: the latent must not depend on its batch
+                parts = [encode_pixels(self.vae, pixels[r:r + 1]) for r in rows]
+                mean, std = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+            else:  # encoded at every use: the same batch on a resume, one call is enough
+                mean, std = encode_pixels(self.vae, pixels[rows])
+            self.encoded += len(rows)
+            weights = batch.get("loss_weights")
+            for (row, slot), m, s in zip(todo, mean, std):
+                sizes = {k: tuple(int(x) for x in batch[k][slot]) for k in ("original_size", "crop_top_left",
+                                                                              "target_size") if k in batch}
+                w = weights[slot] if weights is not None else None
+                entry = self.store.put(keys[slot], m, s, w, sizes) if keys[slot] else Entry(m, s, w, sizes)
+                out[slot] = self.store.draw(entry, keys[slot], seeds[slot])
+        return torch.stack(out)
 
-def build_cache(jobs: Iterable[EncodeJob], vae, store: LatentStore, *, rank: int = 0, world_size: int = 1,
-                batch_size: int = 4, progress: bool = True,
-                on_error: Callable[[EncodeJob, Exception], None] | None = None) -> int:
-    """Encode the jobs not yet in ``store``; returns how many images went through the VAE.
-
-    ``jobs`` may be a generator (streams): at most ``batch_size`` images per target size are held at once. With a
-    cache directory the work is split across ranks (job j of the sequence belongs to rank j % world_size); the caller
-    must then wait for all ranks (``accelerator.wait_for_everyone()``) before reading. Without a directory each rank
-    encodes every job into its own memory. A job whose ``load_pixels`` raises is reported through ``on_error`` (or
-    re-raised without one) and skipped."""
-    split = store.cache_dir is not None and world_size > 1
-    pending: dict[tuple[int, int], list[tuple[EncodeJob, torch.Tensor]]] = {}
-    encoded = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs) if hasattr(jobs, "__len__") else None, desc=f"caching latents (rank {rank})",
-                   unit="img")
-
-    def flush(size):
-        nonlocal encoded
-        group = pending.pop(size, [])
-        if group:
-            mean, std = encode_pixels(vae, torch.stack([px for _, px in group]))
-            for (job, _), m, s in zip(group, mean, std):
-                store.put(job.key, m, s, job.meta)
-            encoded += len(group)
-
-    for j, job in enumerate(jobs):
-        if bar is not None:
-            bar.update(1)
-        if (split and j % world_size != rank) or store.has(job.key):
-            continue
-        try:
-            pixels = job.load_pixels()
-        except Exception as e:  # noqa: BLE001 - bad inputs are reported by the caller, never fatal here
-            if on_error is None:
-                raise
-            on_error(job, e)
-            continue
-        pending.setdefault(job.size, []).append((job, pixels))
-        if len(pending[job.size]) >= batch_size:
-            flush(job.size)
-    for size in sorted(pending):
-        flush(size)
-    if bar is not None:
-        bar.close()
-    return encoded
+    @staticmethod
+    def _need_weight(batch: dict) -> bool:
+        return "loss_weights" in batch

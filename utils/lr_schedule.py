@@ -133,7 +133,7 @@ def _diffusers_multiplier(name: str, warmup_steps: int, max_steps: int, num_cycl
         dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = get_scheduler(name, optimizer=dummy, num_warmup_steps=warmup_steps, num_training_steps=max_steps,
                               num_cycles=num_cycles, power=power)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, AttributeError, TypeError) as e:  # piecewise_constant without rules: AttributeError
         raise UserError(f"--lr_scheduler {name!r}: {e}") from None
     lambdas = getattr(sched, "lr_lambdas", None)
     if not lambdas:

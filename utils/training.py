@@ -18,7 +18,8 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from contextlib import contextmanager
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -26,6 +27,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils import checkpoints
+from utils.data.plan import optimizer_steps_per_epoch
 from utils.diffusion_loss import (
     denoising_loss,
     draw_noise_and_timesteps,
@@ -98,6 +100,12 @@ class Trainable(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def mean_loss(per_sample: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The default reduction of the per-sample losses: their mean over the micro-batch (A1111/LDM's loss). A trainable
+    may define ``reduce_loss(per_sample, batch)`` instead (e.g. several embeddings in one batch, each its own mean)."""
+    return per_sample.mean()
+
+
 class BatchSource(Protocol):
     """Per-rank micro-batches. ``positions`` are the samples' places in the epoch's global order."""
 
@@ -113,6 +121,104 @@ class Outputs:
     save: Callable[[int], list[Path]]  # periodic copy at a step
     final: Callable[[int, object], list[Path]]  # the final files, given the step and the optimizer
     preview: Callable[[int], list] | None = None  # -> list of (PIL image, caption) at a step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step hooks: code that runs after every optimizer step (evaluation, early stop, per-step bookkeeping)
+
+
+@dataclass
+class StepContext:
+    """What a step hook may read: the run's accelerator (for ``reduce``/``gather``/``is_main_process``), the trainable,
+    the prepared (DDP-wrapped) model, the noise scheduler and the loop's config; plus the step's epoch, loss and rate
+    (updated by the loop before each ``after_step``) and, at ``finish``, why the run ended."""
+
+    accelerator: Accelerator
+    trainable: "Trainable"
+    model: torch.nn.Module
+    noise_scheduler: object
+    cfg: LoopConfig
+    epoch: int = 0
+    loss: float = float("nan")
+    lr: float = float("nan")
+    stopped_by: str = ""
+
+    @contextmanager
+    def evaluating(self):
+        """For a forward pass outside training: no gradients, the trainable in eval mode (no dropout, which is the
+        only use of the global RNG in a training step), back to train mode afterwards. The loop's noise, timesteps
+        and latents come from per-sample seeds with their own generators, so a hook that draws its own numbers from
+        its own ``torch.Generator`` leaves the training trajectory bit-identical."""
+        self.trainable.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                yield
+        finally:
+            self.trainable.train()
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The trained model's prediction for a batch (call inside ``evaluating()``). Runs the unwrapped module, so no
+        DDP collective or gradient-sync state is involved."""
+        device = self.accelerator.device
+        return self.trainable.model(noisy_latents, timesteps, **self.trainable.model_inputs(batch, device))
+
+
+class StepHook(Protocol):
+    """Called by the loop on EVERY process; see ``BaseStepHook`` for no-op defaults.
+
+    - ``start(step, ctx)``: once, after any resume, before the first step of this launch.
+    - ``after_step(step, ctx)``: after each optimizer step (``step`` just finished), after logging and before the
+      save / preview / checkpoint decisions. Returning a reason (e.g. ``"early_stop"``) ends the run there: a
+      checkpoint is written, the final files and preview follow as at a normal end, and the summary's ``stopped_by``
+      is the reason. Collectives are allowed (every process calls it); the loop makes all processes stop together.
+    - ``state_dict()`` / ``load_state_dict(state)``: JSON-able; saved under the hook's ``name`` in every
+      checkpoint's trainer_state.json and restored on resume, so a resumed run makes the same decisions.
+    - ``finish(step, ctx)``: at the end (not after a divergence), on every process; the main process writes the
+      hook's files and returns them (they join the run's file list)."""
+
+    name: str
+
+    def start(self, step: int, ctx: StepContext) -> None: ...
+    def after_step(self, step: int, ctx: StepContext) -> str | None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def finish(self, step: int, ctx: StepContext) -> list[Path]: ...
+
+
+class BaseStepHook:
+    """No-op defaults for the StepHook members a hook does not need."""
+
+    name = "hook"
+
+    def start(self, step: int, ctx: StepContext) -> None:
+        pass
+
+    def after_step(self, step: int, ctx: StepContext) -> str | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def finish(self, step: int, ctx: StepContext) -> list[Path]:
+        return []
+
+
+def _run_hooks(hooks: Sequence[StepHook], step: int, ctx: StepContext) -> str | None:
+    """Every hook's ``after_step``; the first reason given ends the run. One small all-reduce makes every process
+    stop at the same step even if only some of them were told to (a process that was not reports the reason
+    'hook')."""
+    reason = None
+    for hook in hooks:  # every hook sees every step, also after another one asked to stop
+        said = hook.after_step(step, ctx)
+        if reason is None and said:
+            reason = str(said)
+    vote = torch.tensor(float(reason is not None), device=ctx.accelerator.device)
+    if ctx.accelerator.num_processes > 1 and float(ctx.accelerator.reduce(vote, "sum")) > 0:
+        reason = reason or "hook"
+    return reason
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,20 +291,30 @@ def check_resume(output_dir: Path, resume: str | None) -> None:
 class TrainerState:
     """Progress saved with every checkpoint, as JSON (trainer_state.json; see utils/checkpoints.py)."""
 
-    def __init__(self, identity: dict | None = None, layout: dict | None = None):
+    def __init__(self, identity: dict | None = None, layout: dict | None = None,
+                 hooks: Sequence[StepHook] = ()):
         self.step = 0
         self.skipped_steps = 0  # fp16 steps the loss scaler skipped: they used data but are not counted in ``step``
         self.tracker_run_id: str | None = None
+        self.stopped_by: str | None = None  # a step hook's reason: a resumed run that had stopped stays stopped
         # What was trained (kind, name, shapes) and how the data was cut (global micro-batch, accumulation): a
         # checkpoint only continues the same run with the same layout, or positions and seeds would silently shift.
         self.identity = identity or {}
         self.layout = layout or {}
         self.loaded_identity: dict | None = None
         self.loaded_layout: dict | None = None
+        self.hooks = {h.name: h for h in hooks}
+        if len(self.hooks) != len(hooks):
+            raise ValueError(f"step hooks need distinct names: {[h.name for h in hooks]}")
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "tracker_run_id": self.tracker_run_id,
-                "identity": self.identity, "layout": self.layout}
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "tracker_run_id": self.tracker_run_id,
+                 "identity": self.identity, "layout": self.layout}
+        if self.hooks:
+            state["hooks"] = {name: h.state_dict() for name, h in self.hooks.items()}
+        if self.stopped_by:
+            state["stopped_by"] = self.stopped_by
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -206,6 +322,11 @@ class TrainerState:
         self.tracker_run_id = state.get("tracker_run_id")
         self.loaded_identity = state.get("identity")
         self.loaded_layout = state.get("layout")
+        self.stopped_by = state.get("stopped_by")
+        # A hook the checkpoint has no state for (e.g. turned on at resume) starts fresh.
+        for name, hook_state in (state.get("hooks") or {}).items():
+            if name in self.hooks:
+                self.hooks[name].load_state_dict(hook_state)
 
     def check_resumable(self, where: Path) -> None:
         if self.loaded_identity is not None and self.loaded_identity != self.identity:
@@ -342,22 +463,18 @@ def _log_images(accelerator: Accelerator, images: list, step: int) -> None:
 @dataclass
 class RunSummary:
     step: int
-    stopped_by: str  # "max_steps" | "schedule" | "signal"
+    stopped_by: str  # "max_steps" | "schedule" | "signal" | a step hook's reason (e.g. "early_stop")
     files: list[Path]
     skipped_steps: int = 0  # fp16 steps skipped by the loss scaler (not counted in ``step``)
 
 
 def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noise_scheduler, cfg: LoopConfig,
-          outputs: Outputs) -> RunSummary:
+          outputs: Outputs, hooks: Sequence[StepHook] = ()) -> RunSummary:
     out_dir = Path(cfg.output_dir)
     world = accelerator.num_processes
     A = cfg.gradient_accumulation_steps
-    micro_per_epoch = data.micro_batches_per_epoch - data.micro_batches_per_epoch % A
-    if micro_per_epoch <= 0:
-        raise UserError(
-            f"one epoch has {data.micro_batches_per_epoch} batch(es) per process, fewer than "
-            f"--gradient_accumulation_steps {A}; use more images, a smaller batch or less accumulation")
-    steps_per_epoch = micro_per_epoch // A
+    steps_per_epoch = optimizer_steps_per_epoch(data.micro_batches_per_epoch, A)
+    micro_per_epoch = steps_per_epoch * A
     global_batch = cfg.train_batch_size * A * world
 
     scale = global_batch if cfg.optim.scale_lr else 1.0
@@ -367,7 +484,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
 
     identity = {"kind": trainable.kind, "name": trainable.name,
                 "shapes": [list(p.shape) for p in trainable.parameters()]}
-    state = TrainerState(identity, {"global_micro_batch": cfg.train_batch_size * world, "accumulation": A})
+    state = TrainerState(identity, {"global_micro_batch": cfg.train_batch_size * world, "accumulation": A}, hooks)
     state.step = trainable.initial_step
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=lr.rate(state.step),
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
@@ -375,6 +492,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     sync_only_trainables(trainable.model, trainable.parameters())  # DDP: no broadcast of frozen weights/buffers
     model, optimizer = accelerator.prepare(trainable.model, optimizer)
     params = trainable.parameters()
+    reduce_loss = getattr(trainable, "reduce_loss", mean_loss)
+    ctx = StepContext(accelerator, trainable, model, noise_scheduler, cfg)
 
     # Checkpoints hold only what is trained (a few KB for an embedding), never the frozen models. The loop's own state
     # is JSON written beside accelerate's files; resuming reads every file itself (utils/checkpoints.py).
@@ -397,6 +516,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
 
     if state.step >= end_step:
         accelerator.print(f"Already trained to step {state.step} (>= {end_step}); nothing to do.")
+    elif state.stopped_by:
+        accelerator.print(f"The run stopped at step {state.step} ({state.stopped_by}); nothing to do.")
 
     if cfg.report_to != "none":
         accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config,
@@ -417,6 +538,8 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     trainable.train()
     samples_done, t_start = 0, time.perf_counter()
     previewed = None  # the step of the last preview
+    for hook in hooks:
+        hook.start(state.step, ctx)
 
     def checkpoint(step: int) -> None:
         final_dir = out_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -448,7 +571,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     with StopRequest() as stop:
         # Skipped fp16 steps used their batches too: the data goes on from step + skipped optimizer-step slots.
         epoch = (state.step + state.skipped_steps) // steps_per_epoch
-        finished = state.step >= end_step or lr.finished(state.step)
+        finished = state.step >= end_step or lr.finished(state.step) or bool(state.stopped_by)
         skipped_in_a_row = 0
         while not finished:
             skip = ((state.step + state.skipped_steps) % steps_per_epoch) * A
@@ -472,7 +595,9 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     weights = batch.get("loss_weights")
                     snr_w = (min_snr_weights(noise_scheduler, timesteps, cfg.snr_gamma, cfg.prediction_type)
                              if cfg.snr_gamma else None)
-                    loss = denoising_loss(pred, target, None if weights is None else weights.to(device), snr_w)
+                    per_sample = denoising_loss(pred, target, None if weights is None else weights.to(device), snr_w,
+                                                reduction="none")
+                    loss = reduce_loss(per_sample, batch)
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:
@@ -544,8 +669,12 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     if accelerator.scaler is not None:
                         metrics.update(skipped_steps=state.skipped_steps, loss_scale=accelerator.scaler.get_scale())
                     accelerator.log(metrics, step=state.step)
+                hook_stop = None
+                if hooks:
+                    ctx.epoch, ctx.loss, ctx.lr = epoch, step_loss, rate
+                    hook_stop = _run_hooks(hooks, state.step, ctx)
 
-                finished = state.step >= end_step or lr.finished(state.step)
+                finished = state.step >= end_step or lr.finished(state.step) or hook_stop is not None
                 stopping = stop_votes > 0
                 # A periodic copy at every multiple of --save_every, the last step included (A1111's rule); the preview
                 # of this step (the final one, at the end) comes first, so a PNG card shows it.
@@ -556,16 +685,22 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     previewed = state.step
                 if saving and accelerator.is_main_process:
                     files += outputs.save(state.step)
-                if stopping or (cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0):
+                if hook_stop:  # the run is complete, also when a signal arrived at the same step
+                    state.stopped_by = hook_stop
+                if stopping or hook_stop or (cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0):
                     checkpoint(state.step)
-                if stopping:
+                if hook_stop:
+                    stopped_by = hook_stop
+                elif stopping:
                     stopped_by, finished = "signal", True
                 if finished:
                     break
             if seen == 0:
                 raise UserError(f"epoch {epoch} produced no training batch on process {accelerator.process_index}")
             epoch += 1
-        if stopped_by != "signal":
+        if state.stopped_by and not stopped_by:
+            stopped_by = state.stopped_by  # resumed from the checkpoint a step hook's stop wrote: nothing more to do
+        if not stopped_by:
             stopped_by = "schedule" if state.step < cfg.max_train_steps else "max_steps"
             # A final checkpoint, so a job requeued after this point resumes at the end instead of redoing steps.
             if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps and state.step > (resumed_step or 0):
@@ -582,6 +717,9 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
         files += outputs.final(state.step, optimizer)
         if log:
             log.flush()
+    ctx.stopped_by = stopped_by
+    for hook in hooks:
+        files += hook.finish(state.step, ctx)
     if outputs.preview and stopped_by != "signal" and previewed != state.step:
         _preview(accelerator, trainable, outputs, state.step)
     accelerator.wait_for_everyone()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from utils.data import DataConfig, PromptConfig, TrainLoader, check_latents, prepare_latents, scan_dataset
-from utils.diffusion_loss import sample_seed
-from utils.latents import LatentConfig, encode_pixels, vae_identity
+from utils.data import DataConfig, PromptConfig, TrainLoader, scan_dataset
+from utils.data.plan import latent_seed, optimizer_steps_per_epoch, sample_positions
+from utils.latents import LatentConfig, LatentEncoder, LatentStore, vae_identity
 from utils.models import LoadedModel, ModelSource, enable_xformers, load_pipeline, set_tf32, weight_dtype
 from utils.training import make_accelerator
 
@@ -70,66 +70,63 @@ def training_noise_scheduler(loaded: LoadedModel):
 
 
 class LoaderSource:
-    """The loop's BatchSource over utils.data: adds each sample's global position (for its noise seed), encodes
-    pixels when latents are not cached, and builds SDXL's size conditioning."""
+    """The loop's BatchSource over utils.data: completes each batch's latents (the images the cache did not have are
+    encoded now, kept, and sampled as A1111's --latent_sampling says) and builds SDXL's size conditioning.
+
+    ``loader``: a TrainLoader (or anything with its attributes and ``iter_epoch()``); its ``latents`` store, when
+    it has one, is where new latents go. Without one nothing is kept and every use is encoded."""
 
     def __init__(self, loader: TrainLoader, vae, seed: int, sdxl: bool, latent_sampling: str = "random"):
         self.loader = loader
         self.vae = vae
         self.seed = seed
         self.sdxl = sdxl
-        self.latent_sampling = latent_sampling
+        store = getattr(loader, "latents", None)
+        if not isinstance(store, LatentStore):
+            store = LatentStore.for_vae(vae, LatentConfig(latent_sampling), keep=False)
+        self.encoder = LatentEncoder(vae, store)
         self.micro_batches_per_epoch = loader.steps_per_epoch
-        self.global_micro_batch = loader.batch_size * loader.world_size
 
     def iter_epoch(self, epoch: int, skip: int):
-        self.loader.epoch, self.loader.position = epoch, skip
-        for batch in self.loader.iter_epoch():
-            j = self.loader.position - 1
-            b = len(batch["prompts"])
-            start = j * self.global_micro_batch + self.loader.rank * b
-            batch["positions"] = list(range(start, start + b))
-            if "latents" not in batch:
-                batch["latents"] = self._encode(batch["pixel_values"], epoch, batch["positions"], batch["index"])
+        loader = self.loader
+        loader.epoch, loader.position = epoch, skip
+        batches = loader.iter_epoch()
+        try:
+            yield from self._complete(batches, epoch)
+        except GeneratorExit:  # the loop is done with the data: stop the pipeline (and its workers) now
+            getattr(loader, "close", lambda: None)()
+            raise
+
+    def _complete(self, batches, epoch: int):
+        loader = self.loader
+        for batch in batches:
+            if "positions" not in batch:
+                batch["positions"] = sample_positions(loader.position - 1, loader.rank, loader.batch_size,
+                                                      loader.world_size)
+            seeds = batch.get("latent_seeds") or [latent_seed(self.seed, epoch, p) for p in batch["positions"]]
+            batch["latents"] = self.encoder.complete(batch, seeds)
+            batch.pop("pixel_values", None)
             if self.sdxl:
                 batch["add_time_ids"] = torch.cat(
                     [batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1).float()
             yield batch
 
-    def _encode(self, pixels: torch.Tensor, epoch: int, positions: list[int], index: torch.Tensor) -> torch.Tensor:
-        """Latents for pixels encoded now (no cache), with A1111's sampling modes: ``random`` draws anew each use,
-        ``once`` the same draw for an image every time (seeded by the image), ``deterministic`` the mean."""
-        mean, std = encode_pixels(self.vae, pixels)
-        if self.latent_sampling == "deterministic":
-            std = torch.zeros_like(std)
-        # streamed examples have no index (-1): they get a draw per use
-        seeds = [sample_seed(self.seed + 1, -1, int(i)) if self.latent_sampling == "once" and int(i) >= 0
-                 else sample_seed(self.seed + 1, epoch, p) for i, p in zip(index, positions)]
-        eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
-        cfg = self.vae.config
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return ((mean + std * eps) - shift) * cfg.scaling_factor
-
 
 def build_batch_source(accelerator, summary, data_cfg: DataConfig, prompt_cfg: PromptConfig,
                        latent_cfg: LatentConfig, loaded: LoadedModel, *, batch_size: int, seed: int,
-                       num_workers: int, cache_latents: bool, report_file: Path) -> LoaderSource:
-    """Cache latents (work split across ranks) unless told not to, then move the VAE off the device."""
+                       num_workers: int, cache_latents: bool, report_file: Path, accumulation: int = 1
+                       ) -> LoaderSource:
+    """The rank's batches. Latents are encoded as training first meets each image and kept (in memory, or in
+    --cache_latents_to_disk shared by ranks and reruns) unless told not to; --random_crop keeps none."""
     vae = loaded.pipeline.vae
-    cached = None
-    if cache_latents and not data_cfg.random_crop:
-        identity = vae_identity(vae, loaded.identity.sha256 or loaded.identity.name)
-        cached = prepare_latents(summary, data_cfg, vae, latent_cfg, identity=identity,
-                                 rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                 progress=accelerator.is_local_main_process)
-        accelerator.wait_for_everyone()
-        if latent_cfg.cache_dir:
-            check_latents(cached)
-        vae.to("cpu")  # no longer needed on the GPU until previews
+    identity = vae_identity(vae, loaded.identity.sha256 or loaded.identity.name)
+    store = LatentStore.for_vae(vae, latent_cfg, identity=identity,
+                                keep=cache_latents and not data_cfg.random_crop)
     loader = TrainLoader(summary, data_cfg, prompt_cfg, batch_size=batch_size, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, seed=seed, num_workers=num_workers, latents=cached,
+                         world_size=accelerator.num_processes, seed=seed, num_workers=num_workers, latents=store,
                          report_file=report_file if accelerator.is_main_process else
-                         report_file.with_name(f"{report_file.stem}.rank{accelerator.process_index}{report_file.suffix}"))
+                         report_file.with_name(f"{report_file.stem}.rank{accelerator.process_index}{report_file.suffix}"),
+                         accumulation=accumulation, progress=accelerator.is_local_main_process)
     return LoaderSource(loader, vae, seed, loaded.family == "sdxl", latent_cfg.latent_sampling)
 
 
@@ -260,11 +257,12 @@ def plan_batches(accelerator, summary, data_cfg: DataConfig, prompt_cfg: PromptC
                  loaded: LoadedModel, out_dir: Path, *, batch_size: int, accumulation: int, seed: int,
                  num_workers: int, cache_latents: bool, max_train_steps: int | None, num_train_epochs: int | None,
                  report_to: str, ddp_timeout: float | None, initial_step: int = 0) -> tuple[LoaderSource, int]:
-    """The batch source (latents cached first), the number of optimizer steps to train to, and the printed plan."""
+    """The batch source, the number of optimizer steps to train to, and the printed plan."""
     batches = build_batch_source(accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                                  batch_size=batch_size, seed=seed, num_workers=num_workers,
-                                 cache_latents=cache_latents, report_file=out_dir / "skipped_images.txt")
-    steps_per_epoch = max(1, batches.micro_batches_per_epoch // accumulation)
+                                 cache_latents=cache_latents, report_file=out_dir / "skipped_images.txt",
+                                 accumulation=accumulation)
+    steps_per_epoch = optimizer_steps_per_epoch(batches.micro_batches_per_epoch, accumulation)
     max_steps = resolve_max_steps(max_train_steps, num_train_epochs, steps_per_epoch, initial_step)
     print_run_plan(accelerator, loaded, summary, out_dir, batch_size=batch_size, accumulation=accumulation,
                    max_steps=max_steps, steps_per_epoch=steps_per_epoch, num_workers=num_workers,

@@ -1,0 +1,150 @@
+"""The textual-inversion Trainable on its own (no training run): what it trains, reports, saves and hands back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils.embeddings import Embedding
+from utils.textual_inversion import TextualInversion
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(tiny_sd1)
+
+
+def _ti(pipe, vectors=None, step=None) -> TextualInversion:
+    vectors = torch.tensor([[3.0] + [0.0] * 31, [0.0, 4.0] + [0.0] * 30]) if vectors is None else vectors
+    return TextualInversion.build(pipe, Embedding("my-emb", vectors, step=step, filename="/x/my-emb.pt",
+                                                  sha256="ab" * 32))
+
+
+def test_only_the_vectors_are_parameters_and_the_models_are_frozen(pipe):
+    ti = _ti(pipe)
+    params = ti.parameters()
+    assert len(params) == 1 and params[0].shape == (2, 32) and params[0].requires_grad
+    assert params[0].dtype == torch.float32
+    for module in (pipe.text_encoder, pipe.unet):
+        assert not any(p.requires_grad for p in module.parameters()) and not module.training
+    assert ti.name == "my-emb" and ti.kind == "textual inversion" and ti.csv_name == "textual_inversion_loss.csv"
+    ti.detach_from_models()
+
+
+def test_vector_norm_and_initial_step(pipe):
+    ti = _ti(pipe, step=120)
+    assert ti.vector_norm() == pytest.approx(5.0)  # sqrt(3^2 + 4^2)
+    assert ti.initial_step == 120
+    assert _ti(pipe).initial_step == 0
+    ti.detach_from_models()
+
+
+def test_current_is_a_detached_copy_at_a_step(pipe):
+    ti = _ti(pipe, step=3)
+    with torch.no_grad():
+        ti.parameters()[0].add_(1.0)
+    emb = ti.current(17)
+    assert emb.name == "my-emb" and emb.step == 17 and emb.filename is None and emb.sha256 is None
+    assert torch.equal(emb.vectors, ti.parameters()[0].detach()) and not emb.vectors.requires_grad
+    with torch.no_grad():
+        ti.parameters()[0].add_(1.0)
+    assert not torch.equal(emb.vectors, ti.parameters()[0].detach())  # a copy, not a view
+    assert ti.embedding.step == 3 and ti.embedding.filename == "/x/my-emb.pt"  # the original is untouched
+    ti.detach_from_models()
+
+
+def test_state_dict_round_trip(pipe):
+    a, b = _ti(pipe), _ti(pipe, vectors=torch.zeros(2, 32))
+    state = a.state_dict()
+    assert list(state) == ["vectors.0"] and torch.equal(state["vectors.0"], a.parameters()[0].detach())
+    b.load_state_dict(state)
+    assert torch.equal(b.parameters()[0].detach(), a.parameters()[0].detach())
+    with torch.no_grad():
+        a.parameters()[0].add_(1.0)
+    assert not torch.equal(state["vectors.0"], a.parameters()[0].detach())  # the state was a copy
+    b.detach_from_models()
+
+
+def test_model_inputs_put_the_placeholder_in_every_prompt(pipe):
+    ti = _ti(pipe)
+    inputs = ti.model_inputs({"prompts": ["a photo of my-emb", "my-emb, my-emb"]}, "cpu")
+    (ids,) = inputs["input_ids"]
+    assert ids.shape == (2, 77) and set(inputs) == {"input_ids"}
+    assert (ids[0] < 0).sum() == 2 and (ids[1] < 0).sum() == 4
+    again = ti.model_inputs({"prompts": ["a photo of my-emb", "my-emb, my-emb"]}, "cpu")["input_ids"][0]
+    assert torch.equal(again, ids)  # from the per-prompt cache: the same ids
+    # on the training device ("meta" stands in for a GPU)
+    assert ti.model_inputs({"prompts": ["my-emb"]}, "meta")["input_ids"][0].device.type == "meta"
+    ti.detach_from_models()
+
+
+def test_detach_gives_the_text_encoder_its_plain_table_back(pipe):
+    table = pipe.text_encoder.get_input_embeddings()
+    ti = _ti(pipe)
+    ids = torch.tensor([[49406, 320, -1, -2, 49407]])
+    with torch.no_grad():
+        spliced = ti.model.encode([ids])[0]
+    ti.detach_from_models()
+    assert pipe.text_encoder.get_input_embeddings() is table
+    plain_ids = torch.tensor([[49406, 320, 320, 320, 49407]])
+    with torch.no_grad():
+        assert not torch.equal(pipe.text_encoder(plain_ids)[0], spliced)
+
+
+def test_sdxl_current_and_state_hold_both_tables(tiny_sdxl):
+    from diffusers import DiffusionPipeline
+
+    sdxl = DiffusionPipeline.from_pretrained(tiny_sdxl)
+    widths = (sdxl.text_encoder.config.hidden_size, sdxl.text_encoder_2.config.hidden_size)
+    vectors = {"clip_l": torch.ones(2, widths[0]), "clip_g": torch.full((2, widths[1]), 2.0)}
+    ti = TextualInversion.build(sdxl, Embedding("x-emb", vectors))
+    assert [p.shape for p in ti.parameters()] == [(2, widths[0]), (2, widths[1])]
+    emb = ti.current(5)
+    assert set(emb.vectors) == {"clip_l", "clip_g"} and torch.equal(emb.vectors["clip_g"], vectors["clip_g"])
+    assert list(ti.state_dict()) == ["vectors.0", "vectors.1"]
+    assert ti.vector_norm() == pytest.approx((2 * widths[0] + 4 * 2 * widths[1]) ** 0.5)
+    batch = {"prompts": ["x-emb"], "add_time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    inputs = ti.model_inputs(batch, "cpu")
+    assert len(inputs["input_ids"]) == 2 and torch.equal(inputs["add_time_ids"], batch["add_time_ids"])
+    assert ti.model_inputs(batch, "meta")["add_time_ids"].device.type == "meta"
+    ti.detach_from_models()
+
+
+def test_the_unet_gets_the_conditioning_in_its_own_dtype(tiny_sd1):
+    """A bf16 UNet beside a float32 text encoder (and the float32 vectors): the conditioning is cast for the UNet."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd1)
+    pipe.unet.to(torch.bfloat16)
+    ti = _ti(pipe)
+    ids = ti.model_inputs({"prompts": ["a photo of my-emb"]}, "cpu")
+    noisy = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        pred = ti.model(noisy, torch.tensor([10]), **ids)
+    assert pred.dtype == torch.bfloat16 and pred.shape == (1, 4, 8, 8)
+    ti.detach_from_models()
+
+
+def test_each_prompt_is_tokenized_once(pipe):
+    """Templates repeat a bounded set of prompts: the ids are cached per prompt (tokenizing is a per-step cost)."""
+    ti = _ti(pipe)
+    tokenizer, calls = ti.tokenizers[0], []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args)
+            return tokenizer(*args, **kwargs)
+
+    ti.tokenizers[0] = Counting()
+    first = ti.model_inputs({"prompts": ["a photo of my-emb"]}, "cpu")["input_ids"][0]
+    n = len(calls)
+    again = ti.model_inputs({"prompts": ["a photo of my-emb"] * 3}, "cpu")["input_ids"][0]
+    assert n > 0 and len(calls) == n and torch.equal(again[1], first[0])
+    ti.model_inputs({"prompts": ["another my-emb"]}, "cpu")
+    assert len(calls) > n
+    ti.detach_from_models()

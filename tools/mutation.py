@@ -1,0 +1,191 @@
+"""Mutation testing of the training core with mutmut: do the tests fail when the code is wrong?
+
+    python tools/mutation.py                       # every module below (long: see docs/testing.md)
+    python tools/mutation.py diffusion_loss lr_schedule --max-children 2
+    python tools/mutation.py --list                # the modules and the test files that must kill their mutants
+    python tools/mutation.py diffusion_loss --show  # the diff of every surviving mutant
+
+Each module is mutated on its own, against only the test files mapped to it below (mutmut then runs, per mutant,
+only the tests among those that call the mutated function), so a run fits on 2 CPU cores. The work happens in
+``.mutation/<module>/``, a fresh copy of the working tree (the repository itself is never modified); mutmut keeps its
+results there, so a rerun after a test change re-checks only what changed. Not part of CI: a full run takes a while.
+
+The score printed is killed / all mutants checked (a timeout counts as killed, a mutant no mapped test reaches as not
+killed).
+Judge each survivor in docs/testing.md: equivalent (say why) or give it a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+
+# module -> (source file(s) relative to the root, the test files that should kill its mutants)
+MODULES: dict[str, tuple[str, list[str]]] = {
+    # cheapest test files first: they run first (tools/mutation_order.py) and usually kill the mutant alone
+    "diffusion_loss": ("utils/diffusion_loss.py", ["tests/test_diffusion_loss.py", "tests/test_loop_numerics.py"]),
+    "token_splice": ("utils/token_splice.py",
+                     ["tests/test_token_splice.py", "tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
+    "lr_schedule": ("utils/lr_schedule.py", ["tests/test_lr_schedule.py", "tests/test_loop_numerics.py"]),
+    "textual_inversion": ("utils/textual_inversion.py",
+                          ["tests/test_textual_inversion.py", "tests/test_a1111_rules.py", "tests/test_loop_numerics.py",
+                           "tests/test_training_loop.py", "tests/test_sdxl.py"]),
+    "training": ("utils/training.py", ["tests/test_loop_numerics.py", "tests/test_training_loop.py"]),
+    # utils/data.py becomes the package utils/data/ (either layout is handled below)
+    "data": ("utils/data", ["tests/test_a1111_rules.py", "tests/test_data.py"]),
+    "latents": ("utils/latents.py", ["tests/test_latents.py"]),
+}
+
+# Tests under mutation: quiet, stop at the first failure (a mutant is killed by one), no cache, no --durations, and
+# the mapped test files in their listed order (cheap unit tests first: see tools/mutation_order.py).
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-p", "tools.mutation_order", "-o", "addopts=", "-x", "-q"]
+
+
+def source_patterns(source: str) -> list[str]:
+    """Glob patterns for mutmut's only_mutate (a module file, or every file of a package)."""
+    if source.endswith(".py"):
+        return [source]
+    if (ROOT / source).is_dir():
+        return [f"{source}/*.py", f"{source}/**/*.py"]
+    return [f"{source}.py"]
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    return [line for line in out.splitlines() if line and not line.startswith(".mutation/")]
+
+
+def prepare(name: str) -> Path:
+    """.mutation/<name>/: the working tree's current files, mutmut's config, and ../shared reachable as before."""
+    source, tests = MODULES[name]
+    missing = [t for t in tests if not (ROOT / t).is_file()]
+    if missing:
+        print(f"warning: {name}: test file(s) not found, left out: {' '.join(missing)}", file=sys.stderr)
+        tests = [t for t in tests if t not in missing]
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    tests_changed = False
+    for rel in tracked_files():
+        src, dst = ROOT / rel, work / rel
+        if not src.is_file():
+            continue
+        if dst.is_file() and dst.read_bytes() == src.read_bytes():
+            continue  # unchanged: keep the timestamp so mutmut's caches stay valid
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+        tests_changed = tests_changed or rel.startswith("tests/")
+    # mutmut's record of which tests call which function can miss a test added to a file it already knew (seen: a
+    # survivor that the new test kills when run by hand): collect it again whenever a test file changed.
+    stats = work / "mutants" / "mutmut-stats.json"
+    if tests_changed and stats.is_file():
+        stats.unlink()
+    # tests/conftest.py finds the shared fixtures at <repo root>/../shared; mutmut runs the tests in work/mutants.
+    shared = ROOT.parent / "shared"
+    link = work / "shared"
+    if shared.exists() and not link.exists():
+        link.symlink_to(shared)
+    top_level = sorted({rel.split("/")[0] for rel in tracked_files()} - {"utils", "tests", "setup.cfg"})
+    lines = [
+        "[mutmut]",
+        "source_paths=utils",
+        "only_mutate=" + "\n    ".join(source_patterns(source)),
+        "also_copy=" + "\n    ".join(p for p in top_level if (work / p).exists()),
+        "pytest_add_cli_args=" + "\n    ".join(PYTEST_ARGS),
+        "pytest_add_cli_args_test_selection=" + "\n    ".join(tests),
+        "process_isolation=forkserver",
+        "use_git_change_detection=false",
+        # the tests load tiny models and train a few steps: allow for a loaded machine before calling a timeout
+        "timeout_multiplier=10",
+        "timeout_constant=30",
+        "",
+    ]
+    (work / "setup.cfg").write_text("\n".join(lines))
+    return work
+
+
+def mutmut(work: Path, *args: str, capture: bool = False, order: list[str] | None = None
+           ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "EMBEDFORGE_MUTATION_TEST_ORDER": ",".join(order or [])}
+    env.pop("CI", None)  # a missing ../shared is a skip here, not a failure
+    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=work, env=env, text=True,
+                          capture_output=capture)
+
+
+def results(work: Path) -> dict[str, list[str]]:
+    """mutant name -> status, from `mutmut results --all true` (lines like '    utils.x.x_f__mutmut_3: survived')."""
+    out = mutmut(work, "results", "--all", "true", capture=True).stdout
+    by_status: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\S+__mutmut_\d+): (.+)$", line)
+        if m:
+            by_status.setdefault(m.group(2).strip(), []).append(m.group(1))
+    return by_status
+
+
+def summary(name: str, by_status: dict[str, list[str]]) -> str:
+    killed = len(by_status.get("killed", []))
+    timeouts = len(by_status.get("timeout", []))
+    survived = len(by_status.get("survived", []))
+    no_tests = len(by_status.get("no tests", []))
+    other = {k: len(v) for k, v in by_status.items() if k not in ("killed", "timeout", "survived", "no tests")}
+    judged = killed + timeouts + survived + no_tests  # a mutant no mapped test reaches is not killed either
+    score = f"{100 * (killed + timeouts) / judged:.1f}%" if judged else "n/a"
+    extra = f", other {other}" if other else ""
+    return (f"{name:18s} killed {killed + timeouts:4d} (timeouts {timeouts}) survived {survived:4d} "
+            f"no tests {no_tests:3d}  score {score}{extra}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("modules", nargs="*", help=f"any of {', '.join(MODULES)} (default: all)")
+    p.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2: the CPU count)")
+    p.add_argument("--list", action="store_true", help="print the module -> tests map and exit")
+    p.add_argument("--show", action="store_true", help="after the run, print the diff of every surviving mutant")
+    p.add_argument("--results-only", action="store_true", help="report the last run's results without running")
+    args = p.parse_args(argv)
+
+    names = args.modules or list(MODULES)
+    unknown = [n for n in names if n not in MODULES]
+    if unknown:
+        p.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
+    if args.list:
+        for n in names:
+            print(f"{n}: {MODULES[n][0]} <- {' '.join(MODULES[n][1])}")
+        return 0
+
+    lines = []
+    for n in names:
+        work = prepare(n) if not args.results_only else WORK / n
+        if not args.results_only:
+            print(f"== {n}: mutating {MODULES[n][0]} against {' '.join(MODULES[n][1])}", flush=True)
+            # mutmut keeps a verdict once given; survivors of an earlier run are checked again against today's tests
+            stale = results(work).get("survived", []) if (work / "mutants").is_dir() else []
+            run = ["run", "--max-children", str(args.max_children)]
+            rc = mutmut(work, *run, order=MODULES[n][1]).returncode
+            if stale and rc in (0, 1):
+                rc = mutmut(work, *run, *stale, order=MODULES[n][1]).returncode
+            if rc not in (0, 1):
+                print(f"mutmut exited with {rc} for {n}", file=sys.stderr)
+        by_status = results(work)
+        lines.append(summary(n, by_status))
+        for status in ("survived", "no tests", "suspicious", "segfault"):  # "not checked" only counted
+            for mutant in by_status.get(status, []):
+                print(f"  {status}: {mutant}")
+                if args.show and status == "survived":
+                    print(mutmut(work, "show", mutant, capture=True).stdout)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
