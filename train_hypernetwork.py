@@ -21,6 +21,7 @@ from pathlib import Path
 from utils import cli
 from utils.cluster import add_cluster_args
 from utils.errors import UserError, exit_on_user_error
+from utils.eval_args import add_eval_args, eval_options
 from utils.lr_schedule import validate_learning_rate
 
 PROG = "train_hypernetwork.py"
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optim_args(p, default_lr="0.00001", default_weight_decay=0.01)
     cli.add_output_args(p)
     cli.add_logging_args(p)
+    add_eval_args(p)
     add_cluster_args(p)
     return p
 
@@ -96,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     validate_learning_rate(str(args.learning_rate))
     cli.check_trainer_flags(args)
+    eval_opts = eval_options(args)
     if not args.hypernetwork_name and not args.resume_hypernetwork:
         raise UserError("give --hypernetwork_name or --resume_hypernetwork FILE")
 
     from accelerate.utils import set_seed
 
     from utils.embeddings import sanitize_name
+    from utils.eval_hook import eval_hooks
     from utils.hypernetwork import Hypernetwork, attention_context_widths, load_hypernetwork
     from utils.hypernetwork_training import HypernetworkOutputs, HypernetworkTrainable
     from utils.training import config_for_trackers, train
@@ -139,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
                                   settings=settings, save_optimizer_state=args.save_optimizer_state)
 
+    hooks = eval_hooks(accelerator, eval_opts, outputs, data_cfg, prompt_cfg)
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,
-                   outputs.callbacks(previews=not args.no_previews))
+                   outputs.callbacks(previews=not args.no_previews), hooks)
     finish_run(accelerator, result, name, "hypernetwork", out_dir, hub=cli.hub_target(args))
     return 0
 

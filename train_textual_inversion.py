@@ -22,6 +22,7 @@ from pathlib import Path
 from utils import cli
 from utils.cluster import add_cluster_args
 from utils.errors import UserError, exit_on_user_error
+from utils.eval_args import add_eval_args, eval_options
 from utils.lr_schedule import validate_learning_rate
 
 PROG = "train_textual_inversion.py"
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optim_args(p, default_lr="0.005", default_weight_decay=0.0, default_batch_size=4)
     cli.add_output_args(p)
     cli.add_logging_args(p)
+    add_eval_args(p)
     add_cluster_args(p)
     return p
 
@@ -96,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     # Everything that can be checked without a model is checked first.
     validate_learning_rate(str(args.learning_rate))
     cli.check_trainer_flags(args)
+    eval_opts = eval_options(args)
     if not args.placeholder_token and not args.resume_embedding:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
 
     from utils import ti_outputs
+    from utils.eval_hook import eval_hooks
     from utils.embeddings import MAX_VECTORS, load_embedding, sanitize_name
     from utils.textual_inversion import TextualInversion
     from utils.training import config_for_trackers, train
@@ -130,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = cli.run_settings(args, accelerator, loaded, summary, max_steps, embedding_name=name)
     loop_cfg = cli.loop_config(args, max_steps, loaded.prediction_type, config_for_trackers(settings),
                                batches.micro_batches_per_epoch)
-    outputs = ti_outputs.TextualInversionOutputs(
+    writer = ti_outputs.TextualInversionOutputs(
         accelerator, trainable, loaded, out_dir, cli.preview_options(args, data_cfg),
         save_image_embeddings=args.save_image_embeddings, also_bin=args.no_safe_serialization,
-        settings=settings, save_optimizer_state=args.save_optimizer_state).callbacks(previews=not args.no_previews)
+        settings=settings, save_optimizer_state=args.save_optimizer_state)
+    outputs = writer.callbacks(previews=not args.no_previews)
+    hooks = eval_hooks(accelerator, eval_opts, writer, data_cfg, prompt_cfg)
 
-    result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs)
+    result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs, hooks)
     if args.save_as_full_pipeline and accelerator.is_main_process:
         from utils.full_pipeline import save_full_pipeline
 

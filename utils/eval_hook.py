@@ -29,6 +29,7 @@ from utils.eval_report import NormWatch, VocabularyNorms
 from utils.evaluation import build_eval_set
 from utils.evaluator import Evaluator
 from utils.fileio import atomic_path
+from utils.training import BaseStepHook
 
 # Hypernetworks: DVAR's direction check follows this many fixed, seeded coordinates of the trained weights (a
 # random subset estimates the cosine between two moves; the whole network would make every checkpoint megabytes).
@@ -143,7 +144,7 @@ def vocabulary_norms(pipeline) -> VocabularyNorms | dict[str, VocabularyNorms]:
     return {"clip_l": first, "clip_g": VocabularyNorms.of(te2.get_input_embeddings().weight)}
 
 
-class EvalHook:
+class EvalHook(BaseStepHook):
     """The loop's step hook (utils.training.StepHook): evaluation, best step, early stop, norm watch, reports."""
 
     name = "evaluation"
