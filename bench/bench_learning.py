@@ -24,10 +24,8 @@ accuracy >= 0.9 x the best seen).
     python bench/bench_learning.py --early_stop dvar --settings default vectors=2 \
         --concepts blue:triangle orange:circle mixed:square --max_steps 3000
 
-With the trainer's own flags (--eval_every, --early_stopping, --select_best) the run is the real script's; until the
-trainer has them, the same Evaluator is driven from the preview callback (a hook in this script) and the run is ended
-at the stop with the signal the loop already honours (SIGUSR1: checkpoint and stop). --run_past_stop trains on to
---max_steps anyway, to show the accuracy after the stop (only with the hook).
+The runs are the trainer's own (--eval_every, --early_stopping, --dvar_*, --patience, --select_best); without
+--early_stop the evaluation is off (--eval_every 0), so the timings are training alone.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ import importlib.util
 import io
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -95,121 +92,24 @@ def write_concept(tw_data, folder: Path, colour: str, shape: str, layout: str | 
             (folder / f"{i:02d}.txt").write_text(caption(p, layout), encoding="utf-8")
 
 
-def trainer_has_eval_flags() -> bool:
-    import train_textual_inversion
-
-    return "--early_stopping" in train_textual_inversion.build_parser()._option_string_actions
-
-
-def eval_prompts(data: Path, template: Path, seed: int = 0) -> list[str]:
-    """One prompt per picture for the evaluation set, as the trainer builds them: a template line drawn per picture
-    (seeded), [name] and [filewords] (the caption beside the picture) filled in."""
-    import random
-
-    lines = [line.strip() for line in template.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rng = random.Random(seed)
-    prompts = []
-    for png in sorted(data.glob("*.png")):
-        txt = png.with_suffix(".txt")
-        words = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
-        prompts.append(rng.choice(lines).replace("[filewords]", words).replace("[name]", NAME))
-    return prompts
-
-
-class EvalHook:
-    """Until the trainer has --eval_every / --early_stopping / --select_best: the same Evaluator, driven from the
-    preview callback (called every --preview_every = --eval_every steps; generation and this evaluation use their
-    own generators, so the training trajectory is the one without them). At the stop it sends the process SIGUSR1,
-    which the loop already honours (checkpoint, final files, exit), one step later."""
-
-    def __init__(self, outputs, data: Path, template: Path, early):
-        import numpy as np
-        import torch
-        from PIL import Image
-
-        from utils.eval_report import VocabularyNorms
-        from utils.evaluation import build_eval_set
-        from utils.evaluator import EvalConfig, Evaluator
-        from utils.training_setup import training_noise_scheduler
-
-        self.trainable, self.early = outputs.trainable, early
-        pipe = outputs.loaded.pipeline
-        pictures = sorted(data.glob("*.png"))
-        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)
-                              for p in pictures]).float() / 127.5 - 1
-        with torch.no_grad():  # the posterior mean: no RNG
-            latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean.float().cpu()
-        latents = latents * pipe.vae.config.scaling_factor
-        scheduler = training_noise_scheduler(outputs.loaded)
-        cfg = EvalConfig(eval_every=early.eval_every, eval_set_size=early.eval_set_size,
-                         early_stopping=early.early_stop, dvar_window=early.dvar_window,
-                         dvar_window_fraction=early.dvar_window_fraction, dvar_threshold=early.dvar_threshold,
-                         dvar_direction=early.dvar_direction, patience=early.patience, select_best=early.select_best)
-        eval_set = build_eval_set(latents, eval_prompts(data, template), scheduler.config.num_train_timesteps,
-                                  cfg.eval_set_size, cfg.eval_seed)
-        vocab = VocabularyNorms.of(pipe.text_encoder.get_input_embeddings().weight)
-        self.evaluator = Evaluator(cfg, eval_set.to(self.trainable.model.unet.device), scheduler,
-                                   outputs.loaded.prediction_type, vocab)
-        self.evaluate(0)  # the starting point: the history's first value is the untrained embedding's loss
-
-    def predict(self, noisy, t, batch):
-        return self.trainable.model(noisy, t, **self.trainable.model_inputs(batch, noisy.device))
-
-    def evaluate(self, step: int) -> list:
-        result = self.evaluator.record(step, self.evaluator.losses(self.predict),
-                                       vectors=self.trainable.model.vectors[0].detach())
-        if result.stop and not self.early.run_past_stop:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return []
-
-    def write(self, out: Path) -> None:
-        self.evaluator.write_report(out, title=out.parent.name)
-
-
-@contextlib.contextmanager
-def eval_hook(data: Path, template: Path, early):
-    """Route the trainer's preview callback to an EvalHook for the duration of one run."""
-    from utils import ti_outputs
-    from utils.training import Outputs
-
-    cls = ti_outputs.TextualInversionOutputs
-    original = cls.callbacks
-    hooks = []
-
-    def callbacks(self, previews=True):
-        hooks.append(EvalHook(self, data, template, early))
-        return Outputs(save=self.save, final=self.final, preview=hooks[-1].evaluate)
-
-    cls.callbacks = callbacks
-    try:
-        yield hooks
-    finally:
-        cls.callbacks = original
-
-
-def train(data: Path, out: Path, extra: list[str], steps: int, every: int, early=None, template: Path | None = None,
-          ) -> float:
+def train(data: Path, out: Path, extra: list[str], steps: int, every: int, early=None) -> float:
     import train_textual_inversion
 
     argv = ["--pretrained_model_name_or_path", str(TINYWORLD), "--train_data_dir", str(data), "--placeholder_token",
             NAME, "--initializer_token", INIT_WORD, "--resolution", "64", "--train_batch_size", "4",
             "--max_train_steps", str(steps), "--seed", str(early.seed if early else 0), "--output_dir", str(out),
-            "--save_every", str(every), "--checkpointing_steps", "0", *extra]
-    hook = contextlib.nullcontext([])
+            "--save_every", str(every), "--checkpointing_steps", "0", "--no_previews", *extra]
     if early is None:
-        argv.append("--no_previews")
-    elif trainer_has_eval_flags():
-        argv += ["--no_previews", "--eval_every", str(early.eval_every), "--eval_set_size", str(early.eval_set_size),
-                 "--early_stopping", early.early_stop, "--select_best", early.select_best]
-    else:
-        argv += ["--preview_every", str(early.eval_every)]
-        hook = eval_hook(data, template, early)
+        argv += ["--eval_every", "0"]
+    else:  # the trainer's own evaluation, stopping rule and best-step choice
+        argv += ["--eval_every", str(early.eval_every), "--eval_set_size", str(early.eval_set_size),
+                 "--early_stopping", early.early_stop, "--dvar_window", str(early.dvar_window),
+                 "--dvar_threshold", str(early.dvar_threshold), "--dvar_direction", str(early.dvar_direction),
+                 "--patience", str(early.patience), "--select_best", early.select_best]
     t = time.process_time()
     # the trainer's messages and progress bars would flood the table's log
-    with hook as hooks, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert train_textual_inversion.main(argv) == 0
-    for h in hooks:
-        h.write(out)
     return time.process_time() - t
 
 
@@ -234,9 +134,6 @@ class Scorer:
                 "shape_acc": sum(s == shape for _, s in preds) / samples}
 
 
-TEMPLATES = {"bg_filewords": "subject_filewords", "full_filewords": "subject_filewords"}
-
-
 def saved_steps(out: Path) -> dict[int, Path]:
     """Step -> embedding file: the periodic copies "<name>-<step>.pt" and the final "<name>.pt" (at its step)."""
     import torch
@@ -252,9 +149,8 @@ def run_setting(scorer, tw_data, work: Path, setting: str, colour: str, shape: s
     tag = f"{setting.replace('=', '_')}-{colour}-{shape}"
     data, out = work / tag / "data", work / tag / "out"
     write_concept(tw_data, data, colour, shape, CAPTIONS.get(setting))
-    template = ROOT / "templates" / f"{TEMPLATES.get(setting, 'subject')}.txt"
     early = args if args.early_stop else None
-    cpu = train(data, out, SETTINGS[setting], args.max_steps, args.every, early, template)
+    cpu = train(data, out, SETTINGS[setting], args.max_steps, args.every, early)
     rows = []
     for step, src in saved_steps(out).items():
         if step % args.every:
@@ -346,17 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--eval_every", type=int, default=ev.EVAL_EVERY, help="a multiple of --every")
     g.add_argument("--eval_set_size", type=int, default=ev.EVAL_SET_SIZE)
     g.add_argument("--dvar_window", type=int, default=ev.DVAR_WINDOW, help="evaluations")
-    g.add_argument("--dvar_window_fraction", type=float, default=ev.DVAR_WINDOW_FRACTION,
-                   help="0: the paper's fixed window")
     g.add_argument("--dvar_threshold", type=float, default=ev.DVAR_THRESHOLD)
     g.add_argument("--dvar_direction", type=lambda v: None if v == "none" else float(v), default=ev.DVAR_DIRECTION,
                    help="the direction check's cosine threshold; 'none': the loss alone (the paper's rule)")
     g.add_argument("--patience", type=int, default=ev.PATIENCE, help="evaluations")
     g.add_argument("--select_best", default=ev.SELECT_BEST, help="eval_loss or a band, e.g. eval_loss_t750-999")
     g.add_argument("--seed", type=int, default=0, help="the training seed")
-    g.add_argument("--run_past_stop", action="store_true",
-                   help="train on to --max_steps after the stop (the accuracy after it; only without the trainer's "
-                        "own flags)")
     p.add_argument("--workdir", type=Path, default=None, help="keep data and embeddings here (default: a temp dir)")
     args = p.parse_args(argv)
     if args.max_steps is None:

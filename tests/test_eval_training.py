@@ -15,6 +15,8 @@ import train_textual_inversion as tti
 from utils.embeddings import load_embedding
 from utils.errors import UserError
 
+from test_image_scores import tiny_clip, tiny_vit  # noqa: F401 (fixtures: tiny random CLIP and ViT)
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
@@ -123,6 +125,23 @@ def test_outputs_best_file_csv_plot_and_summary(tiny_sd1, data_dir, tmp_path, ca
     # The norm watch: a warning once per vector, naming the step.
     warnings = [line for line in said.splitlines() if line.startswith("Warning: step") and "norm" in line]
     assert len(warnings) == 2 and "vector 0" in warnings[0] and "vector 1" in warnings[1]
+
+
+def test_image_scores_pick_the_best_and_leave_training_alone(tiny_sd1, data_dir, tmp_path, tiny_clip, tiny_vit):
+    assert tti.main(_ti(tiny_sd1, data_dir, tmp_path / "off", "--eval_every", "0", "--max_train_steps", "4")) == 0
+    out = tmp_path / "on"
+    assert tti.main(_ti(tiny_sd1, data_dir, out, "--eval_every", "2", "--max_train_steps", "4",
+                        "--eval_clip_model", tiny_clip, "--eval_dino_model", tiny_vit, "--select_best", "clip_i",
+                        "--eval_num_images", "2", "--preview_steps", "2")) == 0
+    assert torch.equal(load_embedding(tmp_path / "off" / "my-emb.pt").vectors,
+                       load_embedding(out / "my-emb.pt").vectors)
+    rows = _rows(out / "evaluation.csv")
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert all(-1 <= float(r[k]) <= 1 for r in rows for k in ("clip_i", "clip_t", "dino"))
+    scores = {int(r["step"]): float(r["clip_i"]) for r in rows}
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["best_metric"] == "clip_i" and report["best_step"] == max((2, 4), key=scores.get)
+    assert load_embedding(out / "my-emb-best.pt").step == report["best_step"]
 
 
 @pytest.mark.parametrize("script, argv, message", [

@@ -14,14 +14,13 @@ from pathlib import Path
 
 from utils.errors import UserError
 
-# Measured on the tiny-world model (README: "Evaluation and early stopping"); utils/evaluator.py holds the same
-# numbers for library callers, tests/test_evaluation.py checks that the two agree.
-EVAL_EVERY = 25
+# Measured on the tiny-world model (README: "Evaluation and early stopping"); utils/evaluator.py uses these too.
+EVAL_EVERY = 25  # steps
 EVAL_SET_SIZE = 16
-DVAR_WINDOW = 3
-DVAR_THRESHOLD = 0.15
-DVAR_DIRECTION = 0.5
-PATIENCE = 8
+DVAR_WINDOW = 3  # evaluations
+DVAR_THRESHOLD = 0.15  # the paper's code default
+DVAR_DIRECTION = 0.5  # the trained weights' mean cosine between consecutive moves must fall below this
+PATIENCE = 8  # evaluations
 SELECT_BEST = "eval_loss"
 # On tiny-world a learned embedding's vector is ~2.8x the longest token embedding after 1000 steps while a colour
 # word beside it in the prompt is still obeyed in every picture (README): warning at 1x would fire in every run.

@@ -24,18 +24,19 @@ from pathlib import Path
 import torch
 
 from utils.early_stopping import DVAR, BestStep, Patience, Rule
+from utils.eval_args import (  # the defaults measured on tiny-world live with the flags (fast --help)
+    DVAR_DIRECTION,
+    DVAR_THRESHOLD,
+    DVAR_WINDOW,
+    EVAL_EVERY,
+    EVAL_SET_SIZE,
+    PATIENCE,
+    SELECT_BEST,
+)
 from utils.eval_report import NormWatch, VocabularyNorms, plot_curves
 from utils.evaluation import DEFAULT_BANDS, EvalSet, Predict, evaluate, summarize
 
-# Defaults measured on the tiny-world model (bench/bench_learning.py --early_stop; README "Early stopping").
-EVAL_EVERY = 25
-EVAL_SET_SIZE = 16
-DVAR_WINDOW = 3  # evaluations
 DVAR_WINDOW_FRACTION = 0.0  # the paper's fixed window
-DVAR_THRESHOLD = 0.15  # the paper's code default
-DVAR_DIRECTION = 0.5  # the trained weights' mean cosine between consecutive moves must fall below this
-PATIENCE = 8  # evaluations
-SELECT_BEST = "eval_loss"
 
 HIGHER_IS_BETTER = ("clip_i", "clip_t", "dino")
 
