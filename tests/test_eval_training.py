@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ from utils.embeddings import load_embedding
 from utils.errors import UserError
 
 from test_image_scores import tiny_clip, tiny_vit  # noqa: F401 (fixtures: tiny random CLIP and ViT)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +147,28 @@ def test_image_scores_pick_the_best_and_leave_training_alone(tiny_sd1, data_dir,
     report = json.loads((out / "evaluation.json").read_text())
     assert report["best_metric"] == "clip_i" and report["best_step"] == max((2, 4), key=scores.get)
     assert load_embedding(out / "my-emb-best.pt").step == report["best_step"]
+
+
+def test_two_processes_share_the_evaluation_and_decide_alike(tiny_sd1, data_dir, tmp_path):
+    """Each process evaluates its share of the set; summed, every process holds all the losses: the history, the
+    stop and the best step are those of one process (up to float rounding of the trained vectors)."""
+    extra = ("--eval_every", "1", "--early_stopping", "patience", "--patience", "2", "--max_train_steps", "12",
+             "--latent_sampling", "deterministic")
+    assert tti.main(_ti(tiny_sd1, data_dir, tmp_path / "one", *extra)) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train_textual_inversion.py"), *_ti(tiny_sd1, data_dir, tmp_path / "two", *extra),
+           "--train_batch_size", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "evaluation.json").read_text())
+    two = json.loads((tmp_path / "two" / "evaluation.json").read_text())
+    assert two["stopped_at"] == one["stopped_at"] and two["best_step"] == one["best_step"]
+    assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]]
+    for a, b in zip(one["history"], two["history"]):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+    assert "Early stop at step" in r.stdout and r.stdout.count("Best step") == 1  # said once, by the main process
 
 
 @pytest.mark.parametrize("script, argv, message", [
