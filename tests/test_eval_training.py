@@ -112,7 +112,8 @@ def test_early_stop_is_the_same_after_an_interruption(tiny_sd1, data_dir, tmp_pa
 
 def test_outputs_best_file_csv_plot_and_summary(tiny_sd1, data_dir, tmp_path, capsys):
     out = tmp_path / "o"
-    assert tti.main(_ti(tiny_sd1, data_dir, out, "--eval_every", "2", "--norm_warn_factor", "0.01")) == 0
+    assert tti.main(_ti(tiny_sd1, data_dir, out, "--eval_every", "2", "--norm_warn_factor", "0.01",
+                        "--report_to", "tensorboard")) == 0
     said = capsys.readouterr().out
     report = json.loads((out / "evaluation.json").read_text())
     best = report["best_step"]
@@ -127,6 +128,14 @@ def test_outputs_best_file_csv_plot_and_summary(tiny_sd1, data_dir, tmp_path, ca
     rows = _rows(out / "evaluation.csv")
     assert [int(r["step"]) for r in rows] == [0, 2, 4, 6]
     assert float(rows[2]["eval_loss"]) == pytest.approx(losses[4], rel=1e-6)
+    # TensorBoard: every evaluation's metrics; the norms every step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["eval_loss"] == [0, 2, 4, 6] and steps["eval_loss_t750-999"] == [0, 2, 4, 6]
+    assert sorted(set(steps["norm/1"])) == list(range(7))
     # The norm watch: a warning once per vector, naming the step.
     warnings = [line for line in said.splitlines() if line.startswith("Warning: step") and "norm" in line]
     assert len(warnings) == 2 and "vector 0" in warnings[0] and "vector 1" in warnings[1]

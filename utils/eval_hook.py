@@ -174,7 +174,8 @@ class EvalHook(BaseStepHook):
     def after_step(self, step: int, ctx) -> str | None:
         if self.norms is not None:
             metrics, warnings = self.norms.check(step, _trained_vectors(ctx.trainable))
-            ctx.accelerator.log(metrics, step=step)
+            if step % max(1, ctx.cfg.log_every) == 0:
+                ctx.accelerator.log(metrics, step=step)
             for line in warnings:
                 ctx.accelerator.print(f"Warning: {line}")
         if self.evaluator is None or not self.evaluator.due(step):

@@ -1,16 +1,14 @@
-"""Everything a training loop calls every ``eval_every`` steps, in one object with one JSON-able state.
+"""Everything measured and decided at an evaluation, in one object with one JSON-able state.
+
+utils/eval_hook.py runs it as a step hook of the training loop (utils/training.py)::
 
     evaluator = Evaluator(EvalConfig(...), eval_set.to(device), noise_scheduler, prediction_type, vocab=...)
-    ...
-    if evaluator.due(step):
-        share = evaluator.losses(predict, rank, world)        # this process's samples, zeros elsewhere
-        per_sample = reduce_sum_over_processes(share)          # every process then holds all the losses
-        result = evaluator.record(step, per_sample, vectors=..., extra={"clip_i": ...})
-        log(result.metrics); warn(result.warnings)
-        if result.new_best: save "<name>-best"
-        if result.stop: checkpoint and end the run (stopped_by "early_stop")
-    checkpoint: state["evaluation"] = evaluator.state_dict();  resume: evaluator.load_state_dict(...)
-    at the end: evaluator.plot(out_dir / "evaluation.png"); evaluator.summary() -> what the run summary says
+    share = evaluator.losses(predict, rank, world)         # this process's samples, zeros elsewhere
+    per_sample = reduce_sum_over_processes(share)           # every process then holds all the losses
+    result = evaluator.record(step, per_sample, vectors=..., extra={"clip_i": ...})
+    # result.metrics -> trackers and evaluation.csv; result.new_best -> "<name>-best"; result.stop -> end the run
+    checkpoint: evaluator.state_dict();  resume: evaluator.load_state_dict(...)
+    at the end: evaluator.write_report(out_dir) (evaluation.json, evaluation.png); evaluator.summary()
 
 Decisions depend only on the recorded values, so every process makes the same one, and a resumed run (with the
 state from its checkpoint) makes the same decision at the same step as the uninterrupted run.
