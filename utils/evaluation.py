@@ -52,9 +52,10 @@ class EvalSet:
 
     def fingerprint(self) -> list:
         """A small JSON-able summary that changes when any drawn number changes (kept in checkpoints: a resumed run
-        evaluates the same set, or its curve and decisions would not continue the old ones)."""
+        evaluates the same set, or its curve and decisions would not continue the old ones). The latents' part has 6
+        significant digits: a GPU's VAE may differ in the last bits from one launch to the next."""
         return [len(self), int(self.timesteps.sum()), round(float(self.noise.double().sum()), 6),
-                round(float(self.latents.double().sum()), 6)]
+                float(f"{float(self.latents.double().sum()):.6g}")]
 
 
 def stratified_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
