@@ -97,8 +97,8 @@ def hypernetwork_options(a: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     validate_learning_rate(str(args.learning_rate))
-    cli.check_trainer_flags(args)
     eval_opts = eval_options(args)
+    cli.check_trainer_flags(args)
     if not args.hypernetwork_name and not args.resume_hypernetwork:
         raise UserError("give --hypernetwork_name or --resume_hypernetwork FILE")
 

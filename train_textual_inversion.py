@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Everything that can be checked without a model is checked first.
     validate_learning_rate(str(args.learning_rate))
-    cli.check_trainer_flags(args)
     eval_opts = eval_options(args)
+    cli.check_trainer_flags(args)
     if not args.placeholder_token and not args.resume_embedding:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
 
