@@ -21,6 +21,7 @@ from utils import cli
 from utils.cluster import add_cluster_args
 from utils.config import HypernetworkConfig, HypernetworkSettings
 from utils.errors import UserError, exit_on_user_error
+from utils.eval_args import add_eval_args, eval_options
 
 PROG = "train_hypernetwork.py"
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optim_args(p, default_lr="0.00001", default_weight_decay=0.01)
     cli.add_output_args(p)
     cli.add_logging_args(p)
+    add_eval_args(p)
     add_cluster_args(p)
     return p
 
@@ -103,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     if not h.hypernetwork_name and not h.resume_hypernetwork:
         raise UserError("give --hypernetwork_name or --resume_hypernetwork FILE")
     sizes = parse_sizes(h.sizes) if h.sizes else None
+    eval_opts = eval_options(cfg.evaluation, cfg.data.train_data_dir)
 
     from accelerate.utils import set_seed
 
     from utils.embeddings import sanitize_name
+    from utils.eval_hook import eval_hooks
     from utils.hypernetwork import Hypernetwork, attention_context_widths, load_hypernetwork
     from utils.run import finish_run
     from utils.trainers.hypernetwork import HypernetworkOutputs, HypernetworkTrainable
@@ -143,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     outputs = HypernetworkOutputs(accelerator, trainable, loaded, out_dir, cli.preview_options(cfg, data_cfg),
                                   settings=settings, save_optimizer_state=cfg.saving.save_optimizer_state)
 
+    hooks = eval_hooks(accelerator, eval_opts, outputs, data_cfg, prompt_cfg)
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,
-                   outputs.callbacks(previews=not cfg.previews.no_previews))
+                   outputs.callbacks(previews=not cfg.previews.no_previews), hooks)
     finish_run(accelerator, result, name, "hypernetwork", out_dir, hub=cli.hub_target(cfg))
     return 0
 

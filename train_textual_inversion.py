@@ -23,6 +23,7 @@ from utils import cli
 from utils.cluster import add_cluster_args
 from utils.config import TextualInversionConfig
 from utils.errors import UserError, exit_on_user_error
+from utils.eval_args import add_eval_args, eval_options
 
 PROG = "train_textual_inversion.py"
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optim_args(p, default_lr="0.005", default_weight_decay=0.0, default_batch_size=4)
     cli.add_output_args(p)
     cli.add_logging_args(p)
+    add_eval_args(p)
     add_cluster_args(p)
     return p
 
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     e = cfg.embedding
     if not e.placeholder_token and not e.resume_embedding:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
+    eval_opts = eval_options(cfg.evaluation, cfg.data.train_data_dir)
 
+    from utils.eval_hook import eval_hooks
     from utils.embeddings import MAX_VECTORS, load_embedding, sanitize_name
     from utils.run import finish_run
     from utils.trainers import textual_inversion
@@ -148,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = cli.run_settings(cfg, accelerator, loaded, summary, max_steps, embedding_name=name)
     loop_cfg = cli.loop_config(cfg, max_steps, loaded.prediction_type, settings, batches.micro_batches_per_epoch)
     out_dir = loop_cfg.output_dir
-    outputs = textual_inversion.TextualInversionOutputs(
+    writer = textual_inversion.TextualInversionOutputs(
         accelerator, trainable, loaded, out_dir, cli.preview_options(cfg, data_cfg),
         save_image_embeddings=e.save_image_embeddings, also_bin=cfg.saving.no_safe_serialization,
-        settings=settings, save_optimizer_state=cfg.saving.save_optimizer_state,
-    ).callbacks(previews=not cfg.previews.no_previews)
+        settings=settings, save_optimizer_state=cfg.saving.save_optimizer_state)
+    outputs = writer.callbacks(previews=not cfg.previews.no_previews)
+    hooks = eval_hooks(accelerator, eval_opts, writer, data_cfg, prompt_cfg)
 
-    result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs)
+    result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg, outputs, hooks)
     if e.save_as_full_pipeline and accelerator.is_main_process:
         from utils.full_pipeline import save_full_pipeline
 

@@ -166,6 +166,27 @@ class ClusterSettings:
 
 
 @dataclass
+class EvalSettings:
+    """The evaluation and early-stopping flags (utils/eval_args.py builds their parser group and checks them)."""
+
+    eval_every: int | None = None  # None: every 25 steps with a folder of pictures, else off
+    eval_data_dir: str | None = None
+    eval_set_size: int = 16
+    early_stopping: str = "none"
+    dvar_window: int = 3
+    dvar_threshold: float = 0.15
+    dvar_direction: float | None = 0.5
+    patience: int = 8
+    patience_metric: str = "eval_loss"
+    select_best: str = "eval_loss"
+    eval_clip_model: str | None = None
+    eval_dino_model: str | None = None
+    eval_num_images: int = 4
+    eval_prompt: str | None = None
+    norm_warn_factor: float = 3.0
+
+
+@dataclass
 class EmbeddingSettings:
     placeholder_token: str | None = None
     initializer_token: str = "*"
@@ -219,6 +240,7 @@ class TrainerConfig:
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     previews: PreviewSettings = field(default_factory=PreviewSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
 
     def settings(self) -> dict[str, Any]:
         """Every option by its flag name, flat and without secrets: training_settings.json and the tracker config."""

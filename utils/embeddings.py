@@ -98,6 +98,7 @@ def _is_our_temp_file(name: str) -> bool:
 # Folders and files that a training output folder holds besides embeddings (see list_embedding_files).
 _CHECKPOINT_DIR = re.compile(r"^\.?checkpoint-\d+(\.tmp)?$")
 _DIFFUSERS_COPY = re.compile(r"^learned_embeds(_2)?\.(safetensors|bin)$")
+_RUN_PLOT = "evaluation.png"  # a run's evaluation curves (utils/eval_hook.py), not an embedding card
 _RUN_SETTINGS = "training_settings.json"
 
 
@@ -119,7 +120,8 @@ def list_embedding_files(folder: str | os.PathLike, recursive: bool = True) -> I
     ``checkpoint-N/`` folders (their trainable.pt is training state), the model folders of a pipeline saved with
     ``--save_as_full_pipeline`` (unet/, text_encoder/, ...), and, in a folder with training_settings.json,
     ``learned_embeds(_2).safetensors|.bin``, the diffusers copies of ``<name>.pt`` (A1111 would name them
-    "learned_embeds"). The final ``<name>`` files and the periodic ``<name>-<step>`` copies count. A learned_embeds file
+    "learned_embeds"), and its evaluation plot. The final ``<name>`` files, ``<name>-best`` and the periodic
+    ``<name>-<step>`` copies count. A learned_embeds file
     anywhere else (a downloaded diffusers concept) loads as A1111 loads it."""
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -133,7 +135,7 @@ def list_embedding_files(folder: str | os.PathLike, recursive: bool = True) -> I
         run_output = _RUN_SETTINGS in files
         for name in sorted(files):
             if os.path.splitext(name)[1].lower() in EMBEDDING_EXTENSIONS and not _is_our_temp_file(name) and \
-                    not (run_output and _DIFFUSERS_COPY.match(name)):
+                    not (run_output and (_DIFFUSERS_COPY.match(name) or name == _RUN_PLOT)):
                 yield Path(root) / name
         if not recursive:
             break

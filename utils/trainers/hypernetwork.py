@@ -165,6 +165,13 @@ class HypernetworkOutputs(RunOutputs):
         return [save_hypernetwork(self._current(step), self.out_dir / "hypernetworks" /
                                   f"{self.trainable.name}-{step}.pt")]
 
+    def save_best(self, step: int) -> list[Path]:
+        """``<name>-best.pt`` / ``.safetensors``: the step --select_best chose (the base name inside, as in periodic
+        copies)."""
+        hn, stem = self._current(step), self.out_dir / f"{self.trainable.name}-best"
+        return [save_hypernetwork(hn, stem.with_suffix(".pt")),
+                save_hypernetwork_safetensors(hn, stem.with_suffix(".safetensors"))]
+
     def final(self, step: int, optimizer=None) -> list[Path]:
         hn = self._current(step)
         pt = save_hypernetwork(hn, self.out_dir / f"{self.trainable.name}.pt")

@@ -238,6 +238,12 @@ class TextualInversionOutputs(RunOutputs):
                                        image))
         return files
 
+    def save_best(self, step: int) -> list[Path]:
+        """``<name>-best``: the step --select_best chose, in the same formats as ``<name>`` (named like the file, as
+        periodic copies are)."""
+        stem = f"{self.trainable.name}-best"
+        return self._write(self._current(step, stem), self.out_dir / stem)
+
     def final(self, step: int, optimizer=None) -> list[Path]:
         emb = self._current(step)
         files = self._write(emb, self.out_dir / self.trainable.name)
