@@ -121,6 +121,7 @@ def test_sweep_variants_have_their_own_vectors(tiny_sd1, folders, tmp_path):
     (["--enable_buckets"], "--enable_buckets"),
     (["--max_grad_norm", "1"], "joint norm"),
     (["--sweep", "speed=1"], "unknown key 'speed'"),
+    (["--early_stopping", "dvar"], "--early_stopping: evaluation and early stopping are per single run"),
 ])
 def test_refused_combinations_are_one_line_errors(folders, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):

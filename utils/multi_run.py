@@ -7,12 +7,12 @@ latent cache, loop). See utils/trainers/many_embeddings.py for why the result is
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from utils import cli
 from utils.concepts import Concept, Defaults, expand_sweep, load_concepts, parse_sweep, single_concept
-from utils.config import TextualInversionConfig
+from utils.config import EvalSettings, TextualInversionConfig
 from utils.errors import UserError
 
 
@@ -82,6 +82,11 @@ def check_many_flags(cfg: TextualInversionConfig) -> None:
     for message, given in refused.items():
         if given:
             raise UserError(f"{message} (not with --concepts/--sweep)")
+    changed = [f"--{f.name}" for f in fields(EvalSettings)
+               if getattr(cfg.evaluation, f.name) != getattr(EvalSettings(), f.name)]
+    if changed:  # not silently dropped: each embedding's own evaluation and early stop is not built yet
+        raise UserError(f"{', '.join(changed)}: evaluation and early stopping are per single run for now (not with "
+                        f"--concepts/--sweep); train the embedding alone to evaluate it")
     if cfg.optim.max_grad_norm and cfg.optim.clip_grad_mode == "norm":
         raise UserError("--max_grad_norm with --clip_grad_mode norm would clip all embeddings by their joint norm "
                         "(not what each one's own run does); use --clip_grad_mode value, or train separately")
