@@ -329,5 +329,5 @@ def eval_hooks(accelerator, opts: EvalOptions, writer, data_cfg, prompt_cfg) -> 
 
     hook = build_eval_hook(accelerator, opts, writer.trainable, writer.loaded, training_noise_scheduler(writer.loaded),
                            writer.out_dir, data_cfg=data_cfg, prompt_cfg=prompt_cfg, save_best=writer.save_best,
-                           preview_opts=writer.preview_opts)
+                           preview_opts=writer.previewer.opts)
     return [hook] if hook is not None else []
