@@ -83,7 +83,8 @@ def check_many_flags(cfg: TextualInversionConfig) -> None:
         if given:
             raise UserError(f"{message} (not with --concepts/--sweep)")
     changed = [f"--{f.name}" for f in fields(EvalSettings)
-               if getattr(cfg.evaluation, f.name) != getattr(EvalSettings(), f.name)]
+               if getattr(cfg.evaluation, f.name) != getattr(EvalSettings(), f.name)
+               and not (f.name == "eval_every" and cfg.evaluation.eval_every == 0)]  # 0: off, as here
     if changed:  # not silently dropped: each embedding's own evaluation and early stop is not built yet
         raise UserError(f"{', '.join(changed)}: evaluation and early stopping are per single run for now (not with "
                         f"--concepts/--sweep); train the embedding alone to evaluate it")
