@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_as_full_pipeline", action="store_true",
                    help="Also save the whole model with the embedding added (new tokenizer tokens and text-encoder "
                         "rows) as a diffusers pipeline in --output_dir, as diffusers' example does.")
+    g = p.add_argument_group("many embeddings in one run (README: Many embeddings in one run)")
+    g.add_argument("--concepts", metavar="FILE",
+                   help="Train every embedding listed in FILE (YAML, JSON or CSV: name, train_data_dir or "
+                        "dataset_name, init_text, num_vectors, template, learning_rate) in one run through one "
+                        "frozen model; each gets <output_dir>/<name>/ with a single run's files.")
+    g.add_argument("--sweep", metavar="GRID",
+                   help="Expand the embedding (or each of --concepts) into one variant per combination, e.g. "
+                        "\"learning_rate=2e-3,5e-3,1e-2 num_vectors=1,2\" (keys: learning_rate, num_vectors, "
+                        "init_text, template); variants are named <name>-lr2e-3-v1 and so on.")
     cli.add_data_args(p, default_template=None)
     # Batch 4: measured on the tiny-world model, batch 1 did not reliably learn the concept in 200 steps (README).
     cli.add_optim_args(p, default_lr="0.005", default_weight_decay=0.0, default_batch_size=4)
@@ -102,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(argv)
     # Everything that can be checked without a model is checked first; the flags before torch is even imported.
     cli.check_flags(cfg)
+    if cfg.many.active:
+        from utils import multi_run
+
+        return multi_run.main(cfg)
     e = cfg.embedding
     if not e.placeholder_token and not e.resume_embedding:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")

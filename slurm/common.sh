@@ -132,6 +132,7 @@ ef_on_preempt() {
 # ef_submit (so preemption and requeue work as in the other templates), then records how it ended in the array's
 # summary folder and rewrites the summary there (tools/job_array.py).
 #   ARRAY_SUMMARY_DIR  the summary folder (default: embedforge-array-<array job id>/ in the folder sbatch was called from)
+#   EMBEDDINGS_PER_TASK  with a --concepts file as LIST: its entries per task, trained as one batched run
 ef_array_task() {
   if (( $# < 2 )); then
     ef_log "usage: sbatch --array=0-N $0 LIST TRAIN_SCRIPT [ARGS...]   (LIST: one line of flags per embedding)"
@@ -146,7 +147,8 @@ ef_array_task() {
   local log; log="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p' | head -n 1)"
 
   local picked; picked="$(mktemp)"
-  (cd "$repo" && python -m tools.job_array args "$list" "$SLURM_ARRAY_TASK_ID" -- "$@" > "$picked")
+  (cd "$repo" && python -m tools.job_array args "$list" "$SLURM_ARRAY_TASK_ID" \
+     ${EMBEDDINGS_PER_TASK:+--per_task "$EMBEDDINGS_PER_TASK"} -- "$@" > "$picked")
   local rc=$?
   local line=()
   (( rc == 0 )) && mapfile -d '' -t line < "$picked"

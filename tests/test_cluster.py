@@ -22,7 +22,7 @@ from utils.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "slurm"
 CONFIGS = ROOT / "configs" / "accelerate"
-TEMPLATES = ["train_1node.sbatch", "train_multinode.sbatch", "train_array.sbatch"]
+TEMPLATES = ["train_1node.sbatch", "train_multinode.sbatch", "train_array.sbatch", "train_concepts_array.sbatch"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,6 +154,25 @@ def test_array_dry_run_takes_the_tasks_line_after_the_common_flags(fakebin, tmp_
         "train_textual_inversion.py", "--config", "c.yaml", "--output_dir", "runs/common",
         "--placeholder_token", "b c", "--output_dir", "runs/b", "--resume_from_checkpoint", "latest"]
     assert not (tmp_path / "summary").exists()  # a dry run records nothing
+
+
+def test_concepts_array_dry_run_trains_the_tasks_slice_as_one_batched_run(fakebin, tmp_path):
+    concepts = tmp_path / "concepts.csv"
+    concepts.write_text("name,train_data_dir\n" + "".join(f"c{i},data/c{i}\n" for i in range(5)))
+    env = _slurm_env(fakebin, tmp_path / "calls", SLURM_JOB_ID=12, SLURM_ARRAY_JOB_ID=11, SLURM_ARRAY_TASK_ID=1,
+                     SLURM_JOB_NODELIST="node3", SLURM_NNODES=1, SLURM_GPUS_ON_NODE=1, EMBEDDINGS_PER_TASK=2,
+                     ARRAY_SUMMARY_DIR=str(tmp_path / "summary"))
+    env["PATH"] = f"{fakebin}:{Path(sys.executable).parent}:{env['PATH']}"  # the template runs `python -m utils...`
+    runs = tmp_path / "runs"
+    srun, accel = _dry_run("train_concepts_array.sbatch", env, str(concepts), "train_textual_inversion.py",
+                           "--config", "c.yaml", "--output_dir", str(runs))
+    task = runs / "task-00001"
+    assert accel[accel.index("train_textual_inversion.py"):] == [
+        "train_textual_inversion.py", "--config", "c.yaml", "--output_dir", str(runs),
+        "--concepts", str(task / "concepts.json"), "--output_dir", str(task), "--resume_from_checkpoint", "latest"]
+    import json
+
+    assert [e["name"] for e in json.loads((task / "concepts.json").read_text())] == ["c2", "c3"]
 
 
 def test_array_task_without_a_line_fails_with_one_line(fakebin, tmp_path):

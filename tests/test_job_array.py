@@ -107,3 +107,26 @@ def test_summary_rows_states_files_steps_and_errors(tmp_path):
     text = (folder / "summary.txt").read_text()
     assert text.startswith("3 task(s): 1 done, 1 failed, 1 stopped") and "submit the task again" in text
     assert job_array_tool.main(["summary", str(folder)]) == 0
+
+
+def test_a_concepts_file_is_cut_into_tasks_of_per_task_embeddings(tmp_path):
+    concepts = tmp_path / "c.csv"
+    concepts.write_text("name,train_data_dir,num_vectors\n" + "".join(f"e{i},d{i},{1 + i % 2}\n" for i in range(7)))
+    assert job_array.is_concepts_file(concepts) and not job_array.is_concepts_file(tmp_path / "list.txt")
+    args = job_array.concepts_task_args(concepts, 3, 2, ["--output_dir", str(tmp_path / "runs")])
+    out = tmp_path / "runs" / "task-00003"
+    assert args == ["--concepts", str(out / "concepts.json"), "--output_dir", str(out)]
+    assert json.loads((out / "concepts.json").read_text()) == [{"name": "e6", "train_data_dir": "d6",
+                                                                 "num_vectors": "1"}]
+    with pytest.raises(UserError, match=r"array task 4 has no line: the list has 7 .*--array=0-3"):
+        job_array.concepts_task_args(concepts, 4, 2, ["--output_dir", str(tmp_path / "runs")])
+
+
+def test_the_summary_of_a_batched_task_names_its_embeddings(tmp_path):
+    out = tmp_path / "runs" / "task-00000"
+    out.mkdir(parents=True)
+    (out / "embeddings_summary.csv").write_text("name,steps\na,5\nb,5\n")
+    (out / "many_embeddings_loss.csv").write_text("step,epoch,epoch_step,loss,learn_rate\n5,0,4,0.5,0.005\n")
+    _record(tmp_path / "s", 0, "done", out, tasks=1)
+    row = json.loads((tmp_path / "s" / "summary.json").read_text())[0]
+    assert row["files"] == ["a/", "b/"] and row["step"] == 5

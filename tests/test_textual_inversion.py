@@ -145,3 +145,14 @@ def test_each_prompt_is_tokenized_once(pipe):
     assert n > 0 and len(calls) == n and torch.equal(again[1], first[0])
     ti.model_inputs({"prompts": ["another my-emb"]}, "cpu")
     assert len(calls) > n
+
+
+def test_a_dotted_name_keeps_its_whole_name_in_the_file_names(tmp_path):
+    """'v1.5-x' is a whole name, not a stem with a '.5-x' suffix to replace."""
+    from utils.embeddings import Embedding, load_embedding
+    from utils.trainers.textual_inversion import TextualInversionOutputs
+
+    emb = Embedding("v1.5-x", torch.randn(2, 8))
+    files = TextualInversionOutputs._write(None, emb, tmp_path / "v1.5-x")
+    assert sorted(f.name for f in files) == ["v1.5-x.pt", "v1.5-x.safetensors"]
+    assert load_embedding(tmp_path / "v1.5-x.pt").name == "v1.5-x"

@@ -1,8 +1,9 @@
 """Slurm job arrays from the command line: the flags of an array task, recording how it ended, the summary.
 
-slurm/train_array.sbatch (through slurm/common.sh) calls:
+slurm/train_array.sbatch and slurm/train_concepts_array.sbatch (through slurm/common.sh) call:
 
     python -m tools.job_array args LIST TASK_ID [-- COMMON_ARGS...]    # the task's flags, NUL-separated
+    python -m tools.job_array args CONCEPTS.csv TASK_ID --per_task N [-- COMMON_ARGS...]  # N embeddings, one run
     python -m tools.job_array record DIR --task I ... -- SCRIPT ARGS... # after the training; rewrites the summary
     python -m tools.job_array summary DIR                               # (users) rewrite and print the summary
 
@@ -24,9 +25,12 @@ PROG = "python -m tools.job_array"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("args", help="print array task TASK_ID's flags from LIST, NUL-separated")
+    a = sub.add_parser("args", help="print array task TASK_ID's flags from LIST, NUL-separated (a --concepts "
+                                    "file as LIST: the task's slice, written to <output_dir>/task-<id>/)")
     a.add_argument("list")
     a.add_argument("task_id", type=int)
+    a.add_argument("--per_task", type=int, default=1,
+                   help="with a --concepts file (.csv/.json/.yaml) as LIST: embeddings per task, trained as one run")
     r = sub.add_parser("record", help="record how a task ended and rewrite the summary in DIR")
     r.add_argument("dir", type=Path)
     for name in ("task", "tasks", "status", "restarts"):
@@ -47,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
 
     if ns.command == "args":
-        sys.stdout.write("".join(f"{w}\0" for w in job_array.task_args(ns.list, ns.task_id, rest)))
+        words = (job_array.concepts_task_args(ns.list, ns.task_id, ns.per_task, rest)
+                 if job_array.is_concepts_file(ns.list) else job_array.task_args(ns.list, ns.task_id, rest))
+        sys.stdout.write("".join(f"{w}\0" for w in words))
     elif ns.command == "record":
         if not rest:
             raise UserError("record: give the training command after --")

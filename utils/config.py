@@ -197,6 +197,18 @@ class EmbeddingSettings:
 
 
 @dataclass
+class ManyEmbeddingsSettings:
+    """--concepts / --sweep: many embeddings in one run (utils/multi_run.py)."""
+
+    concepts: str | None = None
+    sweep: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.concepts or self.sweep)
+
+
+@dataclass
 class HypernetworkSettings:
     hypernetwork_name: str | None = None
     resume_hypernetwork: str | None = None
@@ -238,6 +250,7 @@ class TrainerConfig:
 @dataclass
 class TextualInversionConfig(TrainerConfig):
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+    many: ManyEmbeddingsSettings = field(default_factory=ManyEmbeddingsSettings)
     demo: bool = False
 
 

@@ -3,7 +3,9 @@
 ``slurm/train_array.sbatch`` trains one embedding (or hypernetwork) per array task. The embeddings are listed in a
 text file, one line each: the flags that differ between them (shell quoting; blank lines and ``#`` comments are
 skipped). Array task i takes line i. Each task records how it ended in a folder that the whole array shares and
-rewrites the summary there, so the summary is complete when the last task ends. The template calls these through
+rewrites the summary there, so the summary is complete when the last task ends. With a ``--concepts`` file
+(.csv/.json/.yaml) as the list (``slurm/train_concepts_array.sbatch``), task i takes ``per_task`` of its entries and
+trains them as one batched run in ``<output_dir>/task-<i>/``. The templates call these through
 ``python -m tools.job_array`` (tools/job_array.py).
 
 Nothing here starts a training or talks to Slurm.
@@ -96,6 +98,28 @@ def task_args(list_path: str | Path, task_id: int, common: list[str]) -> list[st
     return line
 
 
+CONCEPT_FILE_SUFFIXES = (".csv", ".json", ".yaml", ".yml")
+
+
+def is_concepts_file(path: str | Path) -> bool:
+    """A --concepts file (many embeddings per task, batched) rather than a list of flag lines (one per task)."""
+    return Path(path).suffix.lower() in CONCEPT_FILE_SUFFIXES
+
+
+def concepts_task_args(path: str | Path, task_id: int, per_task: int, common: list[str]) -> list[str]:
+    """Array task ``task_id`` of a concepts file: its ``per_task`` concepts (entries task_id*per_task ..) are written
+    to ``<output_dir>/task-<id>/concepts.json`` and trained as one batched run there; returns the flags for it."""
+    from utils.concepts import read_entries
+
+    if per_task < 1:
+        raise UserError(f"--per_task must be >= 1 (got {per_task})")
+    entries = lines_for_task(read_entries(Path(path)), task_id, per_task)
+    out = Path(output_dir_of(common)).resolve() / f"task-{task_id:05d}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "concepts.json", json.dumps(entries, indent=1) + "\n")
+    return ["--concepts", str(out / "concepts.json"), "--output_dir", str(out)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What each task did, and the summary
 
@@ -149,6 +173,9 @@ def task_row(rec: TaskRecord) -> dict:
            "job_id": rec.job_id, "output_dir": str(out),
            "files": sorted(p.name for p in out.glob("*") if p.suffix in (".pt", ".safetensors")),
            "step": None, "loss": None, "error": "", "log": rec.log}
+    if (out / "embeddings_summary.csv").is_file():  # a batched --concepts task: one folder per embedding
+        with open(out / "embeddings_summary.csv", newline="", encoding="utf-8") as f:
+            row["files"] = [f"{r['name']}/" for r in csv.DictReader(f)]
     last = last_csv_row(out) if out.is_dir() else None
     if last:
         row["step"], row["loss"] = int(last["step"]), float(last["loss"])

@@ -489,7 +489,9 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                 "shapes": [list(p.shape) for p in trainable.parameters()]}
     state = TrainerState(identity, {"global_micro_batch": cfg.train_batch_size * world, "accumulation": A}, hooks)
     state.step = trainable.initial_step
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=lr.rate(state.step),
+    # A trainable may give AdamW parameter groups (several embeddings, each with an ``lr_factor`` on the run's rate).
+    groups = trainable.param_groups() if hasattr(trainable, "param_groups") else trainable.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=lr.rate(state.step),
                                   betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
                                   weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon)
     sync_only_trainables(trainable.model, trainable.parameters())  # DDP: no broadcast of frozen weights/buffers
@@ -585,9 +587,10 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
                     break
                 seen += 1
                 for group in optimizer.param_groups:
-                    group["lr"] = lr.rate(state.step)
+                    group["lr"] = lr.rate(state.step) * group.get("lr_factor", 1.0)
                 latents = batch["latents"].to(device)
-                seeds = [sample_seed(cfg.seed, epoch, int(p)) for p in batch["positions"]]
+                # A source that joins several runs' samples hands each its own run's seed (utils/data/balanced.py).
+                seeds = batch.get("noise_seeds") or [sample_seed(cfg.seed, epoch, int(p)) for p in batch["positions"]]
                 noise, timesteps = draw_noise_and_timesteps(
                     seeds, latents.shape[1:], noise_scheduler.config.num_train_timesteps, device, latents.dtype)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)

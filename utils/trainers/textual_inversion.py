@@ -60,8 +60,10 @@ class TextualInversionModel(nn.Module):
         cond = self.encoders.encode(input_ids, [v.view_as(v) for v in self.vectors], weights)
         return cond.embeds, cond.pooled
 
-    def forward(self, noisy_latents, timesteps, input_ids: list[torch.Tensor], add_time_ids=None, weights=None):
-        hidden, pooled = self.encode(input_ids, weights)
+    def forward(self, noisy_latents, timesteps, input_ids: list[torch.Tensor], add_time_ids=None, weights=None,
+                **encode_args):
+        # encode_args: what a subclass's encode() needs beyond the ids (utils/trainers/many_embeddings.py).
+        hidden, pooled = self.encode(input_ids, weights, **encode_args)
         hidden = hidden.to(self.unet_dtype)
         added = None
         if self.sdxl:
@@ -216,10 +218,14 @@ class TextualInversionOutputs(RunOutputs):
                        sd_checkpoint_name=self.loaded.identity.name)
 
     def _write(self, emb: Embedding, stem: Path) -> list[Path]:
+        # Names may hold dots ("v1.5-x"): the suffix is appended, never swapped in (with_suffix would cut ".5-x").
+        def named(suffix: str) -> Path:
+            return stem.with_name(stem.name + suffix)
+
         if emb.is_sdxl:  # the one-file clip_l/clip_g layout A1111, ComfyUI and kohya read
-            return [save_kohya(emb, stem.with_suffix(".safetensors"))]
-        return [save_a1111_pt(emb, stem.with_suffix(".pt")),
-                save_diffusers(emb, stem.with_suffix(".safetensors"), token=diffusers_prompt_token(emb.name))]
+            return [save_kohya(emb, named(".safetensors"))]
+        return [save_a1111_pt(emb, named(".pt")),
+                save_diffusers(emb, named(".safetensors"), token=diffusers_prompt_token(emb.name))]
 
     def save(self, step: int) -> list[Path]:
         # Periodic copies store "<name>-<step>" as their name, as A1111's do (it is what a PNG card loads as).

@@ -1,0 +1,246 @@
+"""--concepts / --sweep: K embeddings in one run, each exactly what its own run gives (vectors, files, logs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train_textual_inversion as tti
+from utils.embeddings import load_embedding
+from utils.errors import UserError
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> list[Path]:
+    """Three concepts with 4, 6 and 8 pictures: with batch 2 their epochs are 2, 3 and 4 steps long."""
+    root = tmp_path_factory.mktemp("concepts")
+    rng = torch.Generator().manual_seed(3)
+    out = []
+    for k, n in enumerate((4, 6, 8)):
+        d = root / f"c{k}"
+        d.mkdir()
+        for i in range(n):
+            arr = (torch.rand(64, 64, 3, generator=rng) * 255).byte().numpy()
+            Image.fromarray(arr).save(d / f"{i:02d}.png")
+        out.append(d)
+    return out
+
+
+CONCEPTS = [("alpha-thing", "object", 1, "0.01"), ("beta-thing", "cat", 2, "0.02"), ("gamma-thing", "dog", 1, "0.01")]
+
+
+def _common(model, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--resolution", "64",
+            "--train_batch_size", "2", "--learning_rate", "0.01", "--max_train_steps", str(STEPS), "--seed", "5",
+            "--save_every", "3", "--checkpointing_steps", "0", "--no_previews", *map(str, extra)]
+
+
+def _single(model, data, out, name, init, vectors, lr, *extra):
+    # Evaluation off: a many-embedding run does not evaluate yet (README), and evaluating leaves the vectors as they
+    # are; the single run's files are then the ones each embedding's folder must hold.
+    assert tti.main(_common(model, out, "--eval_every", "0", "--train_data_dir", data, "--placeholder_token", name,
+                            "--initializer_token", init, "--num_vectors", vectors, "--learning_rate", lr,
+                            *extra)) == 0
+
+
+def _concepts_file(path: Path, folders) -> Path:
+    lines = []
+    for (name, init, vectors, lr), d in zip(CONCEPTS, folders):
+        lines.append(f"- name: {name}\n  train_data_dir: {d}\n  init_text: {init}\n  num_vectors: {vectors}\n"
+                     f"  learning_rate: {lr}\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def _losses(path: Path) -> list[tuple[int, int, int, float, float]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [(int(s), int(e), int(es), float(loss), float(lr)) for s, e, es, loss, lr in rows]
+
+
+@pytest.fixture(scope="module")
+def singles(tiny_sd1, folders, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("singles")
+    out = {}
+    for (name, init, vectors, lr), d in zip(CONCEPTS, folders):
+        _single(tiny_sd1, d, root / name, name, init, vectors, lr)
+        out[name] = root / name
+    return out
+
+
+def test_each_embedding_is_what_its_own_run_gives(tiny_sd1, folders, singles, tmp_path):
+    """THE test: for K = 3 (different pictures, epoch lengths, vector counts and learning rates), each embedding's
+    vectors after N steps match its separate run with the same seed and data, and so does its loss log."""
+    out = tmp_path / "many"
+    assert tti.main(_common(tiny_sd1, out, "--concepts", _concepts_file(tmp_path / "c.yaml", folders))) == 0
+    for name, _, vectors, lr in CONCEPTS:
+        mine, theirs = load_embedding(out / name / f"{name}.pt"), load_embedding(singles[name] / f"{name}.pt")
+        assert mine.name == name and mine.step == STEPS and mine.num_vectors == vectors
+        start = load_embedding(singles[name] / "embeddings" / f"{name}-3.pt").vectors
+        moved = (theirs.vectors - start).abs().max()
+        assert moved > 1e-4  # the comparison below is not between two untrained tables
+        torch.testing.assert_close(mine.vectors, theirs.vectors, rtol=1e-5, atol=1e-6)
+        copy3 = load_embedding(out / name / "embeddings" / f"{name}-3.pt")
+        torch.testing.assert_close(copy3.vectors, start, rtol=1e-5, atol=1e-6)
+        a, b = _losses(out / name / "textual_inversion_loss.csv"), _losses(singles[name] / "textual_inversion_loss.csv")
+        assert [r[:3] for r in a] == [r[:3] for r in b]  # steps and each embedding's own epochs
+        assert [r[4] for r in a] == [r[4] for r in b]  # its own learning rate
+        assert [r[3] for r in a] == pytest.approx([r[3] for r in b], rel=1e-4, abs=1e-6)
+        # the same files as the single run, in its own folder
+        single_files = sorted(p.name for p in singles[name].iterdir() if p.is_file() and p.name != "README.md")
+        my_files = sorted(p.name for p in (out / name).iterdir() if p.is_file() and p.name != "README.md")
+        assert my_files == single_files
+        settings = json.loads((out / name / "training_settings.json").read_text())
+        assert settings["embedding_name"] == name and settings["learning_rate"] == lr
+        assert settings["num_vectors"] == vectors and settings["final_step"] == STEPS
+    with open(out / "embeddings_summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [c[0] for c in CONCEPTS] and all(r["steps"] == str(STEPS) for r in rows)
+
+
+def test_sweep_variants_have_their_own_vectors(tiny_sd1, folders, tmp_path):
+    out = tmp_path / "sweep"
+    assert tti.main(_common(tiny_sd1, out, "--train_data_dir", folders[0], "--placeholder_token", "sw",
+                            "--initializer_token", "object", "--max_train_steps", "2",
+                            "--sweep", "learning_rate=0.005,0.02 num_vectors=1,2", "--learning_rate", "0.005")) == 0
+    got = {p.name: load_embedding(p / f"{p.name}.pt") for p in out.iterdir() if p.is_dir() and p.name.startswith("sw")}
+    assert sorted(got) == ["sw-lr0p005-v1", "sw-lr0p005-v2", "sw-lr0p02-v1", "sw-lr0p02-v2"]
+    assert [got[n].num_vectors for n in sorted(got)] == [1, 2, 1, 2]
+    assert not torch.equal(got["sw-lr0p005-v1"].vectors, got["sw-lr0p02-v1"].vectors)
+    rates = {n: _losses(out / n / "textual_inversion_loss.csv")[0][4] for n in got}
+    assert rates == {"sw-lr0p005-v1": 0.005, "sw-lr0p005-v2": 0.005, "sw-lr0p02-v1": 0.02, "sw-lr0p02-v2": 0.02}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resume_embedding", "x.pt"], "--resume_embedding continues one file"),
+    (["--enable_buckets"], "--enable_buckets"),
+    (["--max_grad_norm", "1"], "joint norm"),
+    (["--sweep", "speed=1"], "unknown key 'speed'"),
+    (["--early_stopping", "dvar"], "--early_stopping: evaluation and early stopping are per single run"),
+    (["--eval_every", "5"], "--eval_every: evaluation and early stopping are per single run"),
+])
+def test_refused_combinations_are_one_line_errors(folders, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        tti.main(_common("no-model-needed", tmp_path / "o", "--train_data_dir", folders[0], "--placeholder_token",
+                         "x", "--sweep", "num_vectors=1,2", *extra))
+
+
+def test_one_concept_is_bit_identical_to_its_own_run(tiny_sd1, folders, singles, tmp_path):
+    """With K = 1 the batch layout is the single run's: the vectors and the loss log are bit-identical."""
+    out = tmp_path / "one"
+    path = _concepts_file(tmp_path / "c.yaml", folders[:1])  # the first concept only
+    assert tti.main(_common(tiny_sd1, out, "--concepts", path)) == 0
+    name = CONCEPTS[0][0]
+    assert torch.equal(load_embedding(out / name / f"{name}.pt").vectors,
+                       load_embedding(singles[name] / f"{name}.pt").vectors)
+    assert _losses(out / name / "textual_inversion_loss.csv") == _losses(singles[name] / "textual_inversion_loss.csv")
+
+
+def test_the_loss_is_the_sum_of_each_embeddings_mean():
+    """Each sample's gradient is 1 / (its embedding's sample count): the gradient its own run's mean gives. (AdamW
+    hides a wrong scale almost completely, so the reduction is pinned here directly.)"""
+    from utils.embeddings import Embedding
+    from utils.trainers.many_embeddings import ManyEmbeddings
+
+    embs = [Embedding(f"e{k}", torch.zeros(1, 4)) for k in range(4)]
+    many = ManyEmbeddings(embs, prompt_tokens=None, model=None, lr_factors=[1.0] * 4)
+    per_sample = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0, 5.0], requires_grad=True)
+    batch = {"embedding_index": torch.tensor([2, 2, 0, 0, 0, 3])}  # embedding 1 has no sample here
+    loss = many.reduce_loss(per_sample, batch)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(2.0 + 4.0 + 5.0)
+    assert per_sample.grad.tolist() == pytest.approx([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3, 1.0])
+    many.reduce_loss(torch.tensor([3.0, 3.0, 0.0, 0.0, 0.0, 1.0]), batch)
+    assert many.take_step_losses().tolist() == pytest.approx([(4.0 + 0.0) / 2, 0.0, (2.0 + 3.0) / 2, (5.0 + 1.0) / 2])
+    assert many.take_step_losses() is None
+
+
+def test_resume_continues_every_embedding_exactly(tiny_sd1, folders, singles, tmp_path):
+    """Stopped at step 3 (a checkpoint) and resumed: every embedding ends as its own uninterrupted run, and each
+    loss log is whole (steps 1..5, no row twice)."""
+    out = tmp_path / "many"
+    concepts = _concepts_file(tmp_path / "c.yaml", folders)
+    assert tti.main(_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", "3",
+                            "--checkpointing_steps", "3")) == 0
+    assert tti.main(_common(tiny_sd1, out, "--concepts", concepts, "--resume_from_checkpoint", "latest")) == 0
+    for name, *_ in CONCEPTS:
+        torch.testing.assert_close(load_embedding(out / name / f"{name}.pt").vectors,
+                                   load_embedding(singles[name] / f"{name}.pt").vectors, rtol=1e-5, atol=1e-6)
+        assert [r[0] for r in _losses(out / name / "textual_inversion_loss.csv")] == list(range(1, STEPS + 1))
+
+
+def test_a_changed_concept_list_does_not_resume(tiny_sd1, folders, tmp_path):
+    out = tmp_path / "many"
+    assert tti.main(_common(tiny_sd1, out, "--concepts", _concepts_file(tmp_path / "c.yaml", folders),
+                            "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
+    with pytest.raises(UserError, match="belongs to another run"):
+        tti.main(_common(tiny_sd1, out, "--concepts", _concepts_file(tmp_path / "c2.yaml", folders[:2]),
+                         "--resume_from_checkpoint", "latest"))
+
+
+@pytest.mark.slow
+def test_two_processes_match_the_single_runs(tiny_sd1, folders, singles, tmp_path):
+    """2 processes x batch 1 per embedding: each rank takes its share of every embedding's batch; the result is
+    each embedding's own 1-process run, and its loss log is the mean over both ranks."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(root / "train_textual_inversion.py"),
+           *_common(tiny_sd1, tmp_path / "two", "--concepts", _concepts_file(tmp_path / "c.yaml", folders)),
+           "--train_batch_size", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
+    for name, *_ in CONCEPTS:
+        torch.testing.assert_close(load_embedding(tmp_path / "two" / name / f"{name}.pt").vectors,
+                                   load_embedding(singles[name] / f"{name}.pt").vectors, rtol=1e-4, atol=1e-5)
+        a = _losses(tmp_path / "two" / name / "textual_inversion_loss.csv")
+        b = _losses(singles[name] / "textual_inversion_loss.csv")
+        assert [r[3] for r in a] == pytest.approx([r[3] for r in b], rel=1e-4, abs=1e-6)
+
+
+def test_previews_cards_and_optimizer_sidecars_per_embedding(tiny_sd1, folders, tmp_path):
+    """Each embedding's folder holds what a single run writes with these flags: previews of its own prompt ([name]
+    becomes its name), PNG cards that load as it, and an A1111 .pt.optim with only its own optimizer state."""
+    out = tmp_path / "o"
+    argv = _common(tiny_sd1, out, "--concepts", _concepts_file(tmp_path / "c.yaml", folders[:2]),
+                   "--max_train_steps", "2", "--save_every", "2", "--save_image_embeddings", "--save_optimizer_state",
+                   "--preview_every", "2", "--preview_steps", "2", "--preview_prompt", "a [name] on a table")
+    argv.remove("--no_previews")
+    assert tti.main(argv) == 0
+    from utils.infotext import read_infotext
+
+    for name, _, vectors, _ in CONCEPTS[:2]:
+        folder = out / name
+        assert sorted(p.name for p in (folder / "images").iterdir()) == [f"{name}-2-0.png"]
+        assert f"a {name} on a table" in read_infotext(folder / "images" / f"{name}-2-0.png")
+        card = load_embedding(folder / "image_embeddings" / f"{name}-2.png")
+        assert card.name == f"{name}-2" and torch.allclose(card.vectors, load_embedding(folder / f"{name}.pt").vectors)
+        sidecar = torch.load(folder / f"{name}.pt.optim", weights_only=False)["optimizer_state_dict"]
+        assert len(sidecar["param_groups"]) == 1 and sidecar["param_groups"][0]["params"] == [0]
+        assert sidecar["state"][0]["exp_avg"].shape == (vectors, 32)
+        # A1111 loads it into an AdamW over the one vector table
+        table = torch.nn.Parameter(torch.zeros(vectors, 32))
+        torch.optim.AdamW([table]).load_state_dict(sidecar)
+
+
+def test_sdxl_embeddings_train_side_by_side(tiny_sdxl, folders, tmp_path):
+    out = tmp_path / "o"
+    assert tti.main(_common(tiny_sdxl, out, "--concepts", _concepts_file(tmp_path / "c.yaml", folders[:2]),
+                            "--max_train_steps", "2")) == 0
+    for name, _, vectors, _ in CONCEPTS[:2]:
+        emb = load_embedding(out / name / f"{name}.safetensors")
+        assert emb.is_sdxl and emb.num_vectors == vectors and emb.step == 2
+        assert (out / name / "learned_embeds.safetensors").is_file()
