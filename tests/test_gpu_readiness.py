@@ -162,7 +162,7 @@ def _ddp_frozen_worker(rank, model_dir, out_dir):
     if rank == 1:
         with torch.no_grad():
             pipe.unet.conv_in.weight.add_(0.5)
-            pipe.text_encoder.get_input_embeddings().base.weight[:100].mul_(2.0)
+            pipe.text_encoder.get_input_embeddings().weight[:100].mul_(2.0)
             for name, b in buffers.items():
                 if "position_ids" in name:
                     b.copy_(b.flip(-1))
