@@ -253,7 +253,9 @@ def test_sdxl_embeddings_train_side_by_side(tiny_sdxl, folders, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Each embedding's own evaluation, early stop and best step
 
-EVAL = ["--eval_every", "1", "--eval_set_size", "4", "--early_stopping", "patience", "--patience", "3"]
+# The mean latents: the stop steps must not depend on the pictures' file times ("once" draws from the cache key).
+EVAL = ["--latent_sampling", "deterministic", "--eval_every", "1", "--eval_set_size", "4", "--early_stopping",
+        "patience", "--patience", "3"]
 EVAL_STEPS = 10
 
 
@@ -273,7 +275,7 @@ def stopping(tiny_sd1, folders, tmp_path_factory):
     root = tmp_path_factory.mktemp("stopping")
     concepts = _concepts_file(root / "c.yaml", folders[:2])
     runs = {}
-    for label, flags in (("eval", EVAL), ("plain", ["--eval_every", "0"])):
+    for label, flags in (("eval", EVAL), ("plain", ["--latent_sampling", "deterministic", "--eval_every", "0"])):
         runs[label] = root / label
         assert tti.main(_common(tiny_sd1, runs[label], "--concepts", concepts, "--max_train_steps", EVAL_STEPS,
                                 "--save_every", "1", *flags)) == 0
@@ -329,6 +331,11 @@ def test_each_embedding_has_its_own_best_files_and_report(stopping):
         with open(out / name / "evaluation.csv", newline="") as f:
             steps = [int(r["step"]) for r in csv.DictReader(f)]
         assert steps == list(range(0, stops[name] + 1))  # evaluated every step until its stop, then no more
+        # its norm watch follows its own vectors only (one column per vector of its own)
+        own = _vectors(out / name / f"{name}.pt")
+        last = report["history"][-1]
+        assert sorted(k for k in last if k.startswith("norm/")) == [f"norm/{i}" for i in range(len(own))]
+        assert [last[f"norm/{i}"] for i in range(len(own))] == pytest.approx(own.norm(dim=1).tolist(), rel=1e-5)
 
 
 def test_resume_across_a_stop_makes_the_same_decisions(tiny_sd1, stopping, tmp_path):
@@ -339,11 +346,16 @@ def test_resume_across_a_stop_makes_the_same_decisions(tiny_sd1, stopping, tmp_p
                             "--checkpointing_steps", half, *EVAL)) == 0
     assert tti.main(_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", EVAL_STEPS, "--save_every",
                             "1", "--resume_from_checkpoint", "latest", *EVAL)) == 0
-    assert {n: int(r["stop_step"]) for n, r in _summary(out).items()} == stops
+    rows = _summary(out)
+    assert {n: int(r["stop_step"]) for n, r in rows.items()} == stops
+    assert {n: int(r["steps"]) for n, r in rows.items()} == stops
     for name in (first, other):
         assert torch.equal(_vectors(out / name / f"{name}.pt"), _vectors(runs["eval"] / name / f"{name}.pt"))
         report = json.loads((out / name / "evaluation.json").read_text())
         assert report["stopped_at"] == stops[name]
+        # the resumed run knows who stopped: no evaluation or log row after an embedding's stop
+        assert [h["step"] for h in report["history"]] == list(range(0, stops[name] + 1))
+        assert [r[0] for r in _losses(out / name / "textual_inversion_loss.csv")] == list(range(1, stops[name] + 1))
 
 
 def test_a_stopped_embeddings_samples_give_no_gradient():
