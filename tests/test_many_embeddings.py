@@ -43,9 +43,9 @@ def _common(model, out, *extra):
 
 
 def _single(model, data, out, name, init, vectors, lr, *extra):
-    # Evaluation off: a many-embedding run does not evaluate yet (README), and evaluating leaves the vectors as they
-    # are; the single run's files are then the ones each embedding's folder must hold.
-    assert tti.main(_common(model, out, "--eval_every", "0", "--train_data_dir", data, "--placeholder_token", name,
+    # The evaluation as the flags leave it (on by default: each embedding's folder then holds its evaluation files,
+    # as the single run's does, and the vectors must still match).
+    assert tti.main(_common(model, out, "--train_data_dir", data, "--placeholder_token", name,
                             "--initializer_token", init, "--num_vectors", vectors, "--learning_rate", lr,
                             *extra)) == 0
 
@@ -123,13 +123,17 @@ def test_sweep_variants_have_their_own_vectors(tiny_sd1, folders, tmp_path):
     (["--enable_buckets"], "--enable_buckets"),
     (["--max_grad_norm", "1"], "joint norm"),
     (["--sweep", "speed=1"], "unknown key 'speed'"),
-    (["--early_stopping", "dvar"], "--early_stopping: evaluation and early stopping are per single run"),
-    (["--eval_every", "5"], "--eval_every: evaluation and early stopping are per single run"),
+    (["--eval_data_dir", "."], "--eval_data_dir: each embedding is evaluated on its own pictures"),
+    (["--eval_clip_model", "openai/clip"], "--eval_clip_model: one scoring model per embedding"),
+    (["--eval_dino_model", "facebook/dino"], "--eval_dino_model: one scoring model per embedding"),
+    (["--eval_every", "0", "--early_stopping", "dvar"], "concept 'x-v1': --early_stopping dvar needs the evaluation"),
+    (["--early_stopping", "patience", "--patience_metric", "clip_i"], "concept 'x-v1': .*needs --eval_clip_model"),
 ])
 def test_refused_combinations_are_one_line_errors(folders, tmp_path, extra, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as e:
         tti.main(_common("no-model-needed", tmp_path / "o", "--train_data_dir", folders[0], "--placeholder_token",
                          "x", "--sweep", "num_vectors=1,2", *extra))
+    assert "\n" not in str(e.value)
 
 
 def test_one_concept_is_bit_identical_to_its_own_run(tiny_sd1, folders, singles, tmp_path):
@@ -244,3 +248,126 @@ def test_sdxl_embeddings_train_side_by_side(tiny_sdxl, folders, tmp_path):
         emb = load_embedding(out / name / f"{name}.safetensors")
         assert emb.is_sdxl and emb.num_vectors == vectors and emb.step == 2
         assert (out / name / "learned_embeds.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Each embedding's own evaluation, early stop and best step
+
+# The mean latents: the stop steps must not depend on the pictures' file times ("once" draws from the cache key).
+EVAL = ["--latent_sampling", "deterministic", "--eval_every", "1", "--eval_set_size", "4", "--early_stopping",
+        "patience", "--patience", "3"]
+EVAL_STEPS = 10
+
+
+def _summary(out: Path) -> dict[str, dict]:
+    with open(out / "embeddings_summary.csv", newline="") as f:
+        return {r["name"]: r for r in csv.DictReader(f)}
+
+
+def _vectors(path: Path) -> torch.Tensor:
+    return load_embedding(path).vectors
+
+
+@pytest.fixture(scope="module")
+def stopping(tiny_sd1, folders, tmp_path_factory):
+    """K = 2 with patience 3: the two embeddings stop at different steps. Also the same run without the evaluation,
+    with a copy of every step."""
+    root = tmp_path_factory.mktemp("stopping")
+    concepts = _concepts_file(root / "c.yaml", folders[:2])
+    runs = {}
+    for label, flags in (("eval", EVAL), ("plain", ["--latent_sampling", "deterministic", "--eval_every", "0"])):
+        runs[label] = root / label
+        assert tti.main(_common(tiny_sd1, runs[label], "--concepts", concepts, "--max_train_steps", EVAL_STEPS,
+                                "--save_every", "1", *flags)) == 0
+    stops = {n: int(r["stop_step"]) for n, r in _summary(runs["eval"]).items()}
+    first, other = sorted(stops, key=stops.get)
+    assert stops[first] < stops[other] < EVAL_STEPS  # the test needs one to stop while the other trains on
+    return concepts, runs, stops, first, other
+
+
+def test_a_stopped_embedding_stays_fixed_while_the_other_trains_on(stopping):
+    _, runs, stops, first, other = stopping
+    out, plain = runs["eval"], runs["plain"]
+    s = stops[first]
+    frozen = _vectors(out / first / f"{first}.pt")
+    assert torch.equal(frozen, _vectors(out / first / "embeddings" / f"{first}-{s}.pt"))
+    assert load_embedding(out / first / f"{first}.pt").step == s
+    # without the stop it would have moved on
+    assert not torch.equal(_vectors(plain / first / "embeddings" / f"{first}-{s}.pt"),
+                           _vectors(plain / first / "embeddings" / f"{first}-{s + 1}.pt"))
+    # up to its stop it is exactly the run without evaluation
+    assert torch.equal(frozen, _vectors(plain / first / "embeddings" / f"{first}-{s}.pt"))
+    # the other one: bit-identical to the run without evaluation at every step (the evaluation draws nothing from the
+    # training's generators, and its frozen neighbour's samples do not change its batch), until its own stop
+    for step in range(1, stops[other] + 1):
+        assert torch.equal(_vectors(out / other / "embeddings" / f"{other}-{step}.pt"),
+                           _vectors(plain / other / "embeddings" / f"{other}-{step}.pt")), step
+    assert torch.equal(_vectors(out / other / f"{other}.pt"),
+                       _vectors(plain / other / "embeddings" / f"{other}-{stops[other]}.pt"))
+    # the run ended when both had stopped; the stopped one's log ends at its stop
+    assert [r[0] for r in _losses(out / first / "textual_inversion_loss.csv")] == list(range(1, s + 1))
+    assert [r[0] for r in _losses(out / other / "textual_inversion_loss.csv")] == list(range(1, stops[other] + 1))
+    assert not (out / first / "embeddings" / f"{first}-{s + 1}.pt").exists()
+    # the summed loss the optimizer saw after the stop is the other's alone
+    summed = _losses(out / "many_embeddings_loss.csv")
+    theirs = {r[0]: r[3] for r in _losses(out / other / "textual_inversion_loss.csv")}
+    assert [r[3] for r in summed if r[0] > s] == pytest.approx([theirs[r[0]] for r in summed if r[0] > s], rel=1e-6)
+
+
+def test_each_embedding_has_its_own_best_files_and_report(stopping):
+    _, runs, stops, *_ = stopping
+    out = runs["eval"]
+    rows = _summary(out)
+    for name, row in rows.items():
+        report = json.loads((out / name / "evaluation.json").read_text())
+        assert report["stopped_at"] == stops[name] == int(row["steps"])
+        assert row["stop_reason"] == report["stop_reason"] and "did not improve" in row["stop_reason"]
+        best = report["best_step"]
+        assert int(row["best_step"]) == best and row["best_metric"].startswith("eval_loss=")
+        copy = _vectors(out / name / "embeddings" / f"{name}-{best}.pt")
+        for suffix in (".pt", ".safetensors"):
+            assert torch.equal(_vectors(out / name / f"{name}-best{suffix}"), copy)
+        assert (out / name / "evaluation.png").is_file()
+        with open(out / name / "evaluation.csv", newline="") as f:
+            steps = [int(r["step"]) for r in csv.DictReader(f)]
+        assert steps == list(range(0, stops[name] + 1))  # evaluated every step until its stop, then no more
+        # its norm watch follows its own vectors only (one column per vector of its own)
+        own = _vectors(out / name / f"{name}.pt")
+        last = report["history"][-1]
+        assert sorted(k for k in last if k.startswith("norm/")) == [f"norm/{i}" for i in range(len(own))]
+        assert [last[f"norm/{i}"] for i in range(len(own))] == pytest.approx(own.norm(dim=1).tolist(), rel=1e-5)
+
+
+def test_resume_across_a_stop_makes_the_same_decisions(tiny_sd1, stopping, tmp_path):
+    concepts, runs, stops, first, other = stopping
+    out = tmp_path / "resumed"
+    half = stops[first] + 1  # a checkpoint after the first stop, before the second
+    assert tti.main(_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", half, "--save_every", "1",
+                            "--checkpointing_steps", half, *EVAL)) == 0
+    assert tti.main(_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", EVAL_STEPS, "--save_every",
+                            "1", "--resume_from_checkpoint", "latest", *EVAL)) == 0
+    rows = _summary(out)
+    assert {n: int(r["stop_step"]) for n, r in rows.items()} == stops
+    assert {n: int(r["steps"]) for n, r in rows.items()} == stops
+    for name in (first, other):
+        assert torch.equal(_vectors(out / name / f"{name}.pt"), _vectors(runs["eval"] / name / f"{name}.pt"))
+        report = json.loads((out / name / "evaluation.json").read_text())
+        assert report["stopped_at"] == stops[name]
+        # the resumed run knows who stopped: no evaluation or log row after an embedding's stop
+        assert [h["step"] for h in report["history"]] == list(range(0, stops[name] + 1))
+        assert [r[0] for r in _losses(out / name / "textual_inversion_loss.csv")] == list(range(1, stops[name] + 1))
+
+
+def test_a_stopped_embeddings_samples_give_no_gradient():
+    from utils.embeddings import Embedding
+    from utils.trainers.many_embeddings import ManyEmbeddings
+
+    many = ManyEmbeddings([Embedding(f"e{k}", torch.zeros(1, 4)) for k in range(3)], prompt_tokens=None, model=None,
+                          lr_factors=[1.0] * 3)
+    many.stopped[1] = 4
+    per_sample = torch.tensor([1.0, 3.0, 2.0, 4.0], requires_grad=True)
+    loss = many.reduce_loss(per_sample, {"embedding_index": torch.tensor([0, 1, 1, 2])})
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(1.0 + 4.0)
+    assert per_sample.grad.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert many.take_step_losses().tolist() == pytest.approx([1.0, 2.5, 4.0])  # its loss is still measured

@@ -124,7 +124,10 @@ def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 4) -> torch.Tens
 
 def _trained_vectors(trainable):
     """What the norm watch and DVAR's direction check follow: an embedding's vector table (SDXL: one per text
-    encoder), or for a hypernetwork a fixed subset of its weights."""
+    encoder), or for a hypernetwork a fixed subset of its weights. A trainable that is one of several embeddings
+    (utils/trainers/many_embeddings.py) gives its own with ``trained_vectors()``."""
+    if hasattr(trainable, "trained_vectors"):
+        return trainable.trained_vectors()
     model = trainable.model
     if hasattr(model, "vectors"):  # textual inversion: per text encoder as the embedding holds them
         return model.encoders.embedding_vectors([v.detach() for v in model.vectors])
@@ -150,8 +153,10 @@ class EvalHook(BaseStepHook):
     def __init__(self, evaluator: Evaluator | None, norms: NormWatch | None, out_dir: Path,
                  save_best: Callable[[int], list[Path]] | None = None,
                  sample: Callable[[int], list] | None = None, scores=None, score_prompt: str | None = None,
-                 title: str = ""):
+                 title: str = "", trainable=None, log_prefix: str = ""):
         self.evaluator = evaluator
+        self.trainable = trainable  # whose vectors are watched; None: the loop's trainable
+        self.log_prefix = log_prefix  # e.g. "<name>/": several embeddings' metrics side by side in the trackers
         self.norms = norms
         self.out_dir = Path(out_dir)
         self.save_best = save_best
@@ -171,9 +176,9 @@ class EvalHook(BaseStepHook):
 
     def after_step(self, step: int, ctx) -> str | None:
         if self.norms is not None:
-            metrics, warnings = self.norms.check(step, _trained_vectors(ctx.trainable))
+            metrics, warnings = self.norms.check(step, _trained_vectors(self.trainable or ctx.trainable))
             if step % max(1, ctx.cfg.log_every) == 0:
-                ctx.accelerator.log(metrics, step=step)
+                ctx.accelerator.log(self._prefixed(metrics), step=step)
             for line in warnings:
                 ctx.accelerator.print(f"Warning: {line}")
         if self.evaluator is None or not self.evaluator.due(step):
@@ -220,9 +225,9 @@ class EvalHook(BaseStepHook):
             keys = sorted(extra)
             values = torch.tensor([extra[k] for k in keys], dtype=torch.float64, device=acc.device)
             extra = dict(zip(keys, acc.reduce(values, "sum").tolist()))
-        result = ev.record(step, per_sample, vectors=_trained_vectors(ctx.trainable), extra=extra,
+        result = ev.record(step, per_sample, vectors=_trained_vectors(self.trainable or ctx.trainable), extra=extra,
                            choose=not starting_point)
-        acc.log(result.metrics, step=step)
+        acc.log(self._prefixed(result.metrics), step=step)
         for line in result.warnings:
             acc.print(f"Warning: {line}")
         if acc.is_main_process:
@@ -230,6 +235,9 @@ class EvalHook(BaseStepHook):
                 self.save_best(step)
             self._write_csv()
         return result
+
+    def _prefixed(self, metrics: dict) -> dict:
+        return {f"{self.log_prefix}{k}": v for k, v in metrics.items()} if self.log_prefix else metrics
 
     def _image_scores(self, step: int, ctx) -> dict:
         keys = [k for k in ("clip_i", "clip_t") if self.scores.clip is not None] + (
@@ -260,13 +268,15 @@ class EvalHook(BaseStepHook):
 
 
 def build_eval_hook(accelerator, opts: EvalOptions, trainable, loaded, noise_scheduler, out_dir: Path, *, data_cfg,
-                    prompt_cfg, save_best: Callable[[int], list[Path]] | None, preview_opts=None) -> EvalHook | None:
+                    prompt_cfg, save_best: Callable[[int], list[Path]] | None, preview_opts=None,
+                    log_prefix: str = "") -> EvalHook | None:
     """The run's evaluation hook from the checked flags (utils.eval_args), or None when there is nothing to do."""
     is_ti = hasattr(trainable.model, "vectors")
+    own = trainable if hasattr(trainable, "trained_vectors") else None  # one of several embeddings: its vectors
     norms = NormWatch(vocabulary_norms(loaded.pipeline), opts.norm_warn_factor) if is_ti else None
     cfg = opts.config
     if cfg is None:
-        return EvalHook(None, norms, out_dir) if norms is not None else None
+        return EvalHook(None, norms, out_dir, trainable=own, log_prefix=log_prefix) if norms is not None else None
     folder = opts.data_dir or data_cfg.train_data_dir
     pictures = load_eval_pictures(folder, data_cfg, prompt_cfg, cfg.eval_set_size, cfg.eval_seed)
     latents = encode_latents(loaded.pipeline.vae, pictures.pixels)
@@ -291,7 +301,8 @@ def build_eval_hook(accelerator, opts: EvalOptions, trainable, loaded, noise_sch
                       f"{len(pictures.prompts)} picture(s) of {folder}"
                       + (f", early stop: {cfg.early_stopping}" if cfg.early_stopping != "none" else "")
                       + (f", best step by {cfg.select_best}" if cfg.select_best else "") + ".")
-    return EvalHook(evaluator, norms, out_dir, save_best, sample, scores, prompt, title=trainable.name)
+    return EvalHook(evaluator, norms, out_dir, save_best, sample, scores, prompt, title=trainable.name,
+                    trainable=own, log_prefix=log_prefix)
 
 
 class _NoScores:
@@ -322,12 +333,12 @@ def _sampler(loaded, trainable, prompt: str, count: int, preview_opts) -> Callab
     return sample
 
 
-def eval_hooks(accelerator, opts: EvalOptions, writer, data_cfg, prompt_cfg) -> list:
+def eval_hooks(accelerator, opts: EvalOptions, writer, data_cfg, prompt_cfg, log_prefix: str = "") -> list:
     """The step hooks a trainer gives the loop for the evaluation flags; ``writer``: its RunOutputs (trainable,
-    model, output folder, previews' settings, and ``save_best``)."""
+    model, output folder, previews' settings, and ``save_best``); ``log_prefix`` before every tracker metric."""
     from utils.training_setup import training_noise_scheduler
 
     hook = build_eval_hook(accelerator, opts, writer.trainable, writer.loaded, training_noise_scheduler(writer.loaded),
                            writer.out_dir, data_cfg=data_cfg, prompt_cfg=prompt_cfg, save_best=writer.save_best,
-                           preview_opts=writer.previewer.opts)
+                           preview_opts=writer.previewer.opts, log_prefix=log_prefix)
     return [hook] if hook is not None else []

@@ -7,13 +7,14 @@ latent cache, loop). See utils/trainers/many_embeddings.py for why the result is
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from utils import cli
 from utils.concepts import Concept, Defaults, expand_sweep, load_concepts, parse_sweep, single_concept
-from utils.config import EvalSettings, TextualInversionConfig
+from utils.config import TextualInversionConfig
 from utils.errors import UserError
+from utils.eval_args import eval_options
 
 
 def concept_config(cfg: TextualInversionConfig, c: Concept) -> TextualInversionConfig:
@@ -82,12 +83,13 @@ def check_many_flags(cfg: TextualInversionConfig) -> None:
     for message, given in refused.items():
         if given:
             raise UserError(f"{message} (not with --concepts/--sweep)")
-    changed = [f"--{f.name}" for f in fields(EvalSettings)
-               if getattr(cfg.evaluation, f.name) != getattr(EvalSettings(), f.name)
-               and not (f.name == "eval_every" and cfg.evaluation.eval_every == 0)]  # 0: off, as here
-    if changed:  # not silently dropped: each embedding's own evaluation and early stop is not built yet
-        raise UserError(f"{', '.join(changed)}: evaluation and early stopping are per single run for now (not with "
-                        f"--concepts/--sweep); train the embedding alone to evaluate it")
+    ev = cfg.evaluation
+    for flag, given, why in (
+            ("--eval_data_dir", ev.eval_data_dir, "each embedding is evaluated on its own pictures"),
+            ("--eval_clip_model", ev.eval_clip_model, "one scoring model per embedding would be loaded"),
+            ("--eval_dino_model", ev.eval_dino_model, "one scoring model per embedding would be loaded")):
+        if given:
+            raise UserError(f"{flag}: {why}; not with --concepts/--sweep (train the embedding alone for it)")
     if cfg.optim.max_grad_norm and cfg.optim.clip_grad_mode == "norm":
         raise UserError("--max_grad_norm with --clip_grad_mode norm would clip all embeddings by their joint norm "
                         "(not what each one's own run does); use --clip_grad_mode value, or train separately")
@@ -98,19 +100,32 @@ def main(cfg: TextualInversionConfig) -> int:
     concepts = read_concepts(cfg)
     factors = lr_factors(cfg.optim.learning_rate, concepts)
     cli.check_run(cfg)
+    per = [concept_config(cfg, c) for c in concepts]
+    eval_opts = []
+    for ck, c in zip(per, concepts):  # each embedding's evaluation as its own run would have it (its own pictures)
+        try:
+            eval_opts.append(eval_options(ck.evaluation, ck.data.train_data_dir))
+        except UserError as e:
+            raise UserError(f"concept '{c.name}': {e}") from None
 
     from utils.cluster import apply_threads_per_rank
     from utils.data import TrainLoader, scan_dataset
     from utils.data.balanced import BalancedBatches
     from utils.data.plan import optimizer_steps_per_epoch
+    from utils.eval_hook import eval_hooks
     from utils.latents import LatentStore, vae_identity
     from utils.run import tracker_run_link
-    from utils.trainers.many_embeddings import EmbeddingInfo, ManyEmbeddings, ManyOutputs, PerEmbeddingLog
+    from utils.trainers.many_embeddings import (
+        EmbeddingInfo,
+        ManyEmbeddings,
+        ManyEvalHook,
+        ManyOutputs,
+        PerEmbeddingLog,
+    )
     from utils.trainers.textual_inversion import TextualInversion, TextualInversionOutputs, check_width, new_embedding
     from utils.training import loss_log_name, make_accelerator, train
     from utils.training_setup import LoaderSource, load_model_for_training, resolve_max_steps, training_noise_scheduler
 
-    per = [concept_config(cfg, c) for c in concepts]
     out_dir = Path(cfg.saving.output_dir)
     folders = [out_dir / c.name for c in concepts]
     opts = [cli.data_options(ck, placeholder=c.name) for ck, c in zip(per, concepts)]
@@ -179,9 +194,15 @@ def main(cfg: TextualInversionConfig) -> int:
     accelerator.print(
         f"{len(concepts)} embeddings in one run: each {t.train_batch_size} picture(s) per process per micro-batch "
         f"(the UNet sees {len(concepts) * t.train_batch_size}), {max_steps} steps; files in {out_dir}/<name>/")
-    hook = PerEmbeddingLog(trainable, infos, loss_log_name(TextualInversion))
+    # Each embedding's evaluation hook as its single run builds it (its own pictures, set, stop and best files).
+    own = [eval_hooks(accelerator, o, w, data_cfg, prompt_cfg, log_prefix=f"{c.name}/")
+           for o, w, c, (data_cfg, prompt_cfg, _) in zip(eval_opts, writers, concepts, opts)]
+    evaluation = ManyEvalHook(trainable, [h[0] if h else None for h in own]) if any(own) else None
+    hook = PerEmbeddingLog(trainable, infos, loss_log_name(TextualInversion), evaluation)
+    hooks = ([evaluation] if evaluation is not None else []) + [hook]  # the evaluation's files first: in the table
     result = train(accelerator, trainable, batches, training_noise_scheduler(loaded), loop_cfg,
-                   ManyOutputs(writers).callbacks(previews=not cfg.previews.no_previews), hooks=[hook])
+                   ManyOutputs(writers, trainable.stopped).callbacks(previews=not cfg.previews.no_previews),
+                   hooks=hooks)
     finish(accelerator, result, folders, out_dir, tracker_run_link(accelerator))
     return 0
 

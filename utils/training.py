@@ -144,6 +144,7 @@ class StepContext:
     loss: float = float("nan")
     lr: float = float("nan")
     stopped_by: str = ""
+    optimizer: object = None  # the prepared optimizer (a hook may set a parameter group's ``lr_factor``)
 
     @contextmanager
     def evaluating(self):
@@ -498,7 +499,7 @@ def train(accelerator: Accelerator, trainable: Trainable, data: BatchSource, noi
     model, optimizer = accelerator.prepare(trainable.model, optimizer)
     params = trainable.parameters()
     reduce_loss = getattr(trainable, "reduce_loss", mean_loss)
-    ctx = StepContext(accelerator, trainable, model, noise_scheduler, cfg)
+    ctx = StepContext(accelerator, trainable, model, noise_scheduler, cfg, optimizer=optimizer)
 
     # Checkpoints hold only what is trained (a few KB for an embedding), never the frozen models. The loop's own state
     # is JSON written beside accelerate's files; resuming reads every file itself (utils/checkpoints.py).

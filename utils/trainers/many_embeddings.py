@@ -13,6 +13,13 @@ TextualInversionOutputs), in ``<output_dir>/<name>/``: ``<name>.pt``, ``learned_
 ``training_settings.json`` and the model card. The run's own files sit in ``<output_dir>``: the checkpoints (they
 resume all embeddings together), ``many_embeddings_loss.csv`` (the loop's log of the summed loss the optimizer sees)
 and ``embeddings_summary.csv``.
+
+With the evaluation on (--eval_every, utils/eval_hook.py) every embedding has its own: its own fixed evaluation set
+from its own pictures, evaluated through the shared model with only its own vectors, its own early stop and best
+step (``<name>-best.*``, ``evaluation.csv/json/png`` in its folder). An embedding that stops leaves the training:
+from that step its loss weight and its learning rate are 0, so its vectors stay bit-identical while the others go on
+(its samples stay in the batch, so every process's graph keeps the same parameters, as DDP requires, and the other
+embeddings' batches are exactly what they were). The run ends when every embedding has stopped, or at its last step.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class ManyEmbeddings:
     loss_sums: torch.Tensor | None = None
     loss_batches: int = 0
     index: dict[str, int] = field(default_factory=dict)
+    stopped: dict[int, int] = field(default_factory=dict)  # embedding -> the step its early stop fired (ManyEvalHook)
     # Its own loss log name (many_embeddings_loss.csv): the summed loss; never taken for one embedding's log.
     method = "many_embeddings"
 
@@ -134,6 +142,9 @@ class ManyEmbeddings:
             full[present] = means.detach()
             self.loss_sums = full if self.loss_sums is None else self.loss_sums + full
             self.loss_batches += 1
+        if self.stopped:  # a stopped embedding's mean leaves the loss: its vectors get a zero gradient
+            active = torch.tensor([k not in self.stopped for k in range(K)], device=means.device)[present]
+            means = means * active.to(means.dtype)
         return means.sum()
 
     def take_step_losses(self) -> torch.Tensor | None:
@@ -179,6 +190,21 @@ class EmbeddingView:
     def current(self, step: int) -> Embedding:
         return self.many.current(self.k, step)
 
+    # what the evaluation hook (utils/eval_hook.py) reads of a trainable
+    @property
+    def model(self):
+        return self.many.model
+
+    @property
+    def embedding(self) -> Embedding:
+        return self.many.embeddings[self.k]
+
+    def trained_vectors(self):
+        """This embedding's vectors now (detached), keyed per text encoder as an embedding holds them."""
+        E = self.many.num_encoders
+        return self.many.model.encoders.embedding_vectors(
+            [v.detach() for v in list(self.many.model.vectors)[self.k * E:(self.k + 1) * E]])
+
 
 class GroupOptimizer:
     """One parameter group of an optimizer, with a ``state_dict()`` shaped as a one-embedding run's optimizer's (what
@@ -214,20 +240,24 @@ class EmbeddingInfo:
 class ManyOutputs:
     """The loop's Outputs for K embeddings: every callback goes to each embedding's single-run writer in turn."""
 
-    def __init__(self, writers: list):
+    def __init__(self, writers: list, stopped: dict[int, int] | None = None):
         self.writers = writers  # utils.trainers.textual_inversion.TextualInversionOutputs, one per embedding, in embedding order
+        self.stopped = {} if stopped is None else stopped  # ManyEmbeddings.stopped: these write nothing new after
+
+    def _live(self, step: int) -> list:
+        return [w for k, w in enumerate(self.writers) if self.stopped.get(k, step) >= step]
 
     def save(self, step: int) -> list[Path]:
-        return [f for w in self.writers for f in w.save(step)]
+        return [f for w in self._live(step) for f in w.save(step)]
 
     def final(self, step: int, optimizer=None) -> list[Path]:
         files = []
-        for k, w in enumerate(self.writers):
-            files += w.final(step, None if optimizer is None else GroupOptimizer(optimizer, k))
+        for k, w in enumerate(self.writers):  # a stopped embedding's files are its stop step's
+            files += w.final(self.stopped.get(k, step), None if optimizer is None else GroupOptimizer(optimizer, k))
         return files
 
     def preview(self, step: int) -> list:
-        return [im for w in self.writers for im in w.preview(step)]
+        return [im for w in self._live(step) for im in w.preview(step)]
 
     def callbacks(self, previews: bool = True) -> Outputs:
         return Outputs(save=self.save, final=self.final, preview=self.preview if previews else None)
@@ -241,8 +271,9 @@ class PerEmbeddingLog(BaseStepHook):
 
     name = "per_embedding_log"
 
-    def __init__(self, trainable: ManyEmbeddings, infos: list[EmbeddingInfo], csv_name: str):
+    def __init__(self, trainable: ManyEmbeddings, infos: list[EmbeddingInfo], csv_name: str, evaluation=None):
         self.trainable = trainable
+        self.evaluation = evaluation  # ManyEvalHook or None: the summary's stop and best columns
         self.infos = infos
         self.csv_name = csv_name
         self.logs: list[LossLog] | None = None
@@ -267,6 +298,8 @@ class PerEmbeddingLog(BaseStepHook):
             acc.log({f"loss/{info.name}": loss for info, loss in zip(self.infos, losses)}, step=step)
         if self.main:
             for k, (info, loss) in enumerate(zip(self.infos, losses)):
+                if self.trainable.stopped.get(k, step) < step:
+                    continue  # stopped before this step: not trained any more
                 spe = info.steps_per_epoch
                 self.logs[k].add(step, (step - 1) // spe, (step - 1) % spe, loss, ctx.lr * info.lr_factor)
                 self.last_loss[k] = loss
@@ -294,9 +327,15 @@ class PerEmbeddingLog(BaseStepHook):
         for k, info in enumerate(self.infos):
             recent = self.recent[k]
             files = sorted(p.name for p in info.folder.iterdir() if p.is_file()) if info.folder.is_dir() else []
-            rows.append({"name": info.name, "steps": step,
+            ev = self.evaluation.summary(k) if self.evaluation is not None else {}
+            best = ev.get("best_step")
+            rows.append({"name": info.name, "steps": self.trainable.stopped.get(k, step),
                          "final_loss": "" if self.last_loss[k] is None else f"{self.last_loss[k]:.5f}",
                          "mean_loss_last_10": f"{sum(recent) / len(recent):.5f}" if recent else "",
+                         "stop_step": "" if ev.get("stopped_at") is None else ev["stopped_at"],
+                         "stop_reason": ev.get("stop_reason", ""),
+                         "best_step": "" if best is None else best,
+                         "best_metric": "" if best is None else f"{ev['best_metric']}={ev['best_value']:.5g}",
                          "folder": info.folder.name, "files": " ".join(files)})
         return rows
 
@@ -310,8 +349,70 @@ def write_summary(out_dir: Path, rows: list[dict], print_fn=print) -> Path:
             w.writeheader()
             w.writerows(rows)
     width = max(len(r["name"]) for r in rows)
-    print_fn(f"{'embedding':<{width}}  {'steps':>6}  {'final loss':>10}  {'last 10':>8}  files")
+    print_fn(f"{'embedding':<{width}}  {'steps':>6}  {'final loss':>10}  {'last 10':>8}  {'stop':>6}  "
+             f"{'best':>6}  {'best metric':<22}  files")
     for r in rows:
         print_fn(f"{r['name']:<{width}}  {r['steps']:>6}  {r['final_loss']:>10}  {r['mean_loss_last_10']:>8}  "
-                 f"{r['folder']}/: {r['files']}")
+                 f"{r['stop_step']!s:>6}  {r['best_step']!s:>6}  {r['best_metric']:<22}  {r['folder']}/: {r['files']}")
+    for r in rows:
+        if r["stop_reason"]:
+            print_fn(f"{r['name']} stopped at step {r['stop_step']}: {r['stop_reason']}")
     return path
+
+
+class ManyEvalHook(BaseStepHook):
+    """Each embedding's evaluation hook (utils/eval_hook.py's EvalHook, built as its single run builds it) run side
+    by side: an embedding whose early stop fires leaves the training there (ManyEmbeddings.stopped: its loss weight
+    and its parameter group's learning rate become 0) and is not evaluated again; the run ends when all have
+    stopped. The stops and every embedding's evaluation state are in each checkpoint, so a resumed run decides the
+    same at the same steps."""
+
+    name = "evaluation"
+
+    def __init__(self, trainable: ManyEmbeddings, hooks: list):
+        self.trainable = trainable
+        self.hooks = hooks  # hooks[k]: embedding k's EvalHook, or None (no evaluation for it)
+
+    def _live(self):
+        return [(k, h) for k, h in enumerate(self.hooks) if h is not None and k not in self.trainable.stopped]
+
+    def _freeze(self, ctx) -> None:
+        for k in self.trainable.stopped:  # AdamW with rate 0: no step, no weight decay -- the vectors stay as they are
+            ctx.optimizer.param_groups[k]["lr_factor"] = 0.0
+
+    def start(self, step: int, ctx) -> None:
+        self._freeze(ctx)  # stops restored from the checkpoint
+        for _, h in self._live():
+            h.start(step, ctx)
+
+    def after_step(self, step: int, ctx) -> str | None:
+        for k, h in self._live():
+            if h.after_step(step, ctx):
+                self.trainable.stopped[k] = step
+                ctx.accelerator.print(f"{self.trainable.embeddings[k].name}: early stop at step {step}; it leaves "
+                                      f"the training, {self.remaining()} embedding(s) go on.")
+        self._freeze(ctx)
+        return "early_stop" if self.remaining() == 0 else None
+
+    def remaining(self) -> int:
+        return self.trainable.num_embeddings - len(self.trainable.stopped)
+
+    def summary(self, k: int) -> dict:
+        h = self.hooks[k]
+        return h.evaluator.summary() if h is not None and h.evaluator is not None else {}
+
+    def state_dict(self) -> dict:
+        names = [e.name for e in self.trainable.embeddings]
+        return {"stopped": {names[k]: s for k, s in sorted(self.trainable.stopped.items())},
+                "embeddings": {names[k]: h.state_dict() for k, h in enumerate(self.hooks) if h is not None}}
+
+    def load_state_dict(self, state: dict) -> None:
+        index = self.trainable.index  # a name not here: another run's checkpoint, which the loop refuses
+        self.trainable.stopped.clear()
+        self.trainable.stopped.update({index[n]: int(s) for n, s in state.get("stopped", {}).items() if n in index})
+        for name, sub in state.get("embeddings", {}).items():
+            if name in index and self.hooks[index[name]] is not None:
+                self.hooks[index[name]].load_state_dict(sub)
+
+    def finish(self, step: int, ctx) -> list[Path]:
+        return [f for h in self.hooks if h is not None for f in h.finish(step, ctx)]
