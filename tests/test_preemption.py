@@ -238,19 +238,23 @@ def test_sigusr1_checkpoint_requeue_resume_is_identical(tiny_sd1, images, uninte
     assert [int(r.split(",")[0]) for r in csv_cut.splitlines()[1:]] == list(range(1, STEPS + 1))
     assert csv_cut == csv_full
 
-    # W&B: two offline segments of ONE run (same id), steps 1..k then k+1..30, nothing twice, nothing missing.
+    # W&B: two offline segments of ONE run (same id), steps 0..k then k+1..30, nothing twice, nothing missing. Step 0
+    # is the evaluation before the first step (on by default with a folder of pictures); the requeued segment does
+    # not evaluate its start again.
     runs = _wandb_runs(out)
     assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"], [(r.get("id"), r["folder"].name) for r in runs]
     first, second = sorted(runs[0]["history"]), sorted(runs[1]["history"])
-    assert first == list(range(1, stopped[-1] + 1)) and second == list(range(stopped[-1] + 1, STEPS + 1))
+    assert first == list(range(0, stopped[-1] + 1)) and second == list(range(stopped[-1] + 1, STEPS + 1))
     full = _wandb_runs(uninterrupted)
-    assert len(full) == 1 and sorted(full[0]["history"]) == list(range(1, STEPS + 1))
+    assert len(full) == 1 and sorted(full[0]["history"]) == list(range(0, STEPS + 1))
     merged = {**runs[0]["history"], **runs[1]["history"]}
     for step in (1, stopped[-1], STEPS):
         assert merged[step]["loss"] == full[0]["history"][step]["loss"]
         assert merged[step]["vector_norm"] == full[0]["history"][step]["vector_norm"]
+    for step in (0, 25):  # the evaluations (every 25 steps) of both runs agree
+        assert merged[step]["eval_loss"] == full[0]["history"][step]["eval_loss"]
     assert all(set(r["history"][s]) >= {"loss", "lr", "vector_norm", "images_per_sec"}
-               for r in runs for s in r["history"])
+               for r in runs for s in r["history"] if s > 0)
     # Slurm grouping and a stable name across the requeue; preview grids logged as images.
     assert runs[0]["group"] == runs[1]["group"] == "slurm-4242"
     assert runs[0]["tags"] == runs[1]["tags"] == (["t1", "t2", "slurm"] if tags_wired else ["slurm"])
