@@ -36,7 +36,7 @@ from utils.embeddings import Embedding
 from utils.fileio import atomic_path
 from utils.prompts import PromptTokenizer
 from utils.text_encoders import TextEncoders
-from utils.trainers.textual_inversion import TextualInversionModel
+from utils.trainers.textual_inversion import TextualInversionModel, load_vectors_state, vectors_state
 from utils.training import BaseStepHook, LossLog, Outputs
 
 SUMMARY_FILE = "embeddings_summary.csv"
@@ -156,12 +156,10 @@ class ManyEmbeddings:
         return out
 
     def state_dict(self) -> dict:
-        return {f"vectors.{i}": v.detach().cpu().clone() for i, v in enumerate(self.model.vectors)}
+        return vectors_state(self.model)
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for i, v in enumerate(self.model.vectors):
-                v.copy_(state[f"vectors.{i}"].to(v.device, v.dtype))
+        load_vectors_state(self.model, state)
 
     # -- one embedding ----------------------------------------------------------------------------------------------
 

@@ -139,12 +139,22 @@ class TextualInversion:
         return emb
 
     def state_dict(self) -> dict:
-        return {f"vectors.{i}": v.detach().cpu().clone() for i, v in enumerate(self.model.vectors)}
+        return vectors_state(self.model)
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for i, v in enumerate(self.model.vectors):
-                v.copy_(state[f"vectors.{i}"].to(v.device, v.dtype))
+        load_vectors_state(self.model, state)
+
+
+def vectors_state(model: TextualInversionModel) -> dict:
+    """A checkpoint's ``trainable.pt`` for vector tables: ``vectors.<i>`` on the CPU (also the many-embeddings
+    trainer's, whose tables are one ParameterList in the same order)."""
+    return {f"vectors.{i}": v.detach().cpu().clone() for i, v in enumerate(model.vectors)}
+
+
+def load_vectors_state(model: TextualInversionModel, state: dict) -> None:
+    with torch.no_grad():
+        for i, v in enumerate(model.vectors):
+            v.copy_(state[f"vectors.{i}"].to(v.device, v.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
