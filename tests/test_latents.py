@@ -373,6 +373,12 @@ def test_the_store_key_covers_the_crop_mode():
 def test_bad_sampling_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="latent_sampling must be one of .*'sometimes'"):
         LatentConfig("sometimes")
+    with pytest.raises(ValueError, match="latent_sampling must be one of .*'sometimes'"):
+        LatentStore("sometimes", 1.0)
+
+
+def test_portrait_and_landscape_training_sizes_have_their_own_keys():
+    assert cache_key("img", (64, 96), "center", False, "v") != cache_key("img", (96, 64), "center", False, "v")
 
 
 # ---- the disk cache's files -----------------------------------------------------------------------------------
@@ -422,11 +428,12 @@ def test_complete_without_slots_or_keys_encodes_all_and_keeps_nothing(tmp_path, 
     assert not (tmp_path / "c").exists() and not store.memory
 
 
+@pytest.mark.parametrize("disk", [False, True])
 @pytest.mark.parametrize("mode", ["once", "random"])
-def test_complete_uses_an_entry_stored_meanwhile(vae, mode):
+def test_complete_uses_an_entry_stored_meanwhile(tmp_path, vae, mode, disk):
     """A DataLoader worker's view of the memory cache is older than the trainer's: an image it sends as pixels may have
     been encoded meanwhile. It is then drawn from the store (with its key and its use's seed), not encoded again."""
-    store = LatentStore(mode, 0.5)
+    store = LatentStore(mode, 0.5, cache_dir=tmp_path / "c" if disk else None)
     key = "12" * 20
     mean, std = torch.randn(4, 8, 8), torch.rand(4, 8, 8) + 0.5
     store.put(key, mean, std)
