@@ -459,3 +459,17 @@ def test_complete_encodes_again_when_the_stored_entry_lacks_the_loss_weight(tmp_
         {"pixel_values": _pixels(1), "pixel_slots": [0], "latent_keys": [key], "loss_weights": weight[None]}, [0])
     assert counting.images == 1
     assert torch.equal(store.lookup(key, need_weight=True).weight, weight)
+
+
+@pytest.mark.parametrize("cache_dir", [None, "disk"])
+@pytest.mark.parametrize("mode", ["once", "deterministic", "random"])
+def test_a_kept_entry_keeps_its_loss_weight_and_sizes(tmp_path, mode, cache_dir):
+    """With --use_alpha_as_loss_weight a cached image must come back with its weight (else it is encoded at every use)
+    and with the size conditioning of its geometry (SDXL's time ids)."""
+    store = LatentStore(mode, 1.0, cache_dir=tmp_path / "c" if cache_dir else None)
+    key, weight = "56" * 20, torch.rand(1, 2, 2)
+    sizes = {"original_size": (100, 80), "crop_top_left": (3, 0), "target_size": (64, 64)}
+    fresh = store.put(key, torch.randn(4, 2, 2), torch.rand(4, 2, 2), weight, sizes)
+    entry = store.lookup(key, need_weight=True)
+    assert entry is not None and torch.equal(entry.weight, weight) and entry.sizes == sizes
+    assert torch.equal(fresh.weight, weight) and fresh.sizes == sizes
