@@ -473,3 +473,15 @@ def test_a_kept_entry_keeps_its_loss_weight_and_sizes(tmp_path, mode, cache_dir)
     entry = store.lookup(key, need_weight=True)
     assert entry is not None and torch.equal(entry.weight, weight) and entry.sizes == sizes
     assert torch.equal(fresh.weight, weight) and fresh.sizes == sizes
+
+
+def test_memory_keeps_one_tensor_per_image_except_for_random_and_fills_the_budget_exactly():
+    """In memory ``once`` keeps its one sample and ``deterministic`` the mean (one [C,h,w] tensor, as A1111), ``random``
+    mean and std; the budget is the most the entries take, so entries that fill it exactly are all kept."""
+    mean, std = torch.randn(4, 8, 8), torch.rand(4, 8, 8)
+    one = mean.numel() * mean.element_size()
+    for mode, tensors in (("once", 1), ("deterministic", 1), ("random", 2)):
+        store = LatentStore(mode, 1.0, memory_budget_mb=2 * tensors * one / 2**20)
+        for k in range(3):
+            store.put(f"{k:02d}" * 20, mean, std)
+        assert store.memory_bytes == 2 * tensors * one and len(store.memory) == 2, mode
