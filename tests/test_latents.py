@@ -485,3 +485,13 @@ def test_memory_keeps_one_tensor_per_image_except_for_random_and_fills_the_budge
         for k in range(3):
             store.put(f"{k:02d}" * 20, mean, std)
         assert store.memory_bytes == 2 * tensors * one and len(store.memory) == 2, mode
+
+
+def test_a_full_memory_cache_warns_once_with_its_size_and_the_way_out(capsys):
+    mean, std = torch.zeros(4, 256, 256), torch.zeros(4, 256, 256)  # 1 MB per sample
+    store = LatentStore("once", 1.0, memory_budget_mb=2)
+    for k in range(4):
+        store.put(f"{k:02d}" * 20, mean, std)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1
+    assert "reached 2 MB (2 images)" in err and "--cache_latents_to_disk DIR keeps them all." in err
