@@ -495,3 +495,10 @@ def test_a_full_memory_cache_warns_once_with_its_size_and_the_way_out(capsys):
     err = capsys.readouterr().err
     assert err.count("warning") == 1
     assert "reached 2 MB (2 images)" in err and "--cache_latents_to_disk DIR keeps them all." in err
+
+
+def test_once_without_a_key_is_refused():
+    """A ``once`` sample is seeded by the image's key; drawing one without it is a caller's mistake, said plainly."""
+    store = LatentStore("once", 1.0)
+    with pytest.raises(ValueError, match="^latent sampling 'once' needs the image's cache key$"):
+        store.draw(Entry(torch.zeros(4, 2, 2), torch.ones(4, 2, 2), None, {}), None)
