@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -494,7 +496,8 @@ def test_a_full_memory_cache_warns_once_with_its_size_and_the_way_out(capsys):
         store.put(f"{k:02d}" * 20, mean, std)
     err = capsys.readouterr().err
     assert err.count("warning") == 1
-    assert "reached 2 MB (2 images)" in err and "--cache_latents_to_disk DIR keeps them all." in err
+    assert re.search(r"^warning: the in-memory latent cache reached 2 MB \(2 images\); .* "
+                     r"--cache_latents_to_disk DIR keeps them all\.$", err, re.M), err
 
 
 def test_once_without_a_key_is_refused():
