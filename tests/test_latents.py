@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from PIL import Image
 
 from utils.data import DataConfig, PromptConfig, TrainLoader, scan_dataset
 from utils.errors import UserError
-from utils.latents import LatentConfig, LatentEncoder, LatentStore, cache_key, encode_pixels, vae_identity
+from utils.latents import Entry, LatentConfig, LatentEncoder, LatentStore, cache_key, encode_pixels, vae_identity
 from utils.training_setup import LoaderSource
 
 
@@ -300,3 +302,206 @@ def test_every_part_of_a_plan_is_in_its_key():
         changed = list(base)
         changed[i] = other
         assert cache_key(*changed) != key, f"part {i} of the plan is not in the key"
+
+# ---- the VAE's identity: what decides whether a disk cache may be reused ----------------------------------------
+
+def _small_vae(**config):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, **config)
+
+
+def test_one_vae_loaded_twice_shares_its_identity_other_vaes_never(tmp_path):
+    """The same VAE saved and loaded from two folders keeps one identity (the loader's bookkeeping keys, such as the
+    folder it came from, are not part of it); another config, dtype, class or model name each give another."""
+    from diffusers import AutoencoderKL
+
+    vae = _small_vae()
+    for name in ("a", "b"):
+        vae.save_pretrained(tmp_path / name)
+    a, b = (AutoencoderKL.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    assert a.config["_name_or_path"] != b.config["_name_or_path"]
+    assert vae_identity(a, "m") == vae_identity(b, "m") == vae_identity(vae, "m")
+
+    class OtherVAE(AutoencoderKL):
+        pass
+
+    others = [vae_identity(_small_vae(scaling_factor=0.13025), "m"),
+              vae_identity(_small_vae().to(torch.float16), "m"),
+              vae_identity(OtherVAE(**{k: v for k, v in vae.config.items() if not k.startswith("_")}), "m"),
+              vae_identity(vae, "other-model-hash")]
+    assert len({vae_identity(vae, "m"), *others}) == 5
+
+
+def test_vae_identity_reads_any_config_dict_or_none():
+    """Config key order does not matter; a value JSON cannot write (a dtype) still counts; no config at all works."""
+    from types import SimpleNamespace as NS
+
+    def ident(config, dtype=torch.float32):
+        return vae_identity(NS(config=config, dtype=dtype), "m")
+
+    assert ident({"a": 1, "b": 2}) == ident({"b": 2, "a": 1})
+    assert ident({"a": 1}) != ident({"a": 2})  # the config's values count, not only its underscore keys
+    assert ident({"a": 1, "_x": 1}) == ident({"a": 1, "_x": 2})
+    assert ident({"upcast": torch.float16}) != ident({"upcast": torch.bfloat16})
+    assert ident({}, torch.float16) != ident({}, torch.bfloat16)
+    assert vae_identity(torch.nn.Identity(), "m") == vae_identity(torch.nn.Identity(), "m")
+
+
+def test_for_vae_takes_scaling_and_shift_from_the_vae_config():
+    """diffusers' config (a dict that also has attributes), a plain dict, an attribute object; SD-1's 0.18215 and no
+    shift when the config does not say."""
+    from types import SimpleNamespace as NS
+
+    lcfg = LatentConfig("deterministic")
+    given = {"scaling_factor": 0.5, "shift_factor": 0.25}
+    for vae in (_small_vae(**given), NS(config=given), NS(config=NS(**given))):
+        store = LatentStore.for_vae(vae, lcfg)
+        assert (store.scaling_factor, store.shift_factor) == (0.5, 0.25)
+    for vae in (NS(config={}), NS(config=NS())):
+        store = LatentStore.for_vae(vae, lcfg)
+        assert (store.scaling_factor, store.shift_factor) == (0.18215, 0.0)
+    assert LatentStore.for_vae(NS(config={}), lcfg).keep  # kept unless told not to
+
+
+def test_the_store_key_covers_the_crop_mode():
+    store = LatentStore("once", 1.0, identity="v")
+    assert store.key("img", (64, 64), "center", False) != store.key("img", (64, 64), "none", False)
+    assert store.key("img", (64, 64), "center", False) == cache_key("img", (64, 64), "center", False, "v")
+
+
+def test_bad_sampling_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="latent_sampling must be one of .*'sometimes'"):
+        LatentConfig("sometimes")
+    with pytest.raises(ValueError, match="latent_sampling must be one of .*'sometimes'"):
+        LatentStore("sometimes", 1.0)
+
+
+def test_training_sizes_differing_in_either_side_have_their_own_keys():
+    sizes = [(64, 64), (64, 96), (96, 64), (96, 96)]
+    assert len({cache_key("img", size, "center", False, "v") for size in sizes}) == 4
+
+
+# ---- the disk cache's files -----------------------------------------------------------------------------------
+
+def test_a_cache_file_without_sizes_reads_and_one_without_std_is_encoded_again(tmp_path):
+    from safetensors.torch import save_file
+
+    store = LatentStore("deterministic", 1.0, cache_dir=tmp_path)
+    mean, std = torch.randn(4, 2, 2), torch.rand(4, 2, 2)
+    bare, broken = "aa" * 20, "bb" * 20
+    for key, tensors in ((bare, {"mean": mean, "std": std}), (broken, {"mean": mean})):
+        store._path(key).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(store._path(key)))  # no metadata at all
+    entry = store.lookup(bare)
+    assert entry is not None and entry.sizes == {} and torch.equal(entry.mean, mean)
+    assert store.lookup(broken) is None
+
+
+def test_get_random_mode_values_and_a_missing_key(tmp_path):
+    """``get`` in random mode: ((mean + std·ε) - shift)·scale with ε from the caller's generator."""
+    mean, std = torch.randn(4, 2, 3), torch.rand(4, 2, 3) + 0.5
+    key = "cd" * 20
+    for cache_dir in (None, tmp_path / "c"):
+        store = LatentStore("random", 2.0, shift_factor=0.25, cache_dir=cache_dir)
+        store.put(key, mean, std)
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(store.get(key, torch.Generator().manual_seed(7)), (mean + std * eps - 0.25) * 2.0)
+        with pytest.raises(KeyError, match="ef" * 20):
+            store.get("ef" * 20)
+
+
+# ---- LatentEncoder.complete on its own ---------------------------------------------------------------------------
+
+def _pixels(n):
+    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(n)) * 2 - 1
+
+
+def test_complete_without_slots_or_keys_encodes_all_and_keeps_nothing(tmp_path, vae):
+    """A batch with only pixels (slots and keys default): every row encoded and drawn with its seed, nothing stored."""
+    store = LatentStore("random", 0.5, cache_dir=tmp_path / "c")
+    pixels = _pixels(2)
+    got = LatentEncoder(vae, store).complete({"pixel_values": pixels}, [5, 6])
+    for i, seed in enumerate((5, 6)):
+        mean, std = encode_pixels(vae, pixels[i:i + 1])
+        eps = torch.randn(mean[0].shape, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got[i], (mean[0] + std[0] * eps) * 0.5, rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "c").exists() and not store.memory
+
+
+@pytest.mark.parametrize("disk", [False, True])
+@pytest.mark.parametrize("mode", ["once", "random"])
+def test_complete_uses_an_entry_stored_meanwhile(tmp_path, vae, mode, disk):
+    """A DataLoader worker's view of the memory cache is older than the trainer's: an image it sends as pixels may have
+    been encoded meanwhile. It is then drawn from the store (with its key and its use's seed), not encoded again."""
+    store = LatentStore(mode, 0.5, cache_dir=tmp_path / "c" if disk else None)
+    key = "12" * 20
+    mean, std = torch.randn(4, 8, 8), torch.rand(4, 8, 8) + 0.5
+    store.put(key, mean, std)
+    counting = CountingVAE(vae)
+    got = LatentEncoder(counting, store).complete(
+        {"pixel_values": _pixels(1), "pixel_slots": [0], "latent_keys": [key]}, [9])
+    assert counting.images == 0
+    if mode == "once":  # the image's one sample
+        assert torch.equal(got[0], LatentStore("once", 0.5).draw(Entry(mean, std, None, {}), key))
+    else:  # a fresh sample from this use's seed
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(9))
+        torch.testing.assert_close(got[0], (mean + std * eps) * 0.5)
+
+
+def test_complete_encodes_again_when_the_stored_entry_lacks_the_loss_weight(tmp_path, vae):
+    store = LatentStore("deterministic", 1.0, cache_dir=tmp_path)
+    key = "34" * 20
+    store.put(key, torch.zeros(4, 8, 8), torch.zeros(4, 8, 8))  # cached before --use_alpha_as_loss_weight
+    counting = CountingVAE(vae)
+    weight = torch.ones(1, 8, 8)
+    LatentEncoder(counting, store).complete(
+        {"pixel_values": _pixels(1), "pixel_slots": [0], "latent_keys": [key], "loss_weights": weight[None]}, [0])
+    assert counting.images == 1
+    assert torch.equal(store.lookup(key, need_weight=True).weight, weight)
+
+
+@pytest.mark.parametrize("cache_dir", [None, "disk"])
+@pytest.mark.parametrize("mode", ["once", "deterministic", "random"])
+def test_a_kept_entry_keeps_its_loss_weight_and_sizes(tmp_path, mode, cache_dir):
+    """With --use_alpha_as_loss_weight a cached image must come back with its weight (else it is encoded at every use)
+    and with the size conditioning of its geometry (SDXL's time ids)."""
+    store = LatentStore(mode, 1.0, cache_dir=tmp_path / "c" if cache_dir else None)
+    key, weight = "56" * 20, torch.rand(1, 2, 2)
+    sizes = {"original_size": (100, 80), "crop_top_left": (3, 0), "target_size": (64, 64)}
+    fresh = store.put(key, torch.randn(4, 2, 2), torch.rand(4, 2, 2), weight, sizes)
+    entry = store.lookup(key, need_weight=True)
+    assert entry is not None and torch.equal(entry.weight, weight) and entry.sizes == sizes
+    assert torch.equal(fresh.weight, weight) and fresh.sizes == sizes
+
+
+def test_memory_keeps_one_tensor_per_image_except_for_random_and_fills_the_budget_exactly():
+    """In memory ``once`` keeps its one sample and ``deterministic`` the mean (one [C,h,w] tensor, as A1111), ``random``
+    mean and std; the budget is the most the entries take, so entries that fill it exactly are all kept."""
+    mean, std = torch.randn(4, 8, 8), torch.rand(4, 8, 8)
+    one = mean.numel() * mean.element_size()
+    for mode, tensors in (("once", 1), ("deterministic", 1), ("random", 2)):
+        store = LatentStore(mode, 1.0, memory_budget_mb=2 * tensors * one / 2**20)
+        for k in range(3):
+            store.put(f"{k:02d}" * 20, mean, std)
+        assert store.memory_bytes == 2 * tensors * one and len(store.memory) == 2, mode
+
+
+def test_a_full_memory_cache_warns_once_with_its_size_and_the_way_out(capsys):
+    mean, std = torch.zeros(4, 256, 256), torch.zeros(4, 256, 256)  # 1 MB per sample
+    store = LatentStore("once", 1.0, memory_budget_mb=2)
+    for k in range(4):
+        store.put(f"{k:02d}" * 20, mean, std)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1
+    assert re.search(r"^warning: the in-memory latent cache reached 2 MB \(2 images\); .* "
+                     r"--cache_latents_to_disk DIR keeps them all\.$", err, re.M), err
+
+
+def test_once_without_a_key_is_refused():
+    """A ``once`` sample is seeded by the image's key; drawing one without it is a caller's mistake, said plainly."""
+    store = LatentStore("once", 1.0)
+    with pytest.raises(ValueError, match="^latent sampling 'once' needs the image's cache key$"):
+        store.draw(Entry(torch.zeros(4, 2, 2), torch.ones(4, 2, 2), None, {}), None)
