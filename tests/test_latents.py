@@ -505,3 +505,30 @@ def test_once_without_a_key_is_refused():
     store = LatentStore("once", 1.0)
     with pytest.raises(ValueError, match="^latent sampling 'once' needs the image's cache key$"):
         store.draw(Entry(torch.zeros(4, 2, 2), torch.ones(4, 2, 2), None, {}), None)
+
+
+def test_a_vae_given_with_vae_never_shares_the_models_cache_key(tiny_sd1, tmp_path):
+    """--vae replaces the model's VAE with one of the same class and config: its latents must get their own cache
+    key (found by reading the code during mutation testing: only the model's hash reached the key)."""
+    from diffusers import AutoencoderKL
+
+    from utils.latents import model_vae_identity
+    from utils.models import ModelSource, load_pipeline
+
+    own = AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae")
+    own.save_pretrained(tmp_path / "same")
+    with torch.no_grad():
+        own.encoder.conv_in.weight.mul_(1.5)
+    own.save_pretrained(tmp_path / "other")
+
+    def key(vae_dir=None) -> str:
+        loaded = load_pipeline(ModelSource(str(tiny_sd1), vae=None if vae_dir is None else str(vae_dir)),
+                               torch.float32)
+        assert loaded.vae_source == (None if vae_dir is None else str(vae_dir))
+        return model_vae_identity(loaded.pipeline.vae, loaded.identity.sha256 or loaded.identity.name,
+                                  loaded.vae_source)
+
+    plain, other = key(), key(tmp_path / "other")
+    assert plain != other  # same class, config and dtype: only the --vae source tells them apart
+    assert key(tmp_path / "other") == other  # and the same --vae twice keeps one key
+    assert key(tmp_path / "same") != plain  # a copy elsewhere counts as another VAE: a re-encode, never a wrong hit

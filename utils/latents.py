@@ -62,6 +62,21 @@ def vae_identity(vae, name: str = "") -> str:
     return f"{name}|{type(vae).__name__}|{dtype}|{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def model_vae_identity(vae, model_name: str, vae_source: str | None = None) -> str:
+    """:func:`vae_identity` of a loaded model's VAE. A ``--vae`` given in place of the model's own goes in by its
+    files' paths, sizes and modification times (a Hub id by its name): another VAE of the same architecture has the
+    same class and config, and its latents must not be read back from the other's cache."""
+    name = model_name
+    if vae_source:
+        p = Path(os.path.expanduser(vae_source))
+        if p.exists():
+            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+            name += "|vae:" + hashlib.sha256("\n".join(file_identity(f) for f in files).encode()).hexdigest()[:16]
+        else:
+            name += f"|vae:{vae_source}"
+    return vae_identity(vae, name)
+
+
 def file_identity(path: str | os.PathLike) -> str:
     """A folder image's identity for cache keys: absolute path, size and modification time (one stat, no read)."""
     st = os.stat(path)

@@ -60,6 +60,7 @@ class LoadedModel:
     family: str  # 'sd1' | 'sd2' | 'sdxl'
     prediction_type: str  # from the scheduler config: 'epsilon' | 'v_prediction' | ...
     identity: ModelIdentity
+    vae_source: str | None = None  # --vae as given (its weights replace the model's own VAE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,7 +244,8 @@ def load_pipeline(source: ModelSource, torch_dtype: torch.dtype = torch.float32,
         from utils.tokenizer import load_tokenizer
 
         pipe.tokenizer = load_tokenizer(source.tokenizer)
-    return LoadedModel(pipe, family_of(pipe), pipe.scheduler.config.get("prediction_type", "epsilon"), identity)
+    return LoadedModel(pipe, family_of(pipe), pipe.scheduler.config.get("prediction_type", "epsilon"), identity,
+                       vae_source=source.vae)
 
 
 def _pipeline_class(name: str):

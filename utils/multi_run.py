@@ -113,7 +113,7 @@ def main(cfg: TextualInversionConfig) -> int:
     from utils.data.balanced import BalancedBatches
     from utils.data.plan import optimizer_steps_per_epoch
     from utils.eval_hook import eval_hooks
-    from utils.latents import LatentStore, vae_identity
+    from utils.latents import LatentStore, model_vae_identity
     from utils.run import tracker_run_link
     from utils.trainers.many_embeddings import (
         EmbeddingInfo,
@@ -160,8 +160,8 @@ def main(cfg: TextualInversionConfig) -> int:
     # One latent store for all: a picture two concepts share (a sweep's variants) is encoded once.
     vae = loaded.pipeline.vae
     latent_cfg = opts[0][2]
-    store = LatentStore.for_vae(vae, latent_cfg, identity=vae_identity(vae, loaded.identity.sha256 or
-                                                                        loaded.identity.name),
+    store = LatentStore.for_vae(vae, latent_cfg, identity=model_vae_identity(
+                                    vae, loaded.identity.sha256 or loaded.identity.name, loaded.vae_source),
                                 keep=not cfg.latents.no_cache_latents and not cfg.data.random_crop)
     sources = []
     for folder, summary, (data_cfg, prompt_cfg, _) in zip(folders, summaries, opts):

@@ -13,7 +13,7 @@ import torch
 
 from utils.data import DataConfig, PromptConfig, TrainLoader
 from utils.data.plan import latent_seed, sample_positions
-from utils.latents import LatentConfig, LatentEncoder, LatentStore, vae_identity
+from utils.latents import LatentConfig, LatentEncoder, LatentStore, model_vae_identity
 from utils.models import LoadedModel, ModelSource, enable_xformers, load_pipeline, set_tf32, weight_dtype
 
 DEFAULT_MAX_TRAIN_STEPS = 3000
@@ -119,7 +119,7 @@ def build_batch_source(accelerator, summary, data_cfg: DataConfig, prompt_cfg: P
     """The rank's batches. Latents are encoded as training first meets each image and kept (in memory, or in
     --cache_latents_to_disk shared by ranks and reruns) unless told not to; --random_crop keeps none."""
     vae = loaded.pipeline.vae
-    identity = vae_identity(vae, loaded.identity.sha256 or loaded.identity.name)
+    identity = model_vae_identity(vae, loaded.identity.sha256 or loaded.identity.name, loaded.vae_source)
     store = LatentStore.for_vae(vae, latent_cfg, identity=identity,
                                 keep=cache_latents and not data_cfg.random_crop)
     loader = TrainLoader(summary, data_cfg, prompt_cfg, batch_size=batch_size, rank=accelerator.process_index,
