@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -59,8 +60,11 @@ def run_script(argv: list[str], log: Path) -> float:
     return _children_cpu() - before
 
 
+EXTRA: list[str] = []  # --trainer_args, given to every run
+
+
 def common(steps: int) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(TINYWORLD), "--initializer_token", "object", "--resolution", "64",
+    return [*EXTRA, "--pretrained_model_name_or_path", str(TINYWORLD), "--initializer_token", "object", "--resolution", "64",
             "--train_batch_size", "4", "--learning_rate", "5e-3", "--max_train_steps", str(steps), "--seed", "0",
             "--no_previews", "--save_every", "0", "--checkpointing_steps", "0"]
 
@@ -150,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16, help="generated images per embedding")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=None, help="keep data, runs and logs here (default: a temp dir)")
+    p.add_argument("--trainer_args", default="",
+                   help="more flags for every run, both sides, e.g. '--eval_every 0' (the evaluation off)")
     args = p.parse_args(argv)
+    EXTRA[:] = shlex.split(args.trainer_args)
     if not (TINYWORLD / "model_index.json").is_file():
         print(f"tiny-world model not found at {TINYWORLD}", file=sys.stderr)
         return 1
