@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give --placeholder_token (the embedding's name) or --resume_embedding FILE")
     eval_opts = eval_options(cfg.evaluation, cfg.data.train_data_dir)
 
-    from utils.eval_hook import eval_hooks
     from utils.embeddings import MAX_VECTORS, load_embedding, sanitize_name
+    from utils.eval_hook import eval_hooks
     from utils.run import finish_run
     from utils.trainers import textual_inversion
     from utils.trainers.textual_inversion import TextualInversion
