@@ -210,7 +210,7 @@ class EvalHook(BaseStepHook):
             ctx.accelerator.print(f"Early stop at step {summary['stopped_at']}: {summary['stop_reason']}.")
         if summary.get("best_step") is not None:
             names = ", ".join(p.name for p in self._best_paths())
-            ctx.accelerator.print(f"Best step {summary['best_step']} ({summary['best_reason']}): {names}.")
+            ctx.accelerator.print(f"Best {summary['best_reason']}: {names}.")  # "Best step N: the lowest ..."
         return files + self._best_paths()
 
     # -- the evaluation ---------------------------------------------------------------------------------------------
