@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         from utils.generation import HypernetworkLibrary, generate, image_grid, next_image_number, split_hypernet_tags
         from utils.infotext import save_png
         from utils.models import ModelSource, weight_dtype
-        from utils.prompts import EmbeddingDatabase, PromptEncoder
+        from utils.prompts import EmbeddingDatabase, PromptEncoder, warn_refused_files
 
         device = device_of(m)
         source = ModelSource(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant, vae=m.vae)
@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for prompt in prompts:
             params = generation_params(g, prompt + always_on, size)
             encoder.refresh()  # pick up embedding files changed since the last prompt (only changed files are read)
-            for message in db.new_errors():  # once per file: its name in a prompt is read as plain words
-                print(f"inference.py: warning: {message}; its name is used as plain words", file=sys.stderr)
+            warn_refused_files(db, "inference.py")  # once per file, again only if it changes
             if db.version != reported:
                 report_duplicates(db)
                 reported = db.version

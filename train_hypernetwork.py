@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.embeddings import sanitize_name
     from utils.eval_hook import eval_hooks
     from utils.hypernetwork import Hypernetwork, attention_context_widths, load_hypernetwork
+    from utils.prompts import warn_refused_files
     from utils.run import finish_run
     from utils.trainers.hypernetwork import HypernetworkOutputs, HypernetworkTrainable
     from utils.training import train
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         hn = Hypernetwork.create(name, sizes, options)
     trainable = HypernetworkTrainable.build(loaded, hn, accelerator.device, h.offload_text_encoder,
                                             embeddings_dirs=h.embeddings_dir)
+    if accelerator.is_main_process:
+        warn_refused_files(trainable.conditioning.encoder.db, PROG)
 
     batches, max_steps = cli.plan_batches(cfg, accelerator, summary, data_cfg, prompt_cfg, latent_cfg, loaded,
                                           initial_step=trainable.initial_step)

@@ -745,6 +745,26 @@ def test_generating_with_a_refused_embedding_says_so_once_per_file(tiny_sd1, tmp
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_training_a_hypernetwork_with_a_refused_embedding_says_so_once_per_file(tiny_sd1, data_dir, tmp_path, capsys):
+    import train_hypernetwork as thn
+
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": _nan_vectors()}, "name": "broken"}, folder / "broken.pt")
+    torch.save({"x": RunsCode(tmp_path / "PWNED")}, folder / "evil.pt")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "whole.png")
+    (folder / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    args = _hn_args(data_dir, tmp_path, "--max_train_steps", "1", "--embeddings_dir", folder)
+    args[1] = str(tiny_sd1)
+    code, err = run_main(thn.main, args, thn.PROG, capsys)
+    warnings = [line for line in err if "warning:" in line]
+    assert code == 0 and (tmp_path / "o" / "my-hn.pt").exists(), err
+    assert len(warnings) == 3 and all(w.startswith(f"{thn.PROG}: warning: ") for w in warnings), warnings
+    for name, reason in (("broken.pt", "NaN"), ("evil.pt", "refused"), ("cut.png", "not a readable image")):
+        assert any(str(folder / name) in w and reason in w for w in warnings), (name, warnings)
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_inspect_gives_the_reason_for_each_hostile_file(tmp_path):
     folder = tmp_path / "hostile"
     folder.mkdir()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +168,13 @@ class EmbeddingDatabase:
                 reasons[emb.name] = reason
         order = lambda d: dict(sorted(d.items(), key=lambda kv: kv[0].casefold()))  # noqa: E731  (A1111 sorts so)
         self.loaded, self.skipped_embeddings, self.skipped, self.errors = order(loaded), order(skipped), order(reasons), errors
+
+
+def warn_refused_files(db: EmbeddingDatabase, prog: str) -> None:
+    """One warning on stderr per file ``db`` could not load and has not reported yet: without it, the file's name in
+    a prompt would silently be read as plain words."""
+    for message in db.new_errors():
+        print(f"{prog}: warning: {message}; its name is used as plain words", file=sys.stderr)
 
 
 def skip_reason(emb: Embedding, expected_width: int | None) -> str | None:
