@@ -38,6 +38,10 @@ CASES = [
     ("train_hypernetwork.py", ["--weight_init", "Zeros"], 2),
     ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--sizes", "768, x"], 2),
     ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--save_every", "-1"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--activation_func", "bogus"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--activation_func", "threshold"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--layer_structure", "2, 1"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--dropout_structure", "0, 1.5, 0"], 2),
     ("inference.py", ["--help"], 0),
     ("inference.py", ["--prompt", "a"], 2),  # no model given
     ("inference.py", ["--pretrained_model_name_or_path", "m", "--prompt", "a", "--width", "60"], 2),
