@@ -4,6 +4,7 @@ trainers' flags become one typed config (utils/config.py) with no flag left out.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ CASES = [
     ("train_textual_inversion.py", ["--output_dir", "o"], 2),  # neither --placeholder_token nor --resume_embedding
     ("train_textual_inversion.py", ["--placeholder_token", "x", "--resume_from_checkpoint", "no-such-dir"], 2),
     ("train_textual_inversion.py", ["--placeholder_token", "x", "--resume_from_checkpoint", "."], 2),  # no progress.json
+    ("train_textual_inversion.py", ["--demo", "--learning_rate", "fast"], 2),
+    ("train_textual_inversion.py", ["--demo", "--resume_from_checkpoint", "no-such-dir"], 2),
     ("train_hypernetwork.py", ["--help"], 0),
     ("train_hypernetwork.py", ["--weight_init", "Zeros"], 2),
     ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--sizes", "768, x"], 2),
@@ -57,7 +60,9 @@ CASES = [
 @pytest.mark.parametrize("script,args,code", CASES, ids=[f"{s}:{' '.join(a)}" for s, a, _ in CASES])
 def test_help_and_flag_errors_import_no_heavy_library(script, args, code, tmp_path):
     probe = PROBE.format(root=str(ROOT), script=str(ROOT / script), args=args, heavy=HEAVY)
-    p = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "EMBEDFORGE_CACHE": str(tmp_path / "cache")}  # --demo: its tiny model not yet built
+    p = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["code"] == code, p.stderr[-2000:]
     assert result["heavy"] == [], f"{script} {args} imported {result['heavy']} before answering"
