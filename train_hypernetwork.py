@@ -22,6 +22,7 @@ from utils.cluster import add_cluster_args
 from utils.config import HypernetworkConfig, HypernetworkSettings
 from utils.errors import UserError, exit_on_user_error
 from utils.eval_args import add_eval_args, eval_options
+from utils.hypernetwork_options import WEIGHT_INITS, HypernetworkOptions, check_options, parse_layer_structure
 
 PROG = "train_hypernetwork.py"
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear, relu, leakyrelu, elu, swish (= Hardswish, as A1111), tanh, sigmoid, or any "
                         "torch.nn activation name in lower case (gelu, silu, mish, ...).")
     g.add_argument("--weight_init", default="Normal",
-                   choices=["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"])
+                   choices=WEIGHT_INITS)
     g.add_argument("--layer_norm", action="store_true", help="LayerNorm after each layer.")
     g.add_argument("--use_dropout", action="store_true", help="Dropout (training only).")
     g.add_argument("--dropout_structure", default="",
@@ -85,8 +86,6 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def hypernetwork_options(a: HypernetworkSettings):
-    from utils.hypernetwork import HypernetworkOptions, check_options, parse_layer_structure
-
     try:
         dropout = [float(x) for x in a.dropout_structure.split(",") if x.strip()] if a.dropout_structure else None
     except ValueError:
@@ -105,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not h.hypernetwork_name and not h.resume_hypernetwork:
         raise UserError("give --hypernetwork_name or --resume_hypernetwork FILE")
     sizes = parse_sizes(h.sizes) if h.sizes else None
+    options = hypernetwork_options(h)  # the architecture flags, checked before torch loads
     eval_opts = eval_options(cfg.evaluation, cfg.data.train_data_dir)
 
     from accelerate.utils import set_seed
@@ -119,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     from utils.training_setup import load_model_for_training, training_noise_scheduler
 
     cli.check_run(cfg)
-    options = hypernetwork_options(h)  # validates the architecture flags before any model loads
     resumed = load_hypernetwork(h.resume_hypernetwork) if h.resume_hypernetwork else None
     name = sanitize_name(h.hypernetwork_name or resumed.name)
     source = cli.model_source(cfg)

@@ -80,14 +80,15 @@ def resolve_config(argv: list[str] | None = None) -> TextualInversionConfig:
 
 
 def apply_demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
-    """The README's first command: everything local, small and quick. Flags given explicitly still win."""
-    from utils.tiny_models import tiny_model_path
+    """The README's first command: everything local, small and quick. Flags given explicitly still win. The tiny
+    model's folder only: main builds it (build_demo_model) after the flags are checked."""
+    from utils.tiny_models import tiny_model_dir
 
     given = {s.split("=")[0] for s in argv if s.startswith("--")}
     # The tiny model's ops are overhead-bound: one thread is as fast, and far faster beside other busy processes.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     defaults = {
-        "--pretrained_model_name_or_path": ("pretrained_model_name_or_path", str(tiny_model_path("sd1"))),
+        "--pretrained_model_name_or_path": ("pretrained_model_name_or_path", str(tiny_model_dir("sd1"))),
         "--train_data_dir": ("train_data_dir", str(Path(__file__).resolve().parent / "examples" / "sample_images")),
         "--placeholder_token": ("placeholder_token", "red-ball"),
         "--initializer_token": ("initializer_token", "ball"),
@@ -107,10 +108,20 @@ def apply_demo_defaults(a: argparse.Namespace, argv: list[str]) -> None:
             setattr(a, dest, value)
 
 
+def build_demo_model(cfg: TextualInversionConfig) -> None:
+    """--demo's tiny model, built on first use once the flags are known to be good (it needs torch)."""
+    from utils.tiny_models import tiny_model_dir, tiny_model_path
+
+    if cfg.model.pretrained_model_name_or_path == str(tiny_model_dir("sd1")):
+        tiny_model_path("sd1")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(argv)
     # Everything that can be checked without a model is checked first; the flags before torch is even imported.
     cli.check_flags(cfg)
+    if cfg.demo:
+        build_demo_model(cfg)
     if cfg.many.active:
         from utils import multi_run
 

@@ -4,6 +4,7 @@ trainers' flags become one typed config (utils/config.py) with no flag left out.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,19 @@ CASES = [
     ("train_textual_inversion.py", ["--placeholder_token", "x", "--adam_beta1", "nan"], 2),
     ("train_textual_inversion.py", ["--placeholder_token", "x", "--lr_scheduler", "bogus"], 2),
     ("train_textual_inversion.py", ["--output_dir", "o"], 2),  # neither --placeholder_token nor --resume_embedding
+    ("train_textual_inversion.py", ["--placeholder_token", "x", "--resume_from_checkpoint", "no-such-dir"], 2),
+    ("train_textual_inversion.py", ["--placeholder_token", "x", "--resume_from_checkpoint", "."], 2),  # no progress.json
+    ("train_textual_inversion.py", ["--demo", "--learning_rate", "fast"], 2),
+    ("train_textual_inversion.py", ["--demo", "--resume_from_checkpoint", "no-such-dir"], 2),
     ("train_hypernetwork.py", ["--help"], 0),
     ("train_hypernetwork.py", ["--weight_init", "Zeros"], 2),
     ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--sizes", "768, x"], 2),
     ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--save_every", "-1"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--activation_func", "bogus"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--activation_func", "threshold"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--layer_structure", "2, 1"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--dropout_structure", "0, 1.5, 0"], 2),
+    ("train_hypernetwork.py", ["--hypernetwork_name", "h", "--resume_from_checkpoint", "no-such-dir"], 2),
     ("inference.py", ["--help"], 0),
     ("inference.py", ["--prompt", "a"], 2),  # no model given
     ("inference.py", ["--pretrained_model_name_or_path", "m", "--prompt", "a", "--width", "60"], 2),
@@ -50,13 +60,28 @@ CASES = [
 @pytest.mark.parametrize("script,args,code", CASES, ids=[f"{s}:{' '.join(a)}" for s, a, _ in CASES])
 def test_help_and_flag_errors_import_no_heavy_library(script, args, code, tmp_path):
     probe = PROBE.format(root=str(ROOT), script=str(ROOT / script), args=args, heavy=HEAVY)
-    p = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "EMBEDFORGE_CACHE": str(tmp_path / "cache")}  # --demo: its tiny model not yet built
+    p = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
     result = json.loads(p.stdout.strip().splitlines()[-1])
     assert result["code"] == code, p.stderr[-2000:]
     assert result["heavy"] == [], f"{script} {args} imported {result['heavy']} before answering"
     if code == 2:
         last = p.stderr.strip().splitlines()[-1]  # argparse's errors follow its usage lines
         assert last.startswith(f"{script}: error: ") and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_damaged_checkpoint_is_refused_before_torch(tmp_path):
+    """--resume_from_checkpoint latest checks the newest checkpoint's files against its manifest, standard library
+    only: a checkpoint without one is a one-line error before any heavy import."""
+    (tmp_path / "o" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "o" / "checkpoint-3" / "progress.json").write_text("{}")
+    args = ["--hypernetwork_name", "h", "--output_dir", "o", "--resume_from_checkpoint", "latest"]
+    probe = PROBE.format(root=str(ROOT), script=str(ROOT / "train_hypernetwork.py"), args=args, heavy=HEAVY)
+    p = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result == {"code": 2, "heavy": []}, p.stderr[-2000:]
+    assert "checkpoint-3/manifest.json: missing" in p.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("script", ["train_textual_inversion", "train_hypernetwork", "inference"])

@@ -137,6 +137,25 @@ def test_invalid_module_options_are_one_line_user_errors(kwargs, needle):
     assert "\n" not in str(e.value)
 
 
+def test_the_stdlib_activation_list_is_the_torch_table():
+    """train_hypernetwork.py checks --activation_func against utils/hypernetwork_options.py before torch loads: that
+    list must be exactly the names utils/hypernetwork.py can build, and the rest of torch's table refused."""
+    from utils import hypernetwork_options
+    from utils.hypernetwork import _activation_table
+
+    buildable, needs_arguments = set(), set()
+    for name, cls in _activation_table().items():
+        try:
+            cls()
+            buildable.add(name)
+        except TypeError:
+            needs_arguments.add(name)
+    assert set(hypernetwork_options.ACTIVATION_NAMES) == buildable
+    assert set(hypernetwork_options.ACTIVATIONS_NEEDING_ARGUMENTS) == needs_arguments
+    for name in buildable:
+        HypernetworkModule(8, activation_func=name)
+
+
 def test_init_rules():
     torch.manual_seed(0)
     m = HypernetworkModule(256, [1, 2, 1], "relu", "Normal", add_layer_norm=True)

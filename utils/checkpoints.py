@@ -25,11 +25,12 @@ import re
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from utils.errors import UserError, first_line
 
+# Only the standard library at module level: the trainers check --resume_from_checkpoint here before torch loads.
+# torch and numpy are imported where the files are read.
+
+CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 PROGRESS = "progress.json"
@@ -141,6 +142,38 @@ def verify(folder: str | os.PathLike) -> frozenset[str] | None:
     return frozenset(files)
 
 
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The finished ``checkpoint-N`` folders in ``output_dir`` as (N, folder), oldest first."""
+    found = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
+            if m and p.is_dir() and (p / PROGRESS).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume}: no such folder (give a checkpoint-N folder or 'latest')")
+    if not (path / PROGRESS).is_file():
+        raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no progress.json)")
+    return path
+
+
+def check_resume(output_dir: Path, resume: str | None) -> None:
+    """Before any model loads: the checkpoint to resume from exists and its files match its manifest."""
+    folder = resolve_resume(output_dir, resume)
+    if folder is not None:
+        verify(folder)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading files without running code
 
@@ -155,6 +188,8 @@ def _rng_globals() -> list:
 def load_pickle(path: Path, what: str, allow_numpy: bool = False):
     """torch.load with the weights-only unpickler (tensors, numbers, strings, containers; with ``allow_numpy`` also
     numpy arrays). Anything else, and any damage, is a one-line CheckpointError naming ``path``."""
+    import torch
+
     extra = _rng_globals() if allow_numpy else []
     try:
         with torch.serialization.safe_globals(extra), warnings.catch_warnings():
@@ -172,6 +207,8 @@ def load_pickle(path: Path, what: str, allow_numpy: bool = False):
 
 
 def _tensors(value):
+    import torch
+
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, dict):
@@ -183,6 +220,8 @@ def _tensors(value):
 
 
 def check_finite(value, path: Path, what: str) -> None:
+    import torch
+
     for t in _tensors(value):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{path}: the {what} holds NaN or infinite values; {_fix(path.parent)}")
@@ -200,6 +239,9 @@ def read_trainer_state(folder: Path, checked: bool) -> dict:
 
 def restore_rng(path: Path) -> None:
     """Set Python's, numpy's and torch's random states (CPU, and CUDA when present) from accelerate's file."""
+    import numpy as np
+    import torch
+
     states = load_pickle(path, "random-state file", allow_numpy=True)
     try:
         random.setstate(states["random_state"])

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+from utils.checkpoints import check_resume
 from utils.config import TrainerConfig, flatten, resolve
 from utils.errors import UserError
 from utils.lr_schedule import check_scheduler_name, validate_learning_rate
@@ -172,7 +173,7 @@ def to_config(a: argparse.Namespace, cls):
 
 def check_flags(cfg: TrainerConfig) -> None:
     """Everything both trainers can check with the standard library alone: before torch is imported, so a bad flag
-    is answered at once."""
+    is answered at once. The last: the checkpoint to resume from (its files against its manifest)."""
     values = flatten(cfg)
     validate_learning_rate(cfg.optim.learning_rate)
     for n in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs", "log_every",
@@ -187,6 +188,7 @@ def check_flags(cfg: TrainerConfig) -> None:
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise UserError(f"--{name} must be a finite number{rule} (got {value})")
     check_scheduler_name(cfg.optim.lr_scheduler)
+    check_resume(Path(cfg.saving.output_dir), cfg.saving.resume_from_checkpoint)
 
 
 def check_run(cfg: TrainerConfig) -> None:
@@ -194,7 +196,6 @@ def check_run(cfg: TrainerConfig) -> None:
     loads. Creates --output_dir: the last check."""
     from utils.fileio import check_writable_folder
     from utils.lr_schedule import validate_scheduler
-    from utils.training import check_resume
 
     o = cfg.optim
     validate_scheduler(o.lr_scheduler, o.lr_warmup_steps, o.lr_num_cycles, o.lr_power)
@@ -203,7 +204,6 @@ def check_run(cfg: TrainerConfig) -> None:
 
         check_can_push(hub_target(cfg))
     check_writable_folder(cfg.saving.output_dir, "--output_dir")
-    check_resume(Path(cfg.saving.output_dir), cfg.saving.resume_from_checkpoint)
 
 
 # Float flags whose bad values would otherwise surface only after the model has loaded (AdamW's own checks) or never

@@ -12,12 +12,11 @@ import glob
 import hashlib
 import inspect
 import json
-import math
 import os
 import pickle
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,15 +26,26 @@ from torch import nn
 from utils.errors import UserError, first_line
 from utils.fileio import atomic_path
 from utils.hashes import sha256_file
+from utils.hypernetwork_options import (  # noqa: F401 - the options also import from here
+    ACTIVATION_NAMES,
+    WEIGHT_INITS,
+    HypernetworkOptions,
+    check_dropout_structure,
+    check_layer_structure,
+    check_activation,
+    check_weight_init,
+    parse_dropout_structure,
+    parse_layer_structure,
+)
 from utils.pt_file import save_pt
 
-WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 DEFAULT_SIZES = (768, 320, 640, 1280)  # SD-1.x: text width + the three UNet channel widths
 SAFETENSORS_METADATA_KEY = "a1111_hypernetwork"
 
 
 def _activation_table() -> dict[str, type[nn.Module]]:
-    # A1111's names: a few aliases, then every activation class torch defines, lower-cased.
+    # A1111's names: a few aliases, then every activation class torch defines, lower-cased. Only the names
+    # utils/hypernetwork_options.py lists are used (the flags are checked there, before torch loads).
     table: dict[str, type[nn.Module]] = {
         "linear": nn.Identity,
         "relu": nn.ReLU,
@@ -52,81 +62,7 @@ def _activation_table() -> dict[str, type[nn.Module]]:
     return table
 
 
-ACTIVATIONS = _activation_table()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Options and structure parsing
-
-
-def parse_layer_structure(text: str) -> list[float]:
-    """``"1, 2, 1"`` -> ``[1.0, 2.0, 1.0]`` (A1111 keeps floats in the file)."""
-    try:
-        values = [float(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise UserError(f"layer structure {text!r} is not a comma-separated list of numbers") from None
-    _check_layer_structure(values)
-    return values
-
-
-def parse_dropout_structure(
-    layer_structure: Sequence[float] | None, use_dropout: bool, last_layer_dropout: bool
-) -> list[float]:
-    """The per-layer dropout A1111 derives when a file or the user gives no explicit dropout structure."""
-    if layer_structure is None:
-        layer_structure = [1, 2, 1]
-    n = len(layer_structure)
-    if not use_dropout:
-        return [0] * n
-    return [0] + [0.3] * (n - 3) + [0.3 if last_layer_dropout else 0] + [0]
-
-
-def _check_layer_structure(layer_structure: Sequence[float]) -> None:
-    if len(layer_structure) < 2 or layer_structure[0] != 1 or layer_structure[-1] != 1:
-        raise UserError(
-            f"hypernetwork layer structure {list(layer_structure)} must have at least two entries "
-            "and start and end with 1"
-        )
-    if any(not math.isfinite(a) or a <= 0 for a in layer_structure):
-        raise UserError(f"hypernetwork layer structure {list(layer_structure)} must contain only positive numbers")
-
-
-def _check_dropout_structure(dropout_structure: Sequence[float], layer_structure: Sequence[float]) -> None:
-    if len(dropout_structure) != len(layer_structure):
-        raise UserError(
-            f"dropout structure {list(dropout_structure)} must have as many entries as the layer structure "
-            f"{list(layer_structure)}"
-        )
-    for p in dropout_structure:
-        if p != 0 and not 0 < p < 1:
-            raise UserError(f"dropout probability {p} in {list(dropout_structure)} must be 0 or between 0 and 1")
-
-
-@dataclass
-class HypernetworkOptions:
-    """The architecture and metadata options A1111 stores next to the weights (names as the file's keys)."""
-
-    layer_structure: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])
-    activation_func: str | None = None
-    is_layer_norm: bool = False
-    weight_initialization: str = "Normal"
-    activate_output: bool = False
-    use_dropout: bool = False
-    dropout_structure: list[float] | None = None  # None: derived from use_dropout / last_layer_dropout
-    last_layer_dropout: bool = False
-    optional_info: str | None = None
-
-    def resolved(self) -> "HypernetworkOptions":
-        """A copy with ``dropout_structure`` filled in, as A1111 holds it after creating or loading, and the activation
-        named."""
-        if self.dropout_structure is None:
-            ds = parse_dropout_structure(self.layer_structure, self.use_dropout, self.last_layer_dropout)
-        else:
-            ds = list(self.dropout_structure)
-        # A non-zero structure means dropout is on (A1111 infers this on load; set it now so a round trip is exact).
-        # No activation is "linear": the same network in A1111, and ComfyUI refuses a file whose activation is None.
-        return replace(self, dropout_structure=ds, use_dropout=bool(self.use_dropout or any(ds)),
-                       activation_func=self.activation_func or "linear")
+ACTIVATIONS = {name: cls for name, cls in _activation_table().items() if name in ACTIVATION_NAMES}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -147,12 +83,10 @@ class HypernetworkModule(nn.Module):
         dropout_structure: Sequence[float] | None = None,
     ):
         super().__init__()
-        _check_layer_structure(layer_structure)
+        check_layer_structure(layer_structure)
         if dropout_structure is not None:
-            _check_dropout_structure(dropout_structure, layer_structure)
-        if weight_init not in WEIGHT_INITS:
-            choices = ", ".join(WEIGHT_INITS)
-            raise UserError(f"unknown hypernetwork weight init {weight_init!r}; choose one of {choices}")
+            check_dropout_structure(dropout_structure, layer_structure)
+        check_weight_init(weight_init)
         self.dim = int(dim)
         self.multiplier = 1.0
         widths = [int(dim * a) for a in layer_structure]
@@ -204,27 +138,14 @@ class HypernetworkModule(nn.Module):
 
 
 def _make_activation(name: str) -> nn.Module:
+    check_activation(name)
     cls = ACTIVATIONS.get(name)
-    if cls is None:
-        raise UserError(
-            f"unsupported hypernetwork activation function {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}"
-        )
+    if cls is None:  # a name this torch version no longer defines
+        raise UserError(f"hypernetwork activation function {name!r} is not in this version of torch")
     try:
         return cls()
     except TypeError as e:
         raise UserError(f"hypernetwork activation function {name!r} cannot be used: {e}") from None
-
-
-def check_options(options: HypernetworkOptions) -> HypernetworkOptions:
-    """Every architecture option checked without building a module (so before any model loads); returns them."""
-    resolved = options.resolved()
-    _check_layer_structure(resolved.layer_structure)
-    _check_dropout_structure(resolved.dropout_structure, resolved.layer_structure)
-    _make_activation(resolved.activation_func or "linear")
-    if resolved.weight_initialization not in WEIGHT_INITS:
-        raise UserError(f"unknown hypernetwork weight init {resolved.weight_initialization!r}; choose one of "
-                        f"{', '.join(WEIGHT_INITS)}")
-    return options
 
 
 _LEGACY_KEYS = {"linear1.": "linear.0.", "linear2.": "linear.1."}

@@ -2,7 +2,8 @@
 
 They have the real architecture families' shapes where it matters to users (text widths 768 / 1024 / 768+1280 so
 real embedding files load; the real CLIP vocabulary) and are otherwise as small as possible so a CPU can train on
-them in seconds. Builds are seeded and cached under ``cache_root()/tiny-models``.
+them in seconds. Builds are seeded and cached under ``cache_root()/tiny-models``. Only the standard library at module
+level: ``tiny_model_dir`` serves ``--demo`` before the flags are checked.
 
 The command line is tools/tiny_models.py (``python -m tools.tiny_models --family sd1 --out DIR``).
 """
@@ -14,8 +15,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from utils.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_clip_tokenizer, cache_root
 
@@ -117,6 +116,8 @@ def build_pipeline(family: str, seed: int = 0):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    import torch
+
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
@@ -155,9 +156,14 @@ def save_tiny_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> P
     return out
 
 
+def tiny_model_dir(family: str = "sd1", seed: int = 0) -> Path:
+    """Where a tiny model is cached (it may not be built yet); the standard library only."""
+    return cache_root() / "tiny-models" / f"{family}-s{seed}-v{_BUILD_VERSION}"
+
+
 def tiny_model_path(family: str = "sd1", seed: int = 0) -> Path:
     """The cached folder of a tiny model, built on first use."""
-    out = cache_root() / "tiny-models" / f"{family}-s{seed}-v{_BUILD_VERSION}"
+    out = tiny_model_dir(family, seed)
     if not (out / "model_index.json").is_file():
         save_tiny_model(family, out, seed)
     return out

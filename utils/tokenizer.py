@@ -13,8 +13,12 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+# transformers is imported where a tokenizer is built: cache_root() serves the scripts before their flags are checked.
 
 VOCAB_SIZE = 49408
 NUM_MERGES = VOCAB_SIZE - 256 * 2 - 2  # 48,894
@@ -85,6 +89,8 @@ def _vocab_files() -> tuple[str, str]:
 
 def build_clip_tokenizer(open_clip_padding: bool = False) -> CLIPTokenizer:
     """The CLIP tokenizer of SD-1.x (pads with EOS), or of SD-2.x / SDXL's second encoder (pads with id 0, ``!``)."""
+    from transformers import CLIPTokenizer
+
     vocab_file, merges_file = _vocab_files()
     return CLIPTokenizer(
         vocab=vocab_file,
@@ -97,6 +103,8 @@ def build_clip_tokenizer(open_clip_padding: bool = False) -> CLIPTokenizer:
 def load_tokenizer(name_or_path: str) -> CLIPTokenizer:
     """``--tokenizer_name`` (diffusers' flag): a tokenizer folder, a diffusers model folder (its ``tokenizer/``) or a
     Hub id. A config that does not say the CLIP context length gets 77 (transformers would pad to 1e30)."""
+    from transformers import CLIPTokenizer
+
     from utils.errors import UserError
 
     path = Path(os.path.expanduser(name_or_path))

@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils import checkpoints
+from utils.checkpoints import CHECKPOINT_PREFIX, list_checkpoints, resolve_resume  # noqa: F401 - also from here
 from utils.config import OptimConfig  # noqa: F401 - the loop's optimizer settings (also imported from here)
 from utils.data.plan import optimizer_steps_per_epoch
 from utils.diffusion_loss import (
@@ -41,8 +42,6 @@ from utils.distributed import sync_only_trainables
 from utils.errors import UserError
 from utils.fileio import WriteError, atomic_path, write_error
 from utils.lr_schedule import LearningRate
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
@@ -258,37 +257,6 @@ class StopRequest:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
-            m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-            if m and p.is_dir() and (p / "progress.json").is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise UserError(f"--resume_from_checkpoint {resume}: no such folder (give a checkpoint-N folder or 'latest')")
-    if not (path / "progress.json").is_file():
-        raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no progress.json)")
-    return path
-
-
-def check_resume(output_dir: Path, resume: str | None) -> None:
-    """Before any model loads: the checkpoint to resume from exists and its files match its manifest."""
-    folder = resolve_resume(output_dir, resume)
-    if folder is not None:
-        checkpoints.verify(folder)
 
 
 class TrainerState:
