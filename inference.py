@@ -12,7 +12,6 @@ with A1111's ``parameters`` text.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pathlib import Path
 from utils.config import GenerationSettings, InferenceConfig, InferenceModelSettings, LibrarySettings, resolve
 from utils.errors import UserError, exit_on_user_error
 from utils.fileio import check_writable_folder
-from utils.samplers import resolve_sampler_name, sampler_names
+from utils.samplers import check_generation, sampler_names
 
 DEFAULT_EMBEDDINGS_DIR = "embeddings"
 DEFAULT_HYPERNETWORK_DIR = "hypernetworks"
@@ -122,19 +121,9 @@ def hypernetwork_tags(values: list[str]) -> str:
 
 
 def check_generation_flags(g: GenerationSettings) -> None:
-    """The generation flags, before torch loads, with utils.generation.validate's words (it checks them again with
-    the model's own size and VAE factor)."""
-    if g.steps < 1:
-        raise UserError(f"steps must be at least 1 (got {g.steps})")
-    if not math.isfinite(g.cfg_scale):
-        raise UserError(f"cfg scale must be a finite number (got {g.cfg_scale})")
-    if g.batch_size < 1 or g.n_iter < 1:
-        raise UserError(f"batch size and batch count must be at least 1 (got {g.batch_size}, {g.n_iter})")
-    for name in ("width", "height"):
-        value = getattr(g, name)
-        if value is not None and (value < 8 or value % 8):
-            raise UserError(f"{name} must be a positive multiple of 8 (got {value})")
-    resolve_sampler_name(g.sampler)
+    """The generation flags, before torch loads (utils.generation.validate checks them again with the model's own
+    size and VAE factor)."""
+    check_generation(g.steps, g.cfg_scale, g.batch_size, g.n_iter, g.sampler, {"width": g.width, "height": g.height})
 
 
 def print_embeddings(db, width: int) -> None:

@@ -7,7 +7,6 @@ depend only on its seed, not on the device or on which batch it was in.
 
 from __future__ import annotations
 
-import math
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 from utils.errors import UserError
 from utils.infotext import format_infotext
 from utils.prompts import PromptEncoder, ti_hashes
-from utils.samplers import build_scheduler, resolve_sampler_name
+from utils.samplers import build_scheduler, check_generation, resolve_sampler_name
 
 MAX_SEED = 4294967294  # A1111 draws random seeds from [0, 2**32 - 2)
 
@@ -51,16 +50,8 @@ def resolve_seed(seed: int | None) -> int:
 
 
 def validate(params: GenerationParams, multiple: int = 8) -> None:
-    if params.steps < 1:
-        raise UserError(f"steps must be at least 1 (got {params.steps})")
-    if not math.isfinite(params.cfg_scale):
-        raise UserError(f"cfg scale must be a finite number (got {params.cfg_scale})")
-    if params.batch_size < 1 or params.n_iter < 1:
-        raise UserError(f"batch size and batch count must be at least 1 (got {params.batch_size}, {params.n_iter})")
-    for name, value in (("width", params.width), ("height", params.height)):
-        if value < multiple or value % multiple:
-            raise UserError(f"{name} must be a positive multiple of {multiple} (got {value})")
-    resolve_sampler_name(params.sampler)
+    check_generation(params.steps, params.cfg_scale, params.batch_size, params.n_iter, params.sampler,
+                     {"width": params.width, "height": params.height}, multiple)
 
 
 def _number(value: float):

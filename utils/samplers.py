@@ -9,6 +9,7 @@ PLMS use the CompVis "uniform" spacing, which is what the models' own configs ("
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from utils.errors import UserError
@@ -65,6 +66,23 @@ def resolve_sampler_name(name: str) -> str:
         if canonical.casefold() == wanted:
             return canonical
     raise UserError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}")
+
+
+def check_generation(steps: int, cfg_scale: float, batch_size: int, n_iter: int, sampler: str,
+                     sizes: dict[str, int | None], multiple: int = 8) -> None:
+    """The generation settings' checks, standard library only: inference.py runs them on its flags before torch
+    loads (a size None is the model's default, checked later), utils.generation.validate with the final sizes and
+    the VAE's factor."""
+    if steps < 1:
+        raise UserError(f"steps must be at least 1 (got {steps})")
+    if not math.isfinite(cfg_scale):
+        raise UserError(f"cfg scale must be a finite number (got {cfg_scale})")
+    if batch_size < 1 or n_iter < 1:
+        raise UserError(f"batch size and batch count must be at least 1 (got {batch_size}, {n_iter})")
+    for name, value in sizes.items():
+        if value is not None and (value < multiple or value % multiple):
+            raise UserError(f"{name} must be a positive multiple of {multiple} (got {value})")
+    resolve_sampler_name(sampler)
 
 
 def _dependency_available(package: str) -> bool:
