@@ -14,14 +14,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from utils.checkpoints import verify
 from utils.embeddings import load_embedding
 from utils.errors import exit_on_user_error
+
+from test_hardening import data_dir  # noqa: F401 (fixture: 4 captioned 64 px pictures)
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "crash-emb"
@@ -61,16 +61,6 @@ CRASHES = {
         os.replace = replace
     """,
 }
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(7)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
-        (d / f"{i:02d}.txt").write_text(f"a picture number {i}")
-    return d
 
 
 def _args(model: Path, data: Path, out: Path, *extra) -> list[str]:

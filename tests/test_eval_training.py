@@ -19,19 +19,11 @@ from utils.embeddings import load_embedding
 from utils.errors import UserError
 
 from test_image_scores import tiny_clip, tiny_vit  # noqa: F401 (fixtures: tiny random CLIP and ViT)
+from test_train_textual_inversion import data_dir  # noqa: F401 (fixture: 4 captioned 64 px pictures)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    rng = torch.Generator().manual_seed(0)
-    for i in range(4):
-        arr = (torch.rand(64, 64, 3, generator=rng) * 255).byte().numpy()
-        Image.fromarray(arr).save(d / f"{i:02d}.png")
-        (d / f"{i:02d}.txt").write_text(f"a picture number {i}")
-    return d
 
 
 def _ti(model, data, out, *extra):
