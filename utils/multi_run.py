@@ -187,7 +187,7 @@ def main(cfg: TextualInversionConfig) -> int:
             settings=settings, save_optimizer_state=cfg.saving.save_optimizer_state))
         infos.append(EmbeddingInfo(c.name, folder, src.micro_batches_per_epoch // A, factors[k]))
     for w in writers[1:]:  # one prompt encoder for every embedding's previews
-        w.previewer._encoder = writers[0].previewer.encoder
+        w.previewer.encoder = writers[0].previewer.encoder
 
     run_settings = {**cfg.settings(), "embeddings": [c.name for c in concepts]}
     loop_cfg = cli.loop_config(cfg, max_steps, loaded.prediction_type, run_settings, batches.micro_batches_per_epoch)

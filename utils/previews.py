@@ -81,6 +81,10 @@ class Previewer:
             self._encoder = PromptEncoder(self.loaded.pipeline, EmbeddingDatabase([]))
         return self._encoder
 
+    @encoder.setter
+    def encoder(self, encoder) -> None:  # previewers of one model may share one (several embeddings in one run)
+        self._encoder = encoder
+
     def render(self, step: int, default_prompt: str, extra_info: str = "") -> list:
         return render_previews(self.device, self.loaded, self.encoder, self.opts, self.out_dir, self.name, step,
                                self.opts.prompt or default_prompt, extra_info)
