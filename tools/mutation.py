@@ -4,6 +4,7 @@
     python tools/mutation.py diffusion_loss lr_schedule --max-children 2
     python tools/mutation.py --list                # the modules and the test files that must kill their mutants
     python tools/mutation.py diffusion_loss --show  # the diff of every surviving mutant
+    python tools/mutation.py training --sample 120  # a random 120 of the module's mutants (seed 0): a score estimate
 
 Each module is mutated on its own, against only the test files mapped to it below (mutmut then runs, per mutant,
 only the tests among those that call the mutated function), so a run fits on 2 CPU cores. The work happens in
@@ -11,14 +12,18 @@ only the tests among those that call the mutated function), so a run fits on 2 C
 results there, so a rerun after a test change re-checks only what changed. Not part of CI: a full run takes a while.
 
 The score printed is killed / all mutants checked (a timeout counts as killed, a mutant no mapped test reaches as not
-killed).
+killed). With --sample N only a seeded random N of the module's mutants are checked (the big modules have thousands:
+more than a day on 2 cores) and the score comes with its 95% interval (Wilson); the same seed picks the same mutants,
+so a rerun after a new test re-checks that sample.
 Judge each survivor in docs/testing.md: equivalent (say why) or give it a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -146,6 +151,26 @@ def summary(name: str, by_status: dict[str, list[str]]) -> str:
             f"no tests {no_tests:3d}  score {score}{extra}")
 
 
+def all_mutants(work: Path, order: list[str]) -> list[str]:
+    """Every mutant name of the module. mutmut has no generate-only command: `run` with a filter that matches nothing
+    generates the mutants (and the test map), then stops on the empty selection; the names are then in `results`."""
+    names = sorted(n for group in results(work).values() for n in group)
+    if not names:
+        mutmut(work, "run", "--max-children", "1", "no-such-mutant-only-generate", capture=True, order=order)
+        names = sorted(n for group in results(work).values() for n in group)
+    return names
+
+
+def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a proportion estimated from a random sample (Wilson score interval)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = killed / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("modules", nargs="*", help=f"any of {', '.join(MODULES)} (default: all)")
@@ -153,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the module -> tests map and exit")
     p.add_argument("--show", action="store_true", help="after the run, print the diff of every surviving mutant")
     p.add_argument("--results-only", action="store_true", help="report the last run's results without running")
+    p.add_argument("--sample", type=int, default=0, metavar="N",
+                   help="check only a random N of each module's mutants (a score estimate with its 95%% interval)")
+    p.add_argument("--seed", type=int, default=0, help="which random sample --sample takes (default 0)")
     args = p.parse_args(argv)
 
     names = args.modules or list(MODULES)
@@ -167,6 +195,33 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for n in names:
         work = prepare(n) if not args.results_only else WORK / n
+        if args.sample:
+            everything = all_mutants(work, MODULES[n][1])
+            chosen = sorted(random.Random(args.seed).sample(everything, min(args.sample, len(everything))))
+            status = {m: s for s, group in results(work).items() for m in group}
+            todo = [m for m in chosen if status.get(m) in (None, "not checked", "survived")]
+            if todo and not args.results_only:
+                print(f"== {n}: {len(todo)} of a sample of {len(chosen)} (seed {args.seed}) of {len(everything)} "
+                      f"mutants of {MODULES[n][0]} against {' '.join(MODULES[n][1])}", flush=True)
+                rc = mutmut(work, "run", "--max-children", str(args.max_children), *todo,
+                            order=MODULES[n][1]).returncode
+                if rc not in (0, 1):
+                    print(f"mutmut exited with {rc} for {n}", file=sys.stderr)
+            chosen_set = set(chosen)
+            by_status = {s: [m for m in group if m in chosen_set] for s, group in results(work).items()}
+            by_status = {s: group for s, group in by_status.items() if group}
+            line = summary(n, by_status)
+            judged = sum(len(by_status.get(s, [])) for s in ("killed", "timeout", "survived", "no tests"))
+            killed = len(by_status.get("killed", [])) + len(by_status.get("timeout", []))
+            lo, hi = wilson(killed, judged)
+            lines.append(f"{line}  (sample {len(chosen)} of {len(everything)}, seed {args.seed}; "
+                         f"95% interval {100 * lo:.1f}-{100 * hi:.1f}%)")
+            for status_name in ("survived", "no tests", "suspicious", "segfault"):
+                for mutant in by_status.get(status_name, []):
+                    print(f"  {status_name}: {mutant}")
+                    if args.show and status_name == "survived":
+                        print(mutmut(work, "show", mutant, capture=True).stdout)
+            continue
         if not args.results_only:
             print(f"== {n}: mutating {MODULES[n][0]} against {' '.join(MODULES[n][1])}", flush=True)
             # mutmut keeps a verdict once given; survivors of an earlier run are checked again against today's tests
