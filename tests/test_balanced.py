@@ -61,3 +61,32 @@ def test_resume_anywhere_gives_the_same_batches():
             assert len(resumed) == len(expected)
             for a, b in zip(resumed, expected):
                 assert torch.equal(a["latents"], b["latents"]) and a["noise_seeds"] == b["noise_seeds"]
+
+
+def test_an_embedding_that_left_has_no_samples_and_the_others_do_not_move():
+    left: dict[int, int] = {}
+    full = _collect(BalancedBatches([FakeSource(0, 3), FakeSource(1, 4), FakeSource(2, 2)], seed=1), 2)
+    combined = BalancedBatches([FakeSource(0, 3), FakeSource(1, 4), FakeSource(2, 2)], seed=1, left=left)
+    got = []
+    for m, batch in enumerate(combined.iter_epoch(0, 0)):
+        got.append(batch)
+        if m == 1:
+            left[1] = 2  # the early stop fires after micro-batch 1: from micro-batch 2 on, embedding 1 is not read
+    got += list(combined.iter_epoch(1, 0))
+    assert len(got) == len(full) == 8
+    for m, (a, b) in enumerate(zip(got, full)):
+        if m < 2:
+            assert torch.equal(a["latents"], b["latents"]) and a["noise_seeds"] == b["noise_seeds"]
+            continue
+        assert 1 not in a["embedding_index"].tolist()
+        keep = b["embedding_index"] != 1
+        assert torch.equal(a["latents"], b["latents"][keep])
+        assert torch.equal(a["embedding_index"], b["embedding_index"][keep])
+        assert a["noise_seeds"] == [s for s, k in zip(b["noise_seeds"], keep.tolist()) if k]
+        assert a["prompts"] == [p for p, k in zip(b["prompts"], keep.tolist()) if k]
+    # a resumed run that knows who left reads the same micro-batches
+    resumed = list(BalancedBatches([FakeSource(0, 3), FakeSource(1, 4), FakeSource(2, 2)], seed=1,
+                                   left={1: 2}).iter_epoch(1, 1))
+    assert [r["prompts"] for r in resumed] == [g["prompts"] for g in got[5:]]
+    # all left: no micro-batch at all
+    assert list(BalancedBatches([FakeSource(0, 3)], seed=1, left={0: 1}).iter_epoch(0, 0)) == []

@@ -172,7 +172,7 @@ def main(cfg: TextualInversionConfig) -> int:
                              num_workers=cfg.data.dataloader_num_workers, latents=store, report_file=report,
                              accumulation=t.gradient_accumulation_steps)
         sources.append(LoaderSource(loader, vae, t.seed, loaded.family == "sdxl", latent_cfg.latent_sampling))
-    batches = BalancedBatches(sources, t.seed)
+    batches = BalancedBatches(sources, t.seed, left=trainable.stopped)  # a stopped embedding's samples leave
     A = t.gradient_accumulation_steps
     max_steps = resolve_max_steps(t.max_train_steps, t.num_train_epochs,
                                   optimizer_steps_per_epoch(batches.micro_batches_per_epoch, A))

@@ -9,6 +9,11 @@ share of every step (balanced, whatever its number of pictures: a small set simp
 
 The combined stream's own "epoch" is the longest embedding's (``max M_k`` micro-batches); it only groups steps for
 the loop and its logs.
+
+An embedding that has left the training (``left``: embedding -> the step it stopped at, filled by the early stop)
+has no samples in the micro-batches read after that: its stream is simply not read any more, so the frozen model
+runs on the others' samples alone. The others' streams do not move (their position is a function of ``m``), and a
+resumed run, which knows who left from its checkpoint, reads the same batches.
 """
 
 from __future__ import annotations
@@ -78,11 +83,12 @@ class BalancedBatches:
 
     ``micro_batches_per_epoch`` of each source must be a whole number of optimizer steps (as TrainLoader's are)."""
 
-    def __init__(self, sources: list, seed: int):
+    def __init__(self, sources: list, seed: int, left: dict[int, int] | None = None):
         if not sources:
             raise ValueError("no sources")
         self.sources = sources
         self.seed = seed
+        self.left = {} if left is None else left  # read at every micro-batch: the caller adds to it as embeddings stop
         self.streams = [_Stream(s, s.micro_batches_per_epoch) for s in sources]
         self.micro_batches_per_epoch = max(s.micro_batches_per_epoch for s in sources)
 
@@ -92,9 +98,14 @@ class BalancedBatches:
             m = epoch * M + i
             parts = []
             for k, stream in enumerate(self.streams):
+                if k in self.left:
+                    stream.close()
+                    continue
                 batch = stream.at(m)
                 batch["embedding"] = k
                 parts.append(batch)
+            if not parts:
+                return  # every embedding has left: the loop ends before it asks (utils/trainers/many_embeddings.py)
             yield join(parts, self.seed)
 
     def close(self) -> None:

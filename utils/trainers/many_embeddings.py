@@ -16,10 +16,12 @@ and ``embeddings_summary.csv``.
 
 With the evaluation on (--eval_every, utils/eval_hook.py) every embedding has its own: its own fixed evaluation set
 from its own pictures, evaluated through the shared model with only its own vectors, its own early stop and best
-step (``<name>-best.*``, ``evaluation.csv/json/png`` in its folder). An embedding that stops leaves the training:
-from that step its loss weight and its learning rate are 0, so its vectors stay bit-identical while the others go on
-(its samples stay in the batch, so every process's graph keeps the same parameters, as DDP requires, and the other
-embeddings' batches are exactly what they were). The run ends when every embedding has stopped, or at its last step.
+step (``<name>-best.*``, ``evaluation.csv/json/png`` in its folder). An embedding that stops leaves the training: its
+samples leave the batch (utils/data/balanced.py), so the frozen model's time goes to the others, and its learning
+rate becomes 0, so its vectors stay bit-identical while the others go on. Its vectors still enter the loss, times 0,
+so every process's backward reaches every parameter, as DDP requires. The others' samples, seeds and losses are what
+they were; only the batch is smaller, which changes their numbers by float rounding at most. The run ends when
+every embedding has stopped, or at its last step.
 """
 
 from __future__ import annotations
@@ -142,10 +144,18 @@ class ManyEmbeddings:
             full[present] = means.detach()
             self.loss_sums = full if self.loss_sums is None else self.loss_sums + full
             self.loss_batches += 1
-        if self.stopped:  # a stopped embedding's mean leaves the loss: its vectors get a zero gradient
-            active = torch.tensor([k not in self.stopped for k in range(K)], device=means.device)[present]
-            means = means * active.to(means.dtype)
-        return means.sum()
+        if not self.stopped:
+            return means.sum()
+        # A stopped embedding has no samples in the batch any more (BalancedBatches); should one come, its mean is
+        # weighted 0. Its vectors join the loss times 0: a zero gradient, and DDP sees every parameter used.
+        active = torch.tensor([k not in self.stopped for k in range(K)], device=means.device)[present]
+        loss = (means * active.to(means.dtype)).sum()
+        if self.model is not None:
+            E = self.num_encoders
+            vecs = list(self.model.vectors)
+            for k in sorted(self.stopped):
+                loss = loss + sum(v.sum() for v in vecs[k * E:(k + 1) * E]) * 0.0
+        return loss
 
     def take_step_losses(self) -> torch.Tensor | None:
         """Each embedding's mean loss over the micro-batches since the last call (this process's share)."""
