@@ -43,6 +43,21 @@ def test_yaml_json_csv_read_the_same(folders):
     # fields left out take the run's flags
     assert (second.initializer_token, second.num_vectors, second.template_file, second.learning_rate) == \
         ("*", 1, None, "0.005")
+    assert first.eval_data_dir is None and second.eval_data_dir is None
+
+
+def test_each_concept_may_name_its_held_out_pictures_and_its_sweep_variants_keep_them(folders):
+    a, b = folders / "a", folders / "b"
+    y = _yaml(folders, f"- name: red-ball\n  train_data_dir: {a}\n  eval_data_dir: {b}\n- name: cat\n  data: {b}\n")
+    c = _yaml(folders, f"name,train_data_dir,eval_data\nred-ball,{a},{b}\ncat,{b},\n", "c.csv")
+    for p in (y, c):
+        first, second = load_concepts(p, Defaults())
+        assert first.eval_data_dir == str(b) and second.eval_data_dir is None
+    variants = expand_sweep(load_concepts(y, Defaults()), parse_sweep("num_vectors=1,2"), Defaults())
+    assert [v.eval_data_dir for v in variants] == [str(b), str(b), None, None]
+    with pytest.raises(UserError, match=r"entry 1 \('x'\): eval_data_dir /no/such: no such folder"):
+        load_concepts(_yaml(folders, f"- name: x\n  train_data_dir: {a}\n  eval_data_dir: /no/such\n", "e.yaml"),
+                      Defaults())
 
 
 @pytest.mark.parametrize("text, message", [

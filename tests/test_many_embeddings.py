@@ -130,7 +130,8 @@ def test_sweep_variants_have_their_own_vectors(tiny_sd1, folders, tmp_path):
     (["--enable_buckets"], "--enable_buckets"),
     (["--max_grad_norm", "1"], "joint norm"),
     (["--sweep", "speed=1"], "unknown key 'speed'"),
-    (["--eval_data_dir", "."], "--eval_data_dir: each embedding is evaluated on its own pictures"),
+    (["--eval_data_dir", "."], "--eval_data_dir: one folder cannot hold every embedding's held-out pictures; "
+                                "give each concept its own eval_data_dir"),
     (["--eval_clip_model", "openai/clip"], "--eval_clip_model: one scoring model per embedding"),
     (["--eval_dino_model", "facebook/dino"], "--eval_dino_model: one scoring model per embedding"),
     (["--eval_every", "0", "--early_stopping", "dvar"], "concept 'x-v1': --early_stopping dvar needs the evaluation"),
@@ -427,3 +428,18 @@ def test_two_processes_go_on_after_an_embedding_leaves(tiny_sd1, stopping, tmp_p
                        _vectors(out / first / "embeddings" / f"{first}-{stops[first]}.pt"))
     assert not torch.equal(_vectors(out / other / "embeddings" / f"{other}-{stops[first]}.pt"),
                            _vectors(out / other / f"{other}.pt"))
+
+
+def test_a_concept_is_evaluated_on_its_own_held_out_pictures(tiny_sd1, folders, tmp_path, capsys):
+    """eval_data_dir in the concepts file: that embedding's evaluation set comes from its held-out folder (as its
+    single run's --eval_data_dir); the other keeps its own pictures."""
+    concepts = tmp_path / "c.yaml"
+    (name_a, *_), (name_b, *_) = CONCEPTS[:2]
+    concepts.write_text(f"- name: {name_a}\n  train_data_dir: {folders[0]}\n  eval_data_dir: {folders[2]}\n"
+                        f"- name: {name_b}\n  train_data_dir: {folders[1]}\n")
+    assert tti.main(_common(tiny_sd1, tmp_path / "o", "--concepts", concepts, "--max_train_steps", "1",
+                            "--eval_every", "1", "--eval_set_size", "4")) == 0
+    out = capsys.readouterr().out
+    assert f"picture(s) of {folders[2]}," in out  # alpha's held-out folder
+    assert f"picture(s) of {folders[1]}," in out  # beta: its own training pictures
+    assert f"picture(s) of {folders[0]}," not in out

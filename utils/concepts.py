@@ -9,6 +9,7 @@ A concepts file names, per embedding, what a single run takes from its flags::
       num_vectors: 2               # default --num_vectors
       template: subject            # template_file; default --template_file
       learning_rate: 0.01          # default --learning_rate (a number or an A1111 schedule)
+      eval_data_dir: data/red-ball-held-out   # optional: its evaluation's held-out pictures (else its own)
 
 JSON holds the same list or mapping; CSV has one row per embedding under a header of the same field names. A field
 left out takes the run's flag. ``--sweep "learning_rate=2e-3,5e-3 num_vectors=1,2"`` turns every concept into one
@@ -35,6 +36,7 @@ FIELDS = {
     "num_vectors": ("num_vectors", "vectors"),
     "template_file": ("template_file", "template"),
     "learning_rate": ("learning_rate", "lr"),
+    "eval_data_dir": ("eval_data_dir", "eval_data"),
 }
 _ALIAS = {alias: field for field, names in FIELDS.items() for alias in names}
 
@@ -56,6 +58,7 @@ class Concept:
     num_vectors: int
     template_file: str | None
     learning_rate: str
+    eval_data_dir: str | None = None  # held-out pictures for its evaluation (--eval_data_dir of its own run)
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,14 @@ def concept_from_entry(entry: dict, defaults: Defaults, where: str) -> Concept:
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
     init = values.get("initializer_token", defaults.initializer_token)
+    eval_dir = values.get("eval_data_dir")
+    if eval_dir is not None and not Path(str(eval_dir)).is_dir():
+        raise UserError(f"{where}: eval_data_dir {eval_dir}: no such folder")
     return Concept(name=name, train_data_dir=None if data_dir is None else str(data_dir),
                    dataset_name=None if dataset is None else str(dataset),
                    initializer_token="" if init is None else str(init), num_vectors=vectors,
-                   template_file=template, learning_rate=lr)
+                   template_file=template, learning_rate=lr,
+                   eval_data_dir=None if eval_dir is None else str(eval_dir))
 
 
 def check_unique(concepts: list[Concept], what: str) -> None:
@@ -235,7 +242,8 @@ def expand_sweep(concepts: list[Concept], sweep: list[tuple[str, str, list[str]]
             suffix = "-".join(f"{tag}{v.replace(' ', '_').replace('.', 'p')}" for (_, tag, _), v in zip(sweep, combo))
             entry = {"name": sanitize_name(f"{c.name}-{suffix}"), "train_data_dir": c.train_data_dir,
                      "dataset_name": c.dataset_name, "initializer_token": c.initializer_token,
-                     "num_vectors": c.num_vectors, "template_file": c.template_file, "learning_rate": c.learning_rate}
+                     "num_vectors": c.num_vectors, "template_file": c.template_file, "learning_rate": c.learning_rate,
+                     "eval_data_dir": c.eval_data_dir}
             entry.update({field: v for (field, _, _), v in zip(sweep, combo)})
             entry = {k: v for k, v in entry.items() if v is not None}
             out.append(concept_from_entry(entry, defaults, f"--sweep variant {len(out) + 1}"))

@@ -27,7 +27,8 @@ def concept_config(cfg: TextualInversionConfig, c: Concept) -> TextualInversionC
         data=replace(cfg.data, train_data_dir=c.train_data_dir, dataset_name=c.dataset_name),
         prompts=replace(cfg.prompts, template_file=c.template_file),
         optim=replace(cfg.optim, learning_rate=c.learning_rate),
-        previews=replace(cfg.previews, preview_prompt=preview_prompt))
+        previews=replace(cfg.previews, preview_prompt=preview_prompt),
+        evaluation=replace(cfg.evaluation, eval_data_dir=c.eval_data_dir))
 
 
 def read_concepts(cfg: TextualInversionConfig) -> list[Concept]:
@@ -84,12 +85,13 @@ def check_many_flags(cfg: TextualInversionConfig) -> None:
         if given:
             raise UserError(f"{message} (not with --concepts/--sweep)")
     ev = cfg.evaluation
-    for flag, given, why in (
-            ("--eval_data_dir", ev.eval_data_dir, "each embedding is evaluated on its own pictures"),
-            ("--eval_clip_model", ev.eval_clip_model, "one scoring model per embedding would be loaded"),
-            ("--eval_dino_model", ev.eval_dino_model, "one scoring model per embedding would be loaded")):
+    if ev.eval_data_dir:
+        raise UserError("--eval_data_dir: one folder cannot hold every embedding's held-out pictures; give each "
+                        "concept its own eval_data_dir in the concepts file (not with --concepts/--sweep)")
+    for flag, given in (("--eval_clip_model", ev.eval_clip_model), ("--eval_dino_model", ev.eval_dino_model)):
         if given:
-            raise UserError(f"{flag}: {why}; not with --concepts/--sweep (train the embedding alone for it)")
+            raise UserError(f"{flag}: one scoring model per embedding would be loaded; not with --concepts/--sweep "
+                            f"(train the embedding alone for it)")
     if cfg.optim.max_grad_norm and cfg.optim.clip_grad_mode == "norm":
         raise UserError("--max_grad_norm with --clip_grad_mode norm would clip all embeddings by their joint norm "
                         "(not what each one's own run does); use --clip_grad_mode value, or train separately")
