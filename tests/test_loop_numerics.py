@@ -170,6 +170,31 @@ def test_the_optimizer_applies_each_steps_rate(tiny_sd1, tmp_path, lr, options, 
     assert [r["learn_rate"] for r in _log(tmp_path / "o")] == [f"{x:g}" for x in expected]
 
 
+@pytest.mark.parametrize("mode", ["norm", "value"])
+def test_gradient_clipping_clips_what_the_optimizer_sees(tiny_sd1, tmp_path, mode):
+    """A1111's gradient clipping (--max_grad_norm with --clip_grad_mode): the gradient the optimizer's step() reads
+    is the raw one scaled to the norm limit ("norm") or clamped element-wise ("value"). The first step's raw
+    gradient comes from the same run without clipping (same seed and data, so the same first gradient)."""
+    grads: dict[str, list[torch.Tensor]] = {"raw": [], "clipped": []}
+    for label, optim in (("raw", {}), ("clipped", {"max_grad_norm": 1e-4, "clip_grad_mode": mode})):
+        handle = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs, label=label: grads[label].append(opt.param_groups[0]["params"][0].grad.clone()))
+        try:
+            _train(tiny_sd1, tmp_path / label, 3, Source(n=4), **optim)
+        finally:
+            handle.remove()
+    raw, clipped = grads["raw"][0], grads["clipped"][0]
+    assert len(grads["clipped"]) == 3
+    if mode == "norm":
+        assert raw.norm() > 1e-3  # the limit bites
+        torch.testing.assert_close(clipped, raw * (1e-4 / raw.norm()), rtol=1e-4, atol=0)
+        assert all(float(g.norm()) <= 1e-4 * (1 + 1e-4) for g in grads["clipped"])
+    else:
+        assert raw.abs().max() > 1e-3
+        assert torch.equal(clipped, raw.clamp(-1e-4, 1e-4))
+        assert all(float(g.abs().max()) <= 1e-4 for g in grads["clipped"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume and the divergence guard
 
