@@ -5,6 +5,7 @@
     python tools/mutation.py --list                # the modules and the test files that must kill their mutants
     python tools/mutation.py diffusion_loss --show  # the diff of every surviving mutant
     python tools/mutation.py training --sample 120  # a random 120 of the module's mutants (seed 0): a score estimate
+    python tools/mutation.py training --try MUTANT tests/test_hardening.py  # one mutant against other test files
 
 Each module is mutated on its own, against only the test files mapped to it below (mutmut then runs, per mutant,
 only the tests among those that call the mutated function), so a run fits on 2 CPU cores. The work happens in
@@ -46,7 +47,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "training": ("utils/training.py", ["tests/test_loop_contract.py", "tests/test_loop_numerics.py",
                                         "tests/test_training_loop.py"]),
     # utils/data.py becomes the package utils/data/ (either layout is handled below)
-    "data": ("utils/data", ["tests/test_a1111_rules.py", "tests/test_data.py"]),
+    "data": ("utils/data", ["tests/test_balanced.py", "tests/test_a1111_rules.py", "tests/test_data.py"]),
     "latents": ("utils/latents.py", ["tests/test_latents.py"]),
 }
 
@@ -161,6 +162,28 @@ def all_mutants(work: Path, order: list[str]) -> list[str]:
     return names
 
 
+def try_mutant(work: Path, mutant: str, tests: list[str]) -> int:
+    """One mutant against ``tests`` in the module's mutated copy (mutmut's trampolines read MUTANT_UNDER_TEST);
+    returns 0 when a test fails (killed), 1 when all pass (survived)."""
+    if not (work / "mutants").is_dir():
+        print(f"no mutants in {work}: run the module first", file=sys.stderr)
+        return 2
+    for rel in tracked_files():  # today's tests (the mutated copy's may be older)
+        if rel.startswith("tests/") and (ROOT / rel).is_file():
+            dst = work / "mutants" / rel
+            if not dst.is_file() or dst.read_bytes() != (ROOT / rel).read_bytes():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, dst)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MUTANT_UNDER_TEST": mutant}
+    env.pop("CI", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_ARGS[:-2], "-x", "-q", *tests], cwd=work / "mutants",
+                       env=env, capture_output=True, text=True)
+    tail = (r.stdout.strip().splitlines() or [""])[-1]
+    verdict = "killed" if r.returncode == 1 else "survived" if r.returncode == 0 else f"error (pytest {r.returncode})"
+    print(f"{mutant}: {verdict} by {' '.join(tests)}  [{tail}]")
+    return 0 if r.returncode == 1 else 1
+
+
 def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% interval of a proportion estimated from a random sample (Wilson score interval)."""
     if n == 0:
@@ -181,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="check only a random N of each module's mutants (a score estimate with its 95%% interval)")
     p.add_argument("--seed", type=int, default=0, help="which random sample --sample takes (default 0)")
+    p.add_argument("--try", dest="try_", nargs="+", metavar=("MUTANT", "TEST"),
+                   help="run one mutant (a name from the report) against the given test files, e.g. a survivor "
+                        "against tests outside the module's map; exit 0 = killed")
     args = p.parse_args(argv)
 
     names = args.modules or list(MODULES)
@@ -191,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             print(f"{n}: {MODULES[n][0]} <- {' '.join(MODULES[n][1])}")
         return 0
+
+    if args.try_:
+        if len(names) != 1 or len(args.try_) < 2:
+            p.error("--try needs one module, a mutant name and at least one test file")
+        return try_mutant(WORK / names[0], args.try_[0], args.try_[1:])
 
     lines = []
     for n in names:
