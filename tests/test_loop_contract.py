@@ -359,3 +359,44 @@ def test_a_stop_one_rank_asks_for_stops_every_rank_at_the_same_step(tmp_path):
     assert (r0["step"], r0["stopped_by"]) == (2, "early_stop") and (r1["step"], r1["stopped_by"]) == (2, "hook")
     assert [s for s, _ in list_checkpoints(tmp_path / "o")] == [2]
     assert _same(r0["weights"], r1["weights"])
+
+
+def test_only_skipped_updates_in_a_row_end_the_run(tmp_path, monkeypatch):
+    """The fp16 guard counts skipped updates in a row: a good step starts the count again; the limit in a row ends
+    the run with one line (the limit is 50; 3 here)."""
+    import utils.training as training
+
+    monkeypatch.setattr(training, "MAX_SKIPPED_IN_A_ROW", 3)
+    # 2 skipped, 1 good, 2 skipped, then good ones: never 3 in a row
+    summary, _ = _run(tmp_path / "a", 4, scaler=torch.amp.GradScaler("cpu"),
+                      source=Source(poison={(0, 0), (0, 1), (0, 3), (1, 0)}))
+    assert (summary.step, summary.skipped_steps) == (4, 4)
+    with pytest.raises(training.TrainingDiverged, match="skipped 3 updates in a row"):
+        _run(tmp_path / "b", 4, scaler=torch.amp.GradScaler("cpu"), source=Source(poison={(0, 0), (0, 1), (0, 2)}))
+
+
+class _Ranks:
+    """What check_ranks_agree reads of an Accelerator: N processes whose gathered digests are this rank's, with the
+    rows of the ranks in ``off`` changed."""
+
+    def __init__(self, n: int, off=()):
+        self.num_processes, self.device, self.off, self.printed = n, torch.device("cpu"), set(off), []
+
+    def gather(self, t):
+        rows = [t + (1e-9 if r in self.off else 0.0) for r in range(self.num_processes)]
+        return torch.cat(rows)
+
+    def print(self, *args):
+        self.printed.append(" ".join(map(str, args)))
+
+
+@pytest.mark.parametrize("ranks, off", [(2, {1}), (3, {0}), (3, {2})])
+def test_ranks_holding_different_weights_are_an_error(ranks, off):
+    from utils.training import check_ranks_agree
+
+    trainer = FakeTrainer()
+    same = _Ranks(ranks)
+    check_ranks_agree(same, trainer)
+    assert same.printed == [f"Checked: all {ranks} processes hold identical trained weights."]
+    with pytest.raises(RuntimeError, match=f"the {ranks} processes hold different trained weights"):
+        check_ranks_agree(_Ranks(ranks, off), trainer)
