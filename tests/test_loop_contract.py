@@ -400,3 +400,29 @@ def test_ranks_holding_different_weights_are_an_error(ranks, off):
     assert same.printed == [f"Checked: all {ranks} processes hold identical trained weights."]
     with pytest.raises(RuntimeError, match=f"the {ranks} processes hold different trained weights"):
         check_ranks_agree(_Ranks(ranks, off), trainer)
+
+
+def test_a_stop_signal_during_a_skipped_update_still_checkpoints_and_stops(tmp_path):
+    import os
+    import signal
+
+    source = Source(poison={(0, 1)}, on_batch=lambda calls: calls == 2 and os.kill(os.getpid(), signal.SIGUSR1))
+    stopped, _ = _run(tmp_path / "o", 6, scaler=torch.amp.GradScaler("cpu"), source=source)
+    assert (stopped.step, stopped.skipped_steps, stopped.stopped_by) == (1, 1, "signal")
+    assert [s for s, _ in list_checkpoints(tmp_path / "o")] == [1]
+
+
+def test_a_run_shorter_than_the_checkpoint_interval_still_ends_with_a_checkpoint(tmp_path):
+    """A requeued job that already finished must resume at its end, not redo it: the last step is checkpointed
+    even when it is not a multiple of --checkpointing_steps (step 1 included)."""
+    for steps in (1, 3):
+        _run(tmp_path / f"o{steps}", steps, ckpt=5)
+        assert [s for s, _ in list_checkpoints(tmp_path / f"o{steps}")] == [steps]
+
+
+def test_hooks_need_distinct_names_and_the_bar_names_the_method(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"step hooks need distinct names: \['same', 'same'\]"):
+        _run(tmp_path / "a", 1, hooks=[type("A", (BaseStepHook,), {"name": "same"})(),
+                                       type("B", (BaseStepHook,), {"name": "same"})()])
+    _run(tmp_path / "b", 1)
+    assert "Training fake" in capsys.readouterr().err
