@@ -90,3 +90,10 @@ def test_an_embedding_that_left_has_no_samples_and_the_others_do_not_move():
     assert [r["prompts"] for r in resumed] == [g["prompts"] for g in got[5:]]
     # all left: no micro-batch at all
     assert list(BalancedBatches([FakeSource(0, 3)], seed=1, left={0: 1}).iter_epoch(0, 0)) == []
+
+
+def test_no_sources_is_an_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="^no sources$"):
+        BalancedBatches([], seed=0)

@@ -696,3 +696,76 @@ def test_loader_hands_out_whole_accumulation_groups(tmp_path):
     loader = TrainLoader(s, cfg, PromptConfig(), batch_size=2, accumulation=2)
     assert loader.steps_per_epoch == 4 == steps_per_epoch(s, cfg, 2, accumulation=2) * 2
     assert len(list(loader.iter_epoch())) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Found by the mutation sample of utils/data (docs/testing.md): each pins a rule no other test reached
+
+
+def test_seeds_and_plans_depend_on_the_seed_epoch_and_position():
+    from utils.data.plan import latent_seed
+
+    buckets = [(1, 1)] * 12
+    plans = {tuple(map(tuple, epoch_plan(buckets, 2, seed=s, epoch=0))) for s in range(6)}
+    assert len(plans) == 6  # every run seed shuffles its own way
+    seeds = {latent_seed(s, e, p) for s in (0, 1) for e in (0, 1) for p in range(8)}
+    assert len(seeds) == 32  # one random-mode latent seed per (seed, epoch, position)
+
+
+def test_tar_long_names_pax_and_gnu_keep_each_sample_apart(tmp_path, monkeypatch):
+    """Members whose names need a pax or GNU long-name header: the scan reads the real name from it (two samples
+    whose names differ only in their first letter stay two)."""
+    import utils.data.stream as stream
+
+    monkeypatch.setattr(stream, "_rows", lambda *a, **k: pytest.fail("the scan read the stream's rows"))
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        tars = tmp_path / f"tars{fmt}"
+        tars.mkdir()
+        with tarfile.open(tars / "s0.tar", "w", format=fmt) as t:
+            for k, first in enumerate("ab"):
+                for ext, data in (("png", _png_bytes(k)), ("txt", f"item {k}".encode())):
+                    info = tarfile.TarInfo(f"{first}{'x' * 120}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+        s = scan_dataset(DataConfig(dataset_name=str(tars), resolution=16))
+        assert (s.num_examples, s.exact) == (2, True), fmt
+
+
+def test_a_stream_without_a_cheap_count_is_counted_once_by_reading(tmp_path, monkeypatch):
+    import utils.data.stream as stream
+
+    monkeypatch.setattr(stream, "count_rows", lambda builder, split: None)
+    s = scan_dataset(DataConfig(dataset_name=str(_tars(tmp_path)), resolution=16))
+    assert (s.num_examples, s.exact) == (12, True)
+    assert any("rows counted by reading the stream once" in n for n in s.notes)
+    assert s.describe().startswith("12 rows")  # exact: no "about"
+
+
+def test_a_folder_given_as_a_dataset_counts_its_image_files_without_reading(tmp_path, monkeypatch):
+    import utils.data.stream as stream
+
+    d = _folder(tmp_path, 5, size=(16, 16))
+    monkeypatch.setattr(stream, "_rows", lambda *a, **k: pytest.fail("the scan read the stream's rows"))
+    s = scan_dataset(DataConfig(dataset_name=str(d), resolution=16))
+    assert (s.num_examples, s.exact) == (5, True)
+    assert any("one row per image file" in n for n in s.notes)
+
+
+def test_a_filename_regex_makes_a_folder_without_txt_files_captioned(tmp_path):
+    d = _folder(tmp_path, 2, size=(16, 16), name="red cat {:03d}.png")
+    assert not scan_dataset(DataConfig(train_data_dir=str(d), resolution=16)).has_captions
+    assert scan_dataset(DataConfig(train_data_dir=str(d), resolution=16, filename_word_regex=r"[a-z]+")).has_captions
+
+
+def test_a_checkpoint_of_another_global_batch_restarts_its_epoch(tmp_path):
+    d = _folder(tmp_path, 8, size=(16, 16))
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    s = scan_dataset(cfg)
+    loader = TrainLoader(s, cfg, PromptConfig(), batch_size=2, num_workers=0)
+    loader.load_state_dict({"epoch": 1, "position": 3, "world_size": 1, "batch_size": 2})
+    assert (loader.epoch, loader.position) == (1, 3)
+    loader.load_state_dict({"epoch": 1, "position": 3, "world_size": 2, "batch_size": 1})  # same global batch
+    assert (loader.epoch, loader.position) == (1, 3)
+    for other in ({"world_size": 2, "batch_size": 2}, {"world_size": 1, "batch_size": 4}):
+        loader.load_state_dict({"epoch": 1, "position": 3, **other})
+        assert (loader.epoch, loader.position) == (1, 0)
