@@ -769,3 +769,27 @@ def test_a_checkpoint_of_another_global_batch_restarts_its_epoch(tmp_path):
     for other in ({"world_size": 2, "batch_size": 2}, {"world_size": 1, "batch_size": 4}):
         loader.load_state_dict({"epoch": 1, "position": 3, **other})
         assert (loader.epoch, loader.position) == (1, 0)
+
+
+def test_a_stream_with_buckets_trains_each_row_at_its_own_aspect(tmp_path):
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    sizes = [(64, 32), (32, 64), (64, 32), (32, 64)]
+    with tarfile.open(tars / "s0.tar", "w") as t:
+        for k, (w, h) in enumerate(sizes):
+            buf = io.BytesIO()
+            _img(w, h, k).save(buf, "PNG")
+            for ext, data in (("png", buf.getvalue()), ("txt", f"item {k}".encode())):
+                info = tarfile.TarInfo(f"{k:05d}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    cfg = DataConfig(dataset_name=str(tars), resolution=48, enable_buckets=True, min_bucket_reso=16,
+                     max_bucket_reso=96, bucket_reso_steps=16)
+    s = scan_dataset(cfg, PromptConfig(caption_only=True))
+    shapes = set()
+    for b in iter_batches(s, cfg, PromptConfig(caption_only=True), batch_size=1, seed=0):
+        h, w = b["pixel_values"].shape[-2:]
+        wide = int(b["captions"][0].split()[1]) % 2 == 0  # items 0 and 2 are the wide pictures
+        assert (w > h) == wide, (b["captions"], w, h)
+        shapes.add((w, h))
+    assert len(shapes) == 2
