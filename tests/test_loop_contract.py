@@ -426,3 +426,32 @@ def test_hooks_need_distinct_names_and_the_bar_names_the_method(tmp_path, capsys
                                        type("B", (BaseStepHook,), {"name": "same"})()])
     _run(tmp_path / "b", 1)
     assert "Training fake" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clip_mode", ["norm", "value"])
+def test_the_dashboard_gets_every_log_every_steps_numbers(tmp_path, clip_mode):
+    """--report_to tensorboard with --log_every 2: at steps 2 and 4 the tracker holds the logged loss and rate, the
+    epoch, the trained weights' norm, images/s and (norm clipping only) the gradient norm."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "o"
+    trainer = FakeTrainer()
+    acc = make_accelerator(out, "no", 1, "tensorboard", 0)
+    cfg = LoopConfig(output_dir=out, max_train_steps=4, train_batch_size=2, save_every=0, preview_every=0,
+                     report_to="tensorboard", log_every=2,
+                     optim=OptimConfig(learning_rate="0.01", max_grad_norm=1e-3, clip_grad_mode=clip_mode))
+    train(acc, trainer, Source(n=4), _scheduler(), cfg, Outputs(save=lambda s: [], final=lambda s, o: []))
+    acc.end_training()
+    events = EventAccumulator(str(next(p.parent for p in out.rglob("events.out.tfevents.*"))))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    expected = {"loss", "lr", "epoch", "vector_norm", "images_per_sec"} | ({"grad_norm"} if clip_mode == "norm" else set())
+    assert set(scalars) == expected
+    assert all([s for s, _ in values] == [2, 4] for values in scalars.values())
+    rows = {int(r[0]): r for r in _rows(out)}
+    assert [v for _, v in scalars["loss"]] == pytest.approx([float(rows[2][3]), float(rows[4][3])], rel=1e-6)
+    assert [v for _, v in scalars["lr"]] == pytest.approx([0.01, 0.01])
+    assert [v for _, v in scalars["epoch"]] == [0, 1]  # 2 steps per epoch (4 pictures, batch 2)
+    assert all(v > 0 for _, v in scalars["images_per_sec"] + scalars["vector_norm"])
+    if clip_mode == "norm":
+        assert all(v > 1e-3 for _, v in scalars["grad_norm"])  # the norm before clipping, as accelerate returns it
