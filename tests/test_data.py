@@ -675,6 +675,14 @@ def test_stream_row_that_fails_to_decode_is_replaced_and_reported(tmp_path):
     batches = list(iter_batches(s, cfg, pc, batch_size=1, seed=1))
     assert len(batches) == 6 and all(b["pixel_values"].shape == (1, 3, 16, 16) for b in batches)
     assert [r for b in batches for _, r in b["skipped"]] and "t2" not in [c for b in batches for c in b["captions"]]
+    # the training's report names it with its reason
+    report = tmp_path / "skipped_images.txt"
+    loader = TrainLoader(s, cfg, pc, batch_size=1, seed=1, report_file=report)
+    it = iter(loader)
+    for _ in range(loader.steps_per_epoch):
+        next(it)
+    (skipped,) = loader.skipped_during_run
+    assert skipped.reason and skipped.reason in report.read_text() and skipped.path in report.read_text()
     # --verify_images finds it before training
     v = scan_dataset(DataConfig(dataset_name=str(d), resolution=16, verify_images=True), pc)
     assert v.num_examples == 5 and len(v.skipped) == 1
@@ -729,6 +737,17 @@ def test_tar_long_names_pax_and_gnu_keep_each_sample_apart(tmp_path, monkeypatch
                     t.addfile(info, io.BytesIO(data))
         s = scan_dataset(DataConfig(dataset_name=str(tars), resolution=16))
         assert (s.num_examples, s.exact) == (2, True), fmt
+    # a name that is not UTF-8 (a latin-1 tar): datasets cannot open such a tar; one line names the dataset
+    tars = tmp_path / "latin1"
+    tars.mkdir()
+    with tarfile.open(tars / "s0.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
+        for ext, data in (("png", _png_bytes(0)), ("txt", b"item")):
+            info = tarfile.TarInfo(f"caf\u00e9{'x' * 120}.{ext}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.raises(UserError, match=f"cannot open dataset '{tars}'") as e:
+        scan_dataset(DataConfig(dataset_name=str(tars), resolution=16))
+    assert "\n" not in str(e.value)
 
 
 def test_a_stream_without_a_cheap_count_is_counted_once_by_reading(tmp_path, monkeypatch):
