@@ -132,6 +132,32 @@ def test_evaluate_shards_and_batch_sizes_agree():
     assert torch.allclose(full, one_by_one, rtol=1e-6, atol=0) and torch.allclose(full, sharded, rtol=1e-6, atol=0)
 
 
+def test_several_sets_evaluated_together_give_each_sets_own_losses():
+    """Many embeddings: their evaluators' sets go through the model in shared batches (utils.evaluator.joint_losses);
+    each gets exactly its own losses, on one process or on each of two, with or without loss weights."""
+    from utils.evaluator import EvalConfig, Evaluator, joint_losses
+
+    def model(noisy, t, batch):  # depends on the prompt, the timestep and the input, sample by sample
+        k = torch.tensor([float(p[-1]) for p in batch["prompts"]]).view(-1, 1, 1, 1)
+        return noisy * 0.5 + k * 0.01 + t.view(-1, 1, 1, 1) * 1e-4
+
+    evaluators = []
+    for j, (n, size) in enumerate([(6, 10), (4, 3), (8, 7)]):
+        latents, prompts = pictures(n)
+        weights = torch.rand(n, 4, 2, 2, generator=torch.Generator().manual_seed(j)) if j == 1 else None
+        es = build_eval_set(latents, prompts, 1000, size=size, seed=j, loss_weights=weights)
+        evaluators.append(Evaluator(EvalConfig(eval_every=1, eval_batch_size=3), es, Scheduler()))
+    for world in (1, 2):
+        for rank in range(world):
+            alone = [ev.losses(model, rank, world) for ev in evaluators]
+            for size in (None, 4, 100):
+                together = joint_losses(evaluators, model, rank, world, size)
+                assert [len(t) for t in together] == [10, 3, 7]
+                for a, b in zip(alone, together):
+                    assert torch.equal(a, b)
+    assert joint_losses([], model) == []
+
+
 def test_evaluate_on_a_real_text_to_image_model_repeats_exactly(tiny_sd1):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 

@@ -284,12 +284,11 @@ def stopping(tiny_sd1, folders, tmp_path_factory):
     concepts = _concepts_file(root / "c.yaml", folders[:2])
     from diffusers import UNet2DConditionModel
 
-    runs, unet_batches = {}, []
+    runs, unet_batches, eval_batches = {}, [], []
     forward = UNet2DConditionModel.forward
 
-    def counting_forward(self, sample, *args, **kwargs):  # the training steps' UNet batch sizes (not the evaluation's)
-        if torch.is_grad_enabled():
-            unet_batches.append(sample.shape[0])
+    def counting_forward(self, sample, *args, **kwargs):  # the UNet batch sizes of training steps and evaluations
+        (unet_batches if torch.is_grad_enabled() else eval_batches).append(sample.shape[0])
         return forward(self, sample, *args, **kwargs)
 
     for label, flags in (("eval", EVAL), ("plain", ["--latent_sampling", "deterministic", "--eval_every", "0"])):
@@ -303,6 +302,10 @@ def stopping(tiny_sd1, folders, tmp_path_factory):
     first, other = sorted(stops, key=stops.get)
     assert stops[first] < stops[other] < EVAL_STEPS  # the test needs one to stop while the other trains on
     assert len(unet_batches) == stops[other]  # one training forward per step (accumulation 1)
+    # both embeddings' 4-sample evaluation sets in one forward pass while both train (the start and steps 1..first
+    # stop), then the other's alone
+    s = stops[first]
+    assert eval_batches == [8] * (1 + s) + [4] * (stops[other] - s)
     return concepts, runs, stops, first, other, unet_batches
 
 

@@ -168,13 +168,20 @@ class EvalHook(BaseStepHook):
 
     # -- StepHook ---------------------------------------------------------------------------------------------------
 
-    def start(self, step: int, ctx) -> None:
+    def start(self, step: int, ctx, share: torch.Tensor | None = None) -> None:
         # The first value of the history is the starting point (a fresh run's untrained vectors); a resumed run has
         # its history from the checkpoint and adds nothing here, so its evaluations stay on the same steps.
         if self.evaluator is not None and not self.evaluator.history:
-            self._evaluate(step, ctx, starting_point=True)
+            self._evaluate(step, ctx, starting_point=True, share=share)
 
-    def after_step(self, step: int, ctx) -> str | None:
+    def wants_evaluation(self, step: int, starting: bool = False) -> bool:
+        """Whether start (``starting``) or after_step at ``step`` evaluates the set."""
+        ev = self.evaluator
+        return ev is not None and (not ev.history if starting else ev.due(step))
+
+    def after_step(self, step: int, ctx, share: torch.Tensor | None = None) -> str | None:
+        """``share``: this process's losses of the set, when the caller computed them (utils.evaluator.joint_losses,
+        several embeddings' sets in shared forward passes)."""
         if self.norms is not None:
             metrics, warnings = self.norms.check(step, _trained_vectors(self.trainable or ctx.trainable))
             if step % max(1, ctx.cfg.log_every) == 0:
@@ -183,7 +190,7 @@ class EvalHook(BaseStepHook):
                 ctx.accelerator.print(f"Warning: {line}")
         if self.evaluator is None or not self.evaluator.due(step):
             return None
-        result = self._evaluate(step, ctx)
+        result = self._evaluate(step, ctx, share=share)
         return "early_stop" if result is not None and result.stop else None
 
     def state_dict(self) -> dict:  # JSON: the loop keeps it in every checkpoint's trainer_state.json
@@ -215,10 +222,11 @@ class EvalHook(BaseStepHook):
 
     # -- the evaluation ---------------------------------------------------------------------------------------------
 
-    def _evaluate(self, step: int, ctx, starting_point: bool = False):
+    def _evaluate(self, step: int, ctx, starting_point: bool = False, share: torch.Tensor | None = None):
         ev, acc = self.evaluator, ctx.accelerator
         with ctx.evaluating():
-            share = ev.losses(ctx.predict, acc.process_index, acc.num_processes)
+            if share is None:
+                share = ev.losses(ctx.predict, acc.process_index, acc.num_processes)
             extra = self._image_scores(step, ctx) if self.scores is not None else {}
         per_sample = acc.reduce(share.to(acc.device), "sum").cpu() if acc.num_processes > 1 else share
         if acc.num_processes > 1 and extra:  # scores come from the main process: every rank decides the same

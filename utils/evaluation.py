@@ -124,6 +124,27 @@ def evaluate(predict: Predict, eval_set: EvalSet, noise_scheduler, prediction_ty
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def join_sets(parts: list[tuple[EvalSet, list[int]]]) -> EvalSet:
+    """The chosen samples of several sets (the same latent shape and schedule) as one set, in the order given, so
+    that one model evaluates them together. A set without loss weights gets weights of 1 where others have some."""
+    sets = [es for es, _ in parts]
+    if len({tuple(es.latents.shape[1:]) for es in sets}) > 1 or len({es.num_train_timesteps for es in sets}) > 1:
+        raise ValueError("sets of other latent shapes or schedules cannot be evaluated together")
+    pick = [torch.tensor(idx, dtype=torch.long, device=es.latents.device) for es, idx in parts]
+
+    def cat(get):
+        return torch.cat([get(es)[i] for es, i in zip(sets, pick)])
+
+    weighted = any(es.loss_weights is not None for es in sets)
+    weights = cat(lambda es: es.loss_weights if es.loss_weights is not None else torch.ones_like(es.latents)) \
+        if weighted else None
+    keys = set.intersection(*(set(es.extras) for es in sets)) if sets else set()
+    return EvalSet(cat(lambda es: es.latents), [es.prompts[j] for es, idx in parts for j in idx],
+                   cat(lambda es: es.noise), cat(lambda es: es.timesteps), sets[0].num_train_timesteps,
+                   torch.cat([es.picture_index[i.cpu()] for es, i in zip(sets, pick)]),
+                   {k: cat(lambda es, k=k: es.extras[k]) for k in sorted(keys)}, weights)
+
+
 def band_edges(num_train_timesteps: int, bands: int = DEFAULT_BANDS) -> list[int]:
     return [round(k * num_train_timesteps / bands) for k in range(bands + 1)]
 

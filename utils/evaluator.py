@@ -32,7 +32,7 @@ from utils.eval_args import (  # the defaults measured on tiny-world live with t
     SELECT_BEST,
 )
 from utils.eval_report import NormWatch, VocabularyNorms, plot_curves
-from utils.evaluation import DEFAULT_BANDS, EvalSet, Predict, evaluate, summarize
+from utils.evaluation import DEFAULT_BANDS, EvalSet, Predict, evaluate, join_sets, summarize
 
 DVAR_WINDOW_FRACTION = 0.0  # the paper's fixed window
 
@@ -107,12 +107,16 @@ class Evaluator:
         """Per-sample losses of this process's share (samples rank, rank + world, ...), zeros for the others: summed
         over the processes (all-reduce) it is the whole set's losses, whatever the number of processes."""
         n = len(self.eval_set)
-        mine = list(range(rank, n, world))
+        mine = self.my_share(rank, world)
         out = torch.zeros(n, dtype=torch.float32)
         if mine:
             out[mine] = evaluate(predict, self.eval_set, self.noise_scheduler, self.prediction_type,
                                  self.cfg.eval_batch_size, indices=mine)
         return out
+
+    def my_share(self, rank: int, world: int) -> list[int]:
+        """The samples this process evaluates: rank, rank + world, ..."""
+        return list(range(rank, len(self.eval_set), world))
 
     def record(self, step: int, per_sample: torch.Tensor, vectors=None,
                extra: dict[str, float] | None = None, choose: bool = True) -> EvalResult:
@@ -224,3 +228,25 @@ class Evaluator:
         if self.norms is not None and state.get("norms"):
             self.norms.load_state_dict(state["norms"])
         self.history = [dict(h) for h in state.get("history", [])]
+
+
+def joint_losses(evaluators: list[Evaluator], predict: Predict, rank: int = 0, world: int = 1,
+                 batch_size: int | None = None) -> list[torch.Tensor]:
+    """``Evaluator.losses`` of several evaluators of one model (e.g. one per embedding of a many-embedding run,
+    each prompt naming its own embedding) in shared forward passes of ``batch_size`` samples (default: the sum of
+    their batch sizes). The same numbers as one by one, up to the float rounding of another batch size."""
+    if not evaluators:
+        return []
+    first = evaluators[0]
+    parts = [(ev.eval_set, ev.my_share(rank, world)) for ev in evaluators]
+    joined = join_sets(parts)
+    size = batch_size or sum(ev.cfg.eval_batch_size for ev in evaluators)
+    losses = evaluate(predict, joined, first.noise_scheduler, first.prediction_type, size) if len(joined) \
+        else torch.zeros(0)
+    out, start = [], 0
+    for ev, (_, mine) in zip(evaluators, parts):
+        share = torch.zeros(len(ev.eval_set), dtype=torch.float32)
+        share[mine] = losses[start:start + len(mine)]
+        start += len(mine)
+        out.append(share)
+    return out

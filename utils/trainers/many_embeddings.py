@@ -370,7 +370,7 @@ def write_summary(out_dir: Path, rows: list[dict], print_fn=print) -> Path:
 
 class ManyEvalHook(BaseStepHook):
     """Each embedding's evaluation hook (utils/eval_hook.py's EvalHook, built as its single run builds it) run side
-    by side: an embedding whose early stop fires leaves the training there (ManyEmbeddings.stopped: its loss weight
+    by side, their evaluation sets in shared forward passes (``_joint_shares``): an embedding whose early stop fires leaves the training there (ManyEmbeddings.stopped: its loss weight
     and its parameter group's learning rate become 0) and is not evaluated again; the run ends when all have
     stopped. The stops and every embedding's evaluation state are in each checkpoint, so a resumed run decides the
     same at the same steps."""
@@ -388,14 +388,34 @@ class ManyEvalHook(BaseStepHook):
         for k in self.trainable.stopped:  # AdamW with rate 0: no step, no weight decay -- the vectors stay as they are
             ctx.optimizer.param_groups[k]["lr_factor"] = 0.0
 
+    def _joint_shares(self, step: int, ctx, starting: bool = False) -> dict[int, torch.Tensor]:
+        """The losses of every embedding evaluated at this step, in shared forward passes: each prompt names its own
+        embedding, so one pass through the shared model is each embedding's own evaluation. Batches are as big as
+        the training step's (the UNet already runs that many samples, with gradients) or one evaluator's batch."""
+        due = [(k, h) for k, h in self._live() if h.wants_evaluation(step, starting)]
+        if len(due) < 2:
+            return {}
+        from utils.evaluator import joint_losses
+
+        evaluators = [h.evaluator for _, h in due]
+        largest = max(ev.cfg.eval_batch_size for ev in evaluators)
+        size = min(sum(ev.cfg.eval_batch_size for ev in evaluators),
+                   max(largest, ctx.cfg.train_batch_size * self.trainable.num_embeddings))
+        acc = ctx.accelerator
+        with ctx.evaluating():
+            shares = joint_losses(evaluators, ctx.predict, acc.process_index, acc.num_processes, size)
+        return {k: share for (k, _), share in zip(due, shares)}
+
     def start(self, step: int, ctx) -> None:
         self._freeze(ctx)  # stops restored from the checkpoint
-        for _, h in self._live():
-            h.start(step, ctx)
+        shares = self._joint_shares(step, ctx, starting=True)
+        for k, h in self._live():
+            h.start(step, ctx, share=shares.get(k))
 
     def after_step(self, step: int, ctx) -> str | None:
+        shares = self._joint_shares(step, ctx)
         for k, h in self._live():
-            if h.after_step(step, ctx):
+            if h.after_step(step, ctx, share=shares.get(k)):
                 self.trainable.stopped[k] = step
                 ctx.accelerator.print(f"{self.trainable.embeddings[k].name}: early stop at step {step}; it leaves "
                                       f"the training, {self.remaining()} embedding(s) go on.")
