@@ -13,6 +13,10 @@ Modes (see bench/README.md):
   bare                  text encoder + UNet forward/backward with gradients to the vectors, nothing else (the floor)
   hypernetwork          HypernetworkTrainable + the real loop, latents cached, text encoder on the device
   hypernetwork-offload  the same with --offload_text_encoder
+  many-K                K textual-inversion embeddings trained together (--concepts: ManyEmbeddings and
+                        BalancedBatches), each with the case's batch size: the UNet sees K x batch per step; images/s
+                        counts all K x batch. E.g. --modes ours,many-4,many-16 --batch_sizes 4 for the K = 1, 4, 16
+                        rows of the many-embeddings issue.
 
 Every (mode, batch size, repeat) runs in its own child process by default on CPU (clean peak-RSS numbers), repeats
 interleaved so that load from other processes on a shared machine hits every mode alike. Steps/s = 1 / median step
@@ -298,7 +302,7 @@ def prepare_data(session: Session, settings: Settings, case: Case) -> None:
     n = max(8, 4 * case.batch_size)
     for seed in (settings.seed, settings.seed + 1):  # the mode's batches and the bare step's
         samples(session, settings, n, seed)
-    if case.mode in NO_VAE_MODES:
+    if case.mode in NO_VAE_MODES or many_count(case.mode):
         session.pipe.vae.to("cpu")
 
 
@@ -365,16 +369,29 @@ class TimedSource:
 
 
 def run_real_loop(session: Session, settings: Settings, case: Case, trainable, cached: bool, optim,
-                  bare: "BareStep | None" = None) -> tuple[list[float], list[float]]:
-    """Step times of utils.training.train after the warm-up, and of the paired bare steps (empty without)."""
+                  bare: "BareStep | None" = None, names: list[str] | None = None) -> tuple[list[float], list[float]]:
+    """Step times of utils.training.train after the warm-up, and of the paired bare steps (empty without).
+
+    ``names``: several embeddings (a ManyEmbeddings trainable), each served the same samples under its own name."""
     from utils.training import LoopConfig, Outputs, train
     from utils.training_setup import LoaderSource
 
     pipe = session.pipe
     n = max(8, 4 * case.batch_size)
     pixels, latents, prompts = samples(session, settings, n, settings.seed)
-    source = TimedSource(LoaderSource(MemoryLoader(pixels, latents, prompts, case.batch_size, cached), pipe.vae,
-                                      settings.seed, sdxl=False), bare)
+
+    def source_for(own_prompts):
+        return LoaderSource(MemoryLoader(pixels, latents, own_prompts, case.batch_size, cached), pipe.vae,
+                            settings.seed, sdxl=False)
+
+    if names:
+        from utils.data.balanced import BalancedBatches
+
+        inner = BalancedBatches([source_for([p.replace(PLACEHOLDER, name) for p in prompts]) for name in names],
+                                settings.seed)
+    else:
+        inner = source_for(prompts)
+    source = TimedSource(inner, bare)
     total = settings.warmup + settings.steps
     end = []
     outputs = Outputs(save=lambda step: [], final=lambda step, opt: end.append(time.perf_counter()) or [])
@@ -399,6 +416,24 @@ def mode_ours(session: Session, settings: Settings, case: Case, cached: bool, pa
     trainable = TextualInversion.build(session.pipe, embedding)
     bare = BareStep(session, settings, case, trainable) if paired else None
     return run_real_loop(session, settings, case, trainable, cached, OptimConfig(learning_rate="0.005"), bare)
+
+
+def mode_many(session: Session, settings: Settings, case: Case, k: int):
+    """K embeddings in one run (--concepts), each at the case's batch size."""
+    from utils.trainers.many_embeddings import ManyEmbeddings
+    from utils.trainers.textual_inversion import new_embedding
+    from utils.training import OptimConfig
+
+    names = [f"{PLACEHOLDER}{i}" for i in range(k)]
+    embeddings = [new_embedding(session.loaded, name, INIT_TEXT, NUM_VECTORS) for name in names]
+    trainable = ManyEmbeddings.build(session.pipe, embeddings, [1.0] * k)
+    return run_real_loop(session, settings, case, trainable, True, OptimConfig(learning_rate="0.005"), names=names)
+
+
+def many_count(mode: str) -> int | None:
+    """K of a "many-K" mode, else None."""
+    head, _, k = mode.partition("-")
+    return int(k) if head == "many" and k.isdigit() and int(k) >= 1 else None
 
 
 def mode_hypernetwork(session: Session, settings: Settings, case: Case, offload: bool, bare: "BareStep | None"):
@@ -606,6 +641,8 @@ def run_case(settings: Settings, case: Case) -> Result:
                 times, bare = mode_diffusers_example(session, settings, case, pair)
             elif case.mode == "bare":
                 times = mode_bare(session, settings, case)
+            elif many_count(case.mode):
+                times, bare = mode_many(session, settings, case, many_count(case.mode))
             else:
                 raise ValueError(f"unknown mode {case.mode}")
         if bare:
@@ -622,7 +659,8 @@ def run_case(settings: Settings, case: Case) -> Result:
     med = statistics.median(times)
     mean_rate = len(times) / sum(times)
     return Result(case=case, steps_timed=len(times), step_times_s=[round(t, 6) for t in times],
-                  steps_per_s=1 / med, steps_per_s_mean=mean_rate, images_per_s=case.batch_size / med,
+                  steps_per_s=1 / med, steps_per_s_mean=mean_rate,
+                  images_per_s=case.batch_size * (many_count(case.mode) or 1) / med,
                   peak_mem_mb=mem.peak_mb, base_mem_mb=mem.base_mb, mem_kind=mem.kind, threads=threads, notes=notes)
 
 
@@ -674,7 +712,7 @@ def aggregate(results: list[Result]) -> list[dict]:
             "steps_per_s": rate, "steps_per_s_runs": rates,
             "steps_per_s_mean_runs": [r.steps_per_s_mean for r in rs],
             "spread_pct": 100 * (max(rates) - min(rates)) / rate if len(rates) > 1 else 0.0,
-            "images_per_s": rate * key[2], "ms_per_step": 1000 / rate,
+            "images_per_s": rate * key[2] * (many_count(key[3]) or 1), "ms_per_step": 1000 / rate,
             "peak_mem_mb": max(peaks) if peaks else None,
             "added_mem_mb": max(p - b for p, b in zip(peaks, bases)) if peaks and bases else None,
             "paired_over_bare_pct_runs": [r.notes["paired_over_bare_pct"] for r in rs
@@ -764,7 +802,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20, help="Untimed steps before timing (default 20).")
     p.add_argument("--repeats", type=int, default=2,
                    help="Runs of every case, interleaved (default 2), to see how noisy the machine is.")
-    p.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated subset of: {', '.join(MODES)}.")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"Comma-separated subset of: {', '.join(MODES)}; also many-K (K embeddings in one run).")
     p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
                    help="As the trainers' flag: frozen models in this dtype, trained weights float32.")
     p.add_argument("--attention", default="sdpa",
@@ -808,9 +847,9 @@ def main(argv=None) -> int:
                         mixed_precision=args.mixed_precision, steps=args.steps, warmup=args.warmup, seed=args.seed,
                         paired=(device == "cpu") if args.pairing is None else args.pairing)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES and not many_count(m)]
     if bad:
-        sys.exit(f"bench_train.py: unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+        sys.exit(f"bench_train.py: unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}, many-K")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     ckpts = [False, True] if args.gradient_checkpointing else [False]

@@ -406,11 +406,12 @@ def test_bench_prepares_every_modes_data_outside_the_memory_window(tiny_sd1, mon
     monkeypatch.setattr(bench.MemoryMeter, "__exit__", closed)
     monkeypatch.setattr(bench, "make_samples", spy)
     settings = bench.Settings(steps=2, warmup=1, paired=True)
-    for mode in bench.MODES:
+    for mode in (*bench.MODES, "many-3"):  # many-3: three embeddings in one run (the GPU K = 1, 4, 16 rows)
         calls.clear()
         result = bench.run_case(settings, bench.Case(mode, 1))
         assert result.steps_timed == 2 and result.peak_mem_mb is not None
         assert calls and not any(calls), (mode, calls)  # the VAE encode of the samples ran before the window
+        assert result.images_per_s == pytest.approx((3 if mode == "many-3" else 1) * result.steps_per_s)
 
 
 def test_memory_meter_counts_only_what_happens_inside_it():
