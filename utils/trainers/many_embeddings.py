@@ -370,9 +370,9 @@ def write_summary(out_dir: Path, rows: list[dict], print_fn=print) -> Path:
 
 class ManyEvalHook(BaseStepHook):
     """Each embedding's evaluation hook (utils/eval_hook.py's EvalHook, built as its single run builds it) run side
-    by side, their evaluation sets in shared forward passes (``_joint_shares``): an embedding whose early stop fires leaves the training there (ManyEmbeddings.stopped: its loss weight
-    and its parameter group's learning rate become 0) and is not evaluated again; the run ends when all have
-    stopped. The stops and every embedding's evaluation state are in each checkpoint, so a resumed run decides the
+    by side, their evaluation sets in shared forward passes (``_joint_shares``): an embedding whose early stop fires
+    leaves the training there (ManyEmbeddings.stopped: its samples leave the batch, its parameter group's learning
+    rate becomes 0) and is not evaluated again; the run ends when all have stopped. The stops and every embedding's evaluation state are in each checkpoint, so a resumed run decides the
     same at the same steps."""
 
     name = "evaluation"
