@@ -157,8 +157,11 @@ def all_mutants(work: Path, order: list[str]) -> list[str]:
     generates the mutants (and the test map), then stops on the empty selection; the names are then in `results`."""
     names = sorted(n for group in results(work).values() for n in group)
     if not names:
-        mutmut(work, "run", "--max-children", "1", "no-such-mutant-only-generate", capture=True, order=order)
+        probe = mutmut(work, "run", "--max-children", "1", "no-such-mutant-only-generate", capture=True, order=order)
         names = sorted(n for group in results(work).values() for n in group)
+        if not names:
+            last = (probe.stdout + probe.stderr).strip().splitlines()[-3:]
+            raise SystemExit(f"mutmut listed no mutants in {work} (rerun; its last words: {' | '.join(last)})")
     return names
 
 
