@@ -783,6 +783,11 @@ def test_a_checkpoint_of_another_global_batch_restarts_its_epoch(tmp_path):
     loader = TrainLoader(s, cfg, PromptConfig(), batch_size=2, num_workers=0)
     loader.load_state_dict({"epoch": 1, "position": 3, "world_size": 1, "batch_size": 2})
     assert (loader.epoch, loader.position) == (1, 3)
+    # what a loader of batch 4 saves does not resume mid-epoch in one of batch 2
+    bigger = TrainLoader(s, cfg, PromptConfig(), batch_size=4, num_workers=0)
+    bigger.epoch, bigger.position = 1, 1
+    loader.load_state_dict(bigger.state_dict())
+    assert (loader.epoch, loader.position) == (1, 0)
     loader.load_state_dict({"epoch": 1, "position": 3, "world_size": 2, "batch_size": 1})  # same global batch
     assert (loader.epoch, loader.position) == (1, 3)
     for other in ({"world_size": 2, "batch_size": 2}, {"world_size": 1, "batch_size": 4}):
@@ -812,3 +817,79 @@ def test_a_stream_with_buckets_trains_each_row_at_its_own_aspect(tmp_path):
         assert (w > h) == wide, (b["captions"], w, h)
         shapes.add((w, h))
     assert len(shapes) == 2
+
+
+
+def _tar_shard(path, items, fmt=tarfile.GNU_FORMAT, mode="w"):
+    """A tar shard of (member stem, image bytes, caption bytes) items."""
+    with tarfile.open(path, mode, format=fmt) as t:
+        for stem, image, caption in items:
+            for ext, data in (("png", image), ("txt", caption)):
+                info = tarfile.TarInfo(f"{stem}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+def test_tar_ustar_prefixed_names_are_counted(tmp_path, monkeypatch):
+    import utils.data.stream as stream
+
+    monkeypatch.setattr(stream, "_rows", lambda *a, **k: pytest.fail("the scan read the stream's rows"))
+    # ustar keeps a long path as prefix + name: two samples that differ only in the prefix stay two
+    d = tmp_path / "ustar"
+    d.mkdir()
+    _tar_shard(d / "s0.tar", [(f"{first}{'d' * 70}/{'n' * 60}", _png_bytes(k), b"x") for k, first in enumerate("ab")],
+               fmt=tarfile.USTAR_FORMAT)
+    assert scan_dataset(DataConfig(dataset_name=str(d), resolution=16)).num_examples == 2
+
+
+def test_a_named_caption_column_is_used_and_a_missing_one_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": _png_bytes(i), "path": None} for i in range(2)],
+                             "text": ["a", "b"], "alt": ["x", "y"]}), d / "a.parquet")
+    s = scan_dataset(DataConfig(dataset_name=str(d), resolution=16, caption_column="alt"))
+    assert s.caption_column == "alt"
+    with pytest.raises(UserError, match="has no column 'nope'"):
+        scan_dataset(DataConfig(dataset_name=str(d), resolution=16, caption_column="nope"))
+
+
+def test_verify_images_also_checks_captions_and_counts_exactly(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    captions = pa.array([b"fine", b"\xff\xfe not utf-8", b"also fine"], type=pa.binary())
+    pq.write_table(pa.table({"image": [{"bytes": _png_bytes(i), "path": None} for i in range(3)], "text": captions}),
+                   d / "a.parquet")
+    v = scan_dataset(DataConfig(dataset_name=str(d), resolution=16, verify_images=True))
+    assert (v.num_examples, v.exact) == (2, True) and "about" not in v.describe()
+    assert [sk.reason for sk in v.skipped] == ["caption is not UTF-8"]
+
+
+def test_image_cells_of_every_kind_and_their_report_names(tmp_path):
+    from utils.data.stream import _row_image_bytes
+    from utils.images import ImageLoadError
+
+    assert _row_image_bytes(b"abc", "row 3") == (b"abc", "row 3")
+    assert _row_image_bytes({"bytes": b"abc", "path": "cat.png"}, "row 3") == (b"abc", "cat.png")
+    assert _row_image_bytes({"bytes": b"abc", "path": None}, "row 3") == (b"abc", "row 3")
+    for empty in (b"", {"bytes": b"", "path": None}):
+        with pytest.raises(ImageLoadError, match="empty image cell"):
+            _row_image_bytes(empty, "row 3")
+
+
+def test_a_stream_with_no_usable_image_is_one_line_not_a_hang(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": b"", "path": None}] * 3, "text": ["a", "b", "c"]}), d / "a.parquet")
+    cfg = DataConfig(dataset_name=str(d), resolution=16)
+    s = scan_dataset(cfg, PromptConfig(caption_only=True))
+    with pytest.raises(UserError, match="received no usable image"):
+        next(iter_batches(s, cfg, PromptConfig(caption_only=True), batch_size=1))

@@ -165,6 +165,9 @@ def all_mutants(work: Path, order: list[str]) -> list[str]:
     return names
 
 
+TRY_TIMEOUT_S = 600
+
+
 def try_mutant(work: Path, mutant: str, tests: list[str]) -> int:
     """One mutant against ``tests`` in the module's mutated copy (mutmut's trampolines read MUTANT_UNDER_TEST);
     returns 0 when a test fails (killed), 1 when all pass (survived)."""
@@ -179,8 +182,12 @@ def try_mutant(work: Path, mutant: str, tests: list[str]) -> int:
                 shutil.copy2(ROOT / rel, dst)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MUTANT_UNDER_TEST": mutant}
     env.pop("CI", None)
-    r = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_ARGS[:-2], "-x", "-q", *tests], cwd=work / "mutants",
-                       env=env, capture_output=True, text=True)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_ARGS[:-2], "-x", "-q", *tests],
+                           cwd=work / "mutants", env=env, capture_output=True, text=True, timeout=TRY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # e.g. a mutant that loops forever: mutmut counts a timeout as killed
+        print(f"{mutant}: killed (timeout after {TRY_TIMEOUT_S} s) by {' '.join(tests)}")
+        return 0
     tail = (r.stdout.strip().splitlines() or [""])[-1]
     verdict = "killed" if r.returncode == 1 else "survived" if r.returncode == 0 else f"error (pytest {r.returncode})"
     print(f"{mutant}: {verdict} by {' '.join(tests)}  [{tail}]")
