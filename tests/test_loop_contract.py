@@ -434,13 +434,18 @@ def test_the_dashboard_gets_every_log_every_steps_numbers(tmp_path, clip_mode):
     epoch, the trained weights' norm, images/s and (norm clipping only) the gradient norm."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from PIL import Image
+
     out = tmp_path / "o"
     trainer = FakeTrainer()
     acc = make_accelerator(out, "no", 1, "tensorboard", 0)
-    cfg = LoopConfig(output_dir=out, max_train_steps=4, train_batch_size=2, save_every=0, preview_every=0,
+    cfg = LoopConfig(output_dir=out, max_train_steps=4, train_batch_size=2, save_every=0, preview_every=2,
                      report_to="tensorboard", log_every=2,
                      optim=OptimConfig(learning_rate="0.01", max_grad_norm=1e-3, clip_grad_mode=clip_mode))
-    train(acc, trainer, Source(n=4), _scheduler(), cfg, Outputs(save=lambda s: [], final=lambda s, o: []))
+    # a grey preview picture (mode "L": the tracker gets it as RGB)
+    previews = Outputs(save=lambda s: [], final=lambda s, o: [],
+                       preview=lambda step: [(Image.new("L", (8, 6), 10 * step), f"step {step}")])
+    train(acc, trainer, Source(n=4), _scheduler(), cfg, previews)
     acc.end_training()
     events = EventAccumulator(str(next(p.parent for p in out.rglob("events.out.tfevents.*"))))
     events.Reload()
@@ -455,3 +460,27 @@ def test_the_dashboard_gets_every_log_every_steps_numbers(tmp_path, clip_mode):
     assert all(v > 0 for _, v in scalars["images_per_sec"] + scalars["vector_norm"])
     if clip_mode == "norm":
         assert all(v > 1e-3 for _, v in scalars["grad_norm"])  # the norm before clipping, as accelerate returns it
+    images = events.Images("preview")
+    assert [e.step for e in images] == [2, 4]
+    from io import BytesIO
+
+    pictures = [Image.open(BytesIO(e.encoded_image_string)) for e in images]
+    assert [(p.size, p.mode) for p in pictures] == [((8, 6), "RGB")] * 2
+    assert [p.getpixel((0, 0)) for p in pictures] == [(20, 20, 20), (40, 40, 40)]
+
+
+
+def test_the_loss_log_counts_epochs_and_steps_within_them(tmp_path):
+    _run(tmp_path / "o", 5)  # 8 pictures, batch 2: 4 steps per epoch
+    assert [(r[0], r[1], r[2]) for r in _rows(tmp_path / "o")] == [
+        ("1", "0", "0"), ("2", "0", "1"), ("3", "0", "2"), ("4", "0", "3"), ("5", "1", "0")]
+
+
+def test_skipped_updates_are_remembered_across_a_resume(tmp_path):
+    """A checkpoint after a skipped fp16 update: the resumed run knows it (the data goes on after the skipped
+    micro-batch too, not one behind)."""
+    _run(tmp_path / "o", 2, ckpt=2, scaler=torch.amp.GradScaler("cpu"), source=Source(poison={(0, 1)}))
+    source = Source()
+    resumed, _ = _run(tmp_path / "o", 3, resume="latest", scaler=torch.amp.GradScaler("cpu"), source=source)
+    assert (resumed.step, resumed.skipped_steps) == (3, 1)
+    assert source.served[0] == (0, 3)  # micro-batches 0..2 were used: 2 steps and the skipped one

@@ -156,6 +156,8 @@ def test_every_logged_loss_matches_the_loss_by_hand(family, prediction_type, snr
     ("0.01", {"lr_scheduler": "linear", "lr_warmup_steps": 2}, [0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025]),
     ("0.01:2, 0.005:4, 0.001", {}, [0.01, 0.01, 0.005, 0.005, 0.001, 0.001]),
     ("0.01", {"scale_lr": True}, [0.02] * 6),  # x global batch (1 x 2 accumulation)
+    # two hard restarts in 6 steps: each cycle of 3 steps goes 1, 0.75, 0.25 of the rate
+    ("0.01", {"lr_scheduler": "cosine_with_restarts", "lr_num_cycles": 2}, [0.01, 0.0075, 0.0025] * 2),
 ])
 def test_the_optimizer_applies_each_steps_rate(tiny_sd1, tmp_path, lr, options, expected):
     """Read where it matters: the rate in the optimizer's param group when its step() runs (accumulation 2, so
