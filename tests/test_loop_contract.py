@@ -484,3 +484,17 @@ def test_skipped_updates_are_remembered_across_a_resume(tmp_path):
     resumed, _ = _run(tmp_path / "o", 3, resume="latest", scaler=torch.amp.GradScaler("cpu"), source=source)
     assert (resumed.step, resumed.skipped_steps) == (3, 1)
     assert source.served[0] == (0, 3)  # micro-batches 0..2 were used: 2 steps and the skipped one
+
+
+def test_a_fresh_run_in_an_old_folder_starts_a_fresh_loss_log(tmp_path):
+    from utils.training import LossLog
+
+    path = tmp_path / "loss.csv"
+    path.write_text("step,epoch,epoch_step,loss,learn_rate\n1,0,0,0.5,0.01\n2,0,1,0.4,0.01\n")
+    log = LossLog(path, None)
+    log.add(1, 0, 0, 0.25, 0.02)
+    log.flush()
+    assert path.read_text().splitlines()[1:] == ["1,0,0,0.2500000,0.02"]
+    resumed = LossLog(path, 0)  # resuming at step 0 keeps no row
+    resumed.flush()
+    assert path.read_text().splitlines()[1:] == []
