@@ -893,3 +893,40 @@ def test_a_stream_with_no_usable_image_is_one_line_not_a_hang(tmp_path):
     s = scan_dataset(cfg, PromptConfig(caption_only=True))
     with pytest.raises(UserError, match="received no usable image"):
         next(iter_batches(s, cfg, PromptConfig(caption_only=True), batch_size=1))
+
+
+def test_a_template_of_ones_own_without_name_is_warned_about_and_one_with_it_is_not(tmp_path):
+    d = _folder(tmp_path, 2, size=(16, 16))
+    with_name, without = tmp_path / "mine.txt", tmp_path / "plain.txt"
+    with_name.write_text("a photo of [name]\n")
+    without.write_text("a photo\n")
+    cfg = DataConfig(train_data_dir=str(d), resolution=16)
+    ok = scan_dataset(cfg, PromptConfig(placeholder="<t>", template_file=str(with_name)))
+    assert not [w for w in ok.warnings if "has no [name]" in w]
+    bad = scan_dataset(cfg, PromptConfig(placeholder="<t>", template_file=str(without)))
+    assert [w for w in bad.warnings if "template plain.txt has no [name]" in w]
+
+
+def test_no_usable_picture_names_the_report_file(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "x.png").write_bytes(b"not a picture")
+    report = tmp_path / "skipped_images.txt"
+    import re
+
+    with pytest.raises(UserError, match=re.escape(f"1 file(s) skipped, see {report})")):
+        scan_dataset(DataConfig(train_data_dir=str(d), resolution=16), report_file=report)
+
+
+def test_each_crop_mode_has_its_own_cached_latents(tmp_path):
+    from utils.latents import LatentStore
+
+    d = _folder(tmp_path, 2, size=(24, 16))
+    store = LatentStore("once", 1.0, cache_dir=tmp_path / "cache")
+    keys = {}
+    for label, cfg in (("none", DataConfig(train_data_dir=str(d), resolution=16)),
+                       ("center", DataConfig(train_data_dir=str(d), resolution=16, center_crop=True))):
+        s = scan_dataset(cfg)
+        loader = TrainLoader(s, cfg, PromptConfig(), batch_size=2, num_workers=0, latents=store)
+        keys[label] = set(next(iter(loader))["latent_keys"])
+    assert len(keys["none"]) == len(keys["center"]) == 2 and not keys["none"] & keys["center"]
