@@ -429,7 +429,7 @@ def test_hooks_need_distinct_names_and_the_bar_names_the_method(tmp_path, capsys
 
 
 @pytest.mark.parametrize("clip_mode", ["norm", "value"])
-def test_the_dashboard_gets_every_log_every_steps_numbers(tmp_path, clip_mode):
+def test_the_dashboard_gets_every_log_every_steps_numbers(tmp_path, clip_mode, monkeypatch):
     """--report_to tensorboard with --log_every 2: at steps 2 and 4 the tracker holds the logged loss and rate, the
     epoch, the trained weights' norm, images/s and (norm clipping only) the gradient norm."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -445,7 +445,17 @@ def test_the_dashboard_gets_every_log_every_steps_numbers(tmp_path, clip_mode):
     # a grey preview picture (mode "L": the tracker gets it as RGB)
     previews = Outputs(save=lambda s: [], final=lambda s, o: [],
                        preview=lambda step: [(Image.new("L", (8, 6), 10 * step), f"step {step}")])
+    import time as real_time
+    import types
+
+    import utils.training as training
+
+    readings = iter([100.0])
+    clock = types.SimpleNamespace(**{k: getattr(real_time, k) for k in dir(real_time) if not k.startswith("_")})
+    clock.perf_counter = lambda: next(readings, 110.0)  # the loop's clock only
+    monkeypatch.setattr(training, "time", clock)
     train(acc, trainer, Source(n=4), _scheduler(), cfg, previews)
+    monkeypatch.undo()
     acc.end_training()
     events = EventAccumulator(str(next(p.parent for p in out.rglob("events.out.tfevents.*"))))
     events.Reload()
@@ -457,7 +467,9 @@ def test_the_dashboard_gets_every_log_every_steps_numbers(tmp_path, clip_mode):
     assert [v for _, v in scalars["loss"]] == pytest.approx([float(rows[2][3]), float(rows[4][3])], rel=1e-6)
     assert [v for _, v in scalars["lr"]] == pytest.approx([0.01, 0.01])
     assert [v for _, v in scalars["epoch"]] == [0, 1]  # 2 steps per epoch (4 pictures, batch 2)
-    assert all(v > 0 for _, v in scalars["images_per_sec"] + scalars["vector_norm"])
+    assert all(v > 0 for _, v in scalars["vector_norm"])
+    # images/s = pictures trained so far / seconds since the start (the clock below: 10 s at every reading)
+    assert [v for _, v in scalars["images_per_sec"]] == pytest.approx([4 / 10, 8 / 10])
     if clip_mode == "norm":
         assert all(v > 1e-3 for _, v in scalars["grad_norm"])  # the norm before clipping, as accelerate returns it
     images = events.Images("preview")
