@@ -930,3 +930,30 @@ def test_each_crop_mode_has_its_own_cached_latents(tmp_path):
         loader = TrainLoader(s, cfg, PromptConfig(), batch_size=2, num_workers=0, latents=store)
         keys[label] = set(next(iter(loader))["latent_keys"])
     assert len(keys["none"]) == len(keys["center"]) == 2 and not keys["none"] & keys["center"]
+
+
+def test_rules_the_third_mutation_sample_found_unpinned(tmp_path):
+    """--repeats counts in a folder's steps per epoch; a folder's caption read on demand comes from the file name
+    when there is no .txt; a stream row without a caption has an empty one; the crop flags' error says why."""
+    from utils.data.stream import _row_caption
+
+    d = _folder(tmp_path, 4, size=(16, 16), name="red ball {:03d}.png")
+    cfg = DataConfig(train_data_dir=str(d), resolution=16, repeats=3)
+    s = scan_dataset(cfg)
+    assert steps_per_epoch(s, cfg, 2) == 6  # 4 pictures x 3 repeats / batch 2
+    index = s.folder
+    index.captions = None  # as a big folder's index holds them: read when asked
+    assert index.caption(0) == "red ball 000"
+    assert _row_caption(None) == ""
+    with pytest.raises(UserError, match="--center_crop and --random_crop exclude each other"):
+        DataConfig(train_data_dir=str(d), resolution=16, center_crop=True, random_crop=True)
+
+
+def test_gnu_long_names_with_spaces_stay_apart(tmp_path, monkeypatch):
+    import utils.data.stream as stream
+
+    monkeypatch.setattr(stream, "_rows", lambda *a, **k: pytest.fail("the scan read the stream's rows"))
+    d = tmp_path / "tars"
+    d.mkdir()
+    _tar_shard(d / "s0.tar", [(f"a photo {first} {'x' * 110}", _png_bytes(k), b"x") for k, first in enumerate("pq")])
+    assert scan_dataset(DataConfig(dataset_name=str(d), resolution=16)).num_examples == 2
