@@ -115,7 +115,6 @@ def main(cfg: TextualInversionConfig) -> int:
     from utils.data.balanced import BalancedBatches
     from utils.data.plan import optimizer_steps_per_epoch
     from utils.eval_hook import eval_hooks
-    from utils.latents import LatentStore, model_vae_identity
     from utils.run import tracker_run_link
     from utils.trainers.many_embeddings import (
         EmbeddingInfo,
@@ -126,7 +125,13 @@ def main(cfg: TextualInversionConfig) -> int:
     )
     from utils.trainers.textual_inversion import TextualInversion, TextualInversionOutputs, check_width, new_embedding
     from utils.training import loss_log_name, make_accelerator, train
-    from utils.training_setup import LoaderSource, load_model_for_training, resolve_max_steps, training_noise_scheduler
+    from utils.training_setup import (
+        LoaderSource,
+        latent_store,
+        load_model_for_training,
+        resolve_max_steps,
+        training_noise_scheduler,
+    )
 
     out_dir = Path(cfg.saving.output_dir)
     folders = [out_dir / c.name for c in concepts]
@@ -162,9 +167,7 @@ def main(cfg: TextualInversionConfig) -> int:
     # One latent store for all: a picture two concepts share (a sweep's variants) is encoded once.
     vae = loaded.pipeline.vae
     latent_cfg = opts[0][2]
-    store = LatentStore.for_vae(vae, latent_cfg, identity=model_vae_identity(
-                                    vae, loaded.identity.sha256 or loaded.identity.name, loaded.vae_source),
-                                keep=not cfg.latents.no_cache_latents and not cfg.data.random_crop)
+    store = latent_store(loaded, latent_cfg, keep=not cfg.latents.no_cache_latents and not cfg.data.random_crop)
     sources = []
     for folder, summary, (data_cfg, prompt_cfg, _) in zip(folders, summaries, opts):
         report = folder / ("skipped_images.txt" if accelerator.is_main_process else

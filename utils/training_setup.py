@@ -112,6 +112,13 @@ class LoaderSource:
             yield batch
 
 
+def latent_store(loaded: LoadedModel, latent_cfg: LatentConfig, keep: bool) -> LatentStore:
+    """The latent cache of the loaded model's VAE (its identity: the model's hash or name, and a --vae's files)."""
+    vae = loaded.pipeline.vae
+    identity = model_vae_identity(vae, loaded.identity.sha256 or loaded.identity.name, loaded.vae_source)
+    return LatentStore.for_vae(vae, latent_cfg, identity=identity, keep=keep)
+
+
 def build_batch_source(accelerator, summary, data_cfg: DataConfig, prompt_cfg: PromptConfig,
                        latent_cfg: LatentConfig, loaded: LoadedModel, *, batch_size: int, seed: int,
                        num_workers: int, cache_latents: bool, report_file: Path, accumulation: int = 1
@@ -119,9 +126,7 @@ def build_batch_source(accelerator, summary, data_cfg: DataConfig, prompt_cfg: P
     """The rank's batches. Latents are encoded as training first meets each image and kept (in memory, or in
     --cache_latents_to_disk shared by ranks and reruns) unless told not to; --random_crop keeps none."""
     vae = loaded.pipeline.vae
-    identity = model_vae_identity(vae, loaded.identity.sha256 or loaded.identity.name, loaded.vae_source)
-    store = LatentStore.for_vae(vae, latent_cfg, identity=identity,
-                                keep=cache_latents and not data_cfg.random_crop)
+    store = latent_store(loaded, latent_cfg, keep=cache_latents and not data_cfg.random_crop)
     loader = TrainLoader(summary, data_cfg, prompt_cfg, batch_size=batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, seed=seed, num_workers=num_workers, latents=store,
                          report_file=report_file if accelerator.is_main_process else
