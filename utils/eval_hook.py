@@ -171,7 +171,7 @@ class EvalHook(BaseStepHook):
     def start(self, step: int, ctx, share: torch.Tensor | None = None) -> None:
         # The first value of the history is the starting point (a fresh run's untrained vectors); a resumed run has
         # its history from the checkpoint and adds nothing here, so its evaluations stay on the same steps.
-        if self.evaluator is not None and not self.evaluator.history:
+        if self.wants_evaluation(step, starting=True):
             self._evaluate(step, ctx, starting_point=True, share=share)
 
     def wants_evaluation(self, step: int, starting: bool = False) -> bool:
@@ -188,7 +188,7 @@ class EvalHook(BaseStepHook):
                 ctx.accelerator.log(self._prefixed(metrics), step=step)
             for line in warnings:
                 ctx.accelerator.print(f"Warning: {line}")
-        if self.evaluator is None or not self.evaluator.due(step):
+        if not self.wants_evaluation(step):
             return None
         result = self._evaluate(step, ctx, share=share)
         return "early_stop" if result is not None and result.stop else None
