@@ -204,6 +204,15 @@ def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def print_survivors(work: Path, by_status: dict[str, list[str]], show: bool) -> None:
+    """Every mutant not killed, by status ("not checked" ones are only counted); with ``show`` each survivor's diff."""
+    for status in ("survived", "no tests", "suspicious", "segfault"):
+        for mutant in by_status.get(status, []):
+            print(f"  {status}: {mutant}")
+            if show and status == "survived":
+                print(mutmut(work, "show", mutant, capture=True).stdout)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("modules", nargs="*", help=f"any of {', '.join(MODULES)} (default: all)")
@@ -257,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             lo, hi = wilson(killed, judged)
             lines.append(f"{line}  (sample {len(chosen)} of {len(everything)}, seed {args.seed}; "
                          f"95% interval {100 * lo:.1f}-{100 * hi:.1f}%)")
-            for status_name in ("survived", "no tests", "suspicious", "segfault"):
-                for mutant in by_status.get(status_name, []):
-                    print(f"  {status_name}: {mutant}")
-                    if args.show and status_name == "survived":
-                        print(mutmut(work, "show", mutant, capture=True).stdout)
+            print_survivors(work, by_status, args.show)
             continue
         if not args.results_only:
             print(f"== {n}: mutating {MODULES[n][0]} against {' '.join(MODULES[n][1])}", flush=True)
@@ -275,11 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mutmut exited with {rc} for {n}", file=sys.stderr)
         by_status = results(work)
         lines.append(summary(n, by_status))
-        for status in ("survived", "no tests", "suspicious", "segfault"):  # "not checked" only counted
-            for mutant in by_status.get(status, []):
-                print(f"  {status}: {mutant}")
-                if args.show and status == "survived":
-                    print(mutmut(work, "show", mutant, capture=True).stdout)
+        print_survivors(work, by_status, args.show)
     print("\n".join(lines))
     return 0
 
