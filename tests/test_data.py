@@ -729,22 +729,14 @@ def test_tar_long_names_pax_and_gnu_keep_each_sample_apart(tmp_path, monkeypatch
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
         tars = tmp_path / f"tars{fmt}"
         tars.mkdir()
-        with tarfile.open(tars / "s0.tar", "w", format=fmt) as t:
-            for k, first in enumerate("ab"):
-                for ext, data in (("png", _png_bytes(k)), ("txt", f"item {k}".encode())):
-                    info = tarfile.TarInfo(f"{first}{'x' * 120}.{ext}")
-                    info.size = len(data)
-                    t.addfile(info, io.BytesIO(data))
+        _tar_shard(tars / "s0.tar", [(f"{first}{'x' * 120}", _png_bytes(k), f"item {k}".encode())
+                                     for k, first in enumerate("ab")], fmt=fmt)
         s = scan_dataset(DataConfig(dataset_name=str(tars), resolution=16))
         assert (s.num_examples, s.exact) == (2, True), fmt
     # a name that is not UTF-8 (a latin-1 tar): datasets cannot open such a tar; one line names the dataset
     tars = tmp_path / "latin1"
     tars.mkdir()
-    with tarfile.open(tars / "s0.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
-        for ext, data in (("png", _png_bytes(0)), ("txt", b"item")):
-            info = tarfile.TarInfo(f"caf\u00e9{'x' * 120}.{ext}")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
+    _tar_shard(tars / "s0.tar", [(f"caf\u00e9{'x' * 120}", _png_bytes(0), b"item")], encoding="latin-1")
     with pytest.raises(UserError, match=f"cannot open dataset '{tars}'") as e:
         scan_dataset(DataConfig(dataset_name=str(tars), resolution=16))
     assert "\n" not in str(e.value)
@@ -799,14 +791,12 @@ def test_a_stream_with_buckets_trains_each_row_at_its_own_aspect(tmp_path):
     tars = tmp_path / "tars"
     tars.mkdir()
     sizes = [(64, 32), (32, 64), (64, 32), (32, 64)]
-    with tarfile.open(tars / "s0.tar", "w") as t:
-        for k, (w, h) in enumerate(sizes):
-            buf = io.BytesIO()
-            _img(w, h, k).save(buf, "PNG")
-            for ext, data in (("png", buf.getvalue()), ("txt", f"item {k}".encode())):
-                info = tarfile.TarInfo(f"{k:05d}.{ext}")
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
+    items = []
+    for k, (w, h) in enumerate(sizes):
+        buf = io.BytesIO()
+        _img(w, h, k).save(buf, "PNG")
+        items.append((f"{k:05d}", buf.getvalue(), f"item {k}".encode()))
+    _tar_shard(tars / "s0.tar", items)
     cfg = DataConfig(dataset_name=str(tars), resolution=48, enable_buckets=True, min_bucket_reso=16,
                      max_bucket_reso=96, bucket_reso_steps=16)
     s = scan_dataset(cfg, PromptConfig(caption_only=True))
@@ -820,9 +810,9 @@ def test_a_stream_with_buckets_trains_each_row_at_its_own_aspect(tmp_path):
 
 
 
-def _tar_shard(path, items, fmt=tarfile.GNU_FORMAT, mode="w"):
+def _tar_shard(path, items, fmt=tarfile.GNU_FORMAT, **open_kw):
     """A tar shard of (member stem, image bytes, caption bytes) items."""
-    with tarfile.open(path, mode, format=fmt) as t:
+    with tarfile.open(path, "w", format=fmt, **open_kw) as t:
         for stem, image, caption in items:
             for ext, data in (("png", image), ("txt", caption)):
                 info = tarfile.TarInfo(f"{stem}.{ext}")

@@ -66,6 +66,22 @@ def _concepts_file(path: Path, folders) -> Path:
     return path
 
 
+def _two_processes(*args: str):
+    """train_textual_inversion.py with ``args`` under `accelerate launch`, 2 CPU processes; asserts it ended well."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(root / "train_textual_inversion.py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def _losses(path: Path) -> list[tuple[int, int, int, float, float]]:
     with open(path, newline="") as f:
         rows = list(csv.reader(f))[1:]
@@ -201,19 +217,8 @@ def test_a_changed_concept_list_does_not_resume(tiny_sd1, folders, tmp_path):
 def test_two_processes_match_the_single_runs(tiny_sd1, folders, singles, tmp_path):
     """2 processes x batch 1 per embedding: each rank takes its share of every embedding's batch; the result is
     each embedding's own 1-process run, and its loss log is the mean over both ranks."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(root / "train_textual_inversion.py"),
-           *_common(tiny_sd1, tmp_path / "two", "--concepts", _concepts_file(tmp_path / "c.yaml", folders)),
-           "--train_batch_size", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _two_processes(*_common(tiny_sd1, tmp_path / "two", "--concepts", _concepts_file(tmp_path / "c.yaml", folders)),
+                       "--train_batch_size", "1")
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     for name, *_ in CONCEPTS:
         torch.testing.assert_close(load_embedding(tmp_path / "two" / name / f"{name}.pt").vectors,
@@ -408,21 +413,10 @@ def test_a_stopped_embeddings_samples_give_no_gradient():
 def test_two_processes_go_on_after_an_embedding_leaves(tiny_sd1, stopping, tmp_path):
     """Under DDP every process's backward must reach every parameter: after one embedding stops (its samples gone
     from the batch), the run goes on to the other's stop on both processes, with identical weights."""
-    import os
-    import subprocess
-    import sys
-
     concepts, *_ = stopping
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(root / "train_textual_inversion.py"),
-           *_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", EVAL_STEPS, "--save_every", "1",
-                    *EVAL), "--train_batch_size", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _two_processes(*_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", EVAL_STEPS,
+                                "--save_every", "1", *EVAL), "--train_batch_size", "1")
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     stops = {n: int(row["stop_step"]) for n, row in _summary(out).items()}
     first, other = sorted(stops, key=stops.get)
