@@ -200,9 +200,32 @@ def test_folder_key_changes_with_the_file(tmp_path):
     d = _folder(tmp_path, 1)
     f = d / "00.png"
     before = file_identity(f)
-    assert before == file_identity(f) and str(f.resolve()) in before
+    assert before == file_identity(f) and str(f.resolve()) in before.place
     os.utime(f, ns=(1, 1))
     assert file_identity(f) != before
+    assert cache_key(file_identity(f), (64, 64), "center", False, "v") != cache_key(before, (64, 64), "center", False,
+                                                                                    "v")
+
+
+def test_once_samples_follow_the_pictures_not_where_they_lie_or_their_file_times(tmp_path, vae):
+    """A copy of the data folder elsewhere, with other file times, trains on the same 'once' samples (the cache keys
+    differ: the cache still notices the files changed). With the samples seeded from path and time, every test run's
+    fresh files trained a little differently."""
+    import os
+    import shutil
+
+    d = _folder(tmp_path, 3)
+    copy = tmp_path / "elsewhere" / "imgs"
+    shutil.copytree(d, copy)
+    for f in copy.iterdir():
+        os.utime(f, ns=(10**18, 10**18))
+    runs = []
+    for folder in (d, copy):
+        cfg = DataConfig(train_data_dir=str(folder), resolution=64)
+        runs.append(list(_source(scan_dataset(cfg), cfg, vae, LatentConfig("once"), batch_size=3).iter_epoch(0, 0)))
+    (a,), (b,) = runs
+    assert torch.equal(a["latents"], b["latents"])
+    assert not set(a["latent_keys"]) & set(b["latent_keys"])
 
 
 def test_disk_cache_shared_by_ranks_each_encodes_what_it_sees(tmp_path, vae):

@@ -7,15 +7,18 @@ A1111's ``latent_sampling_method``:
 * ``deterministic`` the mean of the distribution, ``mean·scale``;
 * ``random``        the distribution is kept and a fresh sample is drawn every time the image is used.
 
-For ``once`` ε comes from a generator seeded by the entry's key, so the one sample is the same on every rank, every
-epoch and every rerun, and whether the latent was just encoded or read back. On disk every entry stores the
+For ``once`` ε comes from a generator seeded by the content half of the entry's key (below), so the one sample is the
+same on every rank, every epoch and every rerun, whether the latent was just encoded or read back, and wherever the
+pictures lie: a copied or touched data folder trains the same way. On disk every entry stores the
 distribution (``mean`` and ``std``), so one cache serves all three modes; in memory only what the mode needs is kept
 (a sample, the mean, or both). Each image is encoded on its own: batching changes the last bits of a VAE's output,
 and a latent must not depend on which batch first met its image (a resumed run meets it in another batch).
 
-Keys: the image (a folder file's absolute path, size and modification time; a stream row's SHA-256 of its bytes), the
-training size, the crop mode, the flip, and a VAE identity string. A rerun or another rank reuses entries; a changed
-file, size, crop or VAE misses. Nothing reads or hashes every file up front.
+Keys: the image, the training size, the crop mode, the flip, and a VAE identity string. An image is an ``ImageId``: its
+content (a folder file's name and byte size; a stream row's SHA-256 of its bytes) and its place (a folder file's
+absolute path and modification time). The key's first 16 hex digits hash the content and the plan and seed ``once``;
+the other 24 hash everything, so a rerun or another rank reuses entries and a changed file, size, crop or VAE misses.
+Nothing reads or hashes every file up front.
 
 The store in memory is bounded (``MEMORY_BUDGET_MB``): past it, new images are encoded at every use instead of kept,
 with a warning that points to ``--cache_latents_to_disk``. ``LatentStore`` holds no model and can be used from
@@ -71,30 +74,46 @@ def model_vae_identity(vae, model_name: str, vae_source: str | None = None) -> s
         p = Path(os.path.expanduser(vae_source))
         if p.exists():
             files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-            name += "|vae:" + hashlib.sha256("\n".join(file_identity(f) for f in files).encode()).hexdigest()[:16]
+            name += "|vae:" + hashlib.sha256("\n".join("|".join(file_identity(f)) for f in files).encode()
+                                             ).hexdigest()[:16]
         else:
             name += f"|vae:{vae_source}"
     return vae_identity(vae, name)
 
 
-def file_identity(path: str | os.PathLike) -> str:
-    """A folder image's identity for cache keys: absolute path, size and modification time (one stat, no read)."""
+class ImageId(NamedTuple):
+    """An image as cache keys see it. ``content`` says which picture it is and seeds ``once`` sampling; ``place`` only
+    tells the cache that the file changed (it must not reach the sample: a copied folder, or the fresh file times of
+    every test run, would train differently)."""
+
+    content: str
+    place: str = ""
+
+
+def file_identity(path: str | os.PathLike) -> ImageId:
+    """A folder image's identity: its name and size as content, its absolute path and modification time as place
+    (one stat, no read)."""
     st = os.stat(path)
-    return f"file:{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return ImageId(f"file:{os.path.basename(path)}|{st.st_size}", f"{os.path.abspath(path)}|{st.st_mtime_ns}")
 
 
-def bytes_identity(data: bytes) -> str:
-    """A stream row's identity for cache keys: the SHA-256 of the image bytes already in hand."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def bytes_identity(data: bytes) -> ImageId:
+    """A stream row's identity: the SHA-256 of the image bytes already in hand (content only)."""
+    return ImageId("sha256:" + hashlib.sha256(data).hexdigest())
 
 
-def cache_key(image: str, target: tuple[int, int], crop: str, flip: bool, identity: str) -> str:
-    """The key of one (image, training size, crop mode, flip, VAE). The source size is part of ``image``."""
-    text = f"{_FORMAT_VERSION}|{image}|{target[0]}x{target[1]}|{crop}|flip{int(flip)}|{identity}"
-    return hashlib.sha256(text.encode()).hexdigest()[:40]
+def cache_key(image: str | ImageId, target: tuple[int, int], crop: str, flip: bool, identity: str) -> str:
+    """The key of one (image, training size, crop mode, flip, VAE): 16 hex digits of the content and the plan (what
+    ``once`` is seeded from), then 24 of everything (a plain string ``image`` is content only)."""
+    image = image if isinstance(image, ImageId) else ImageId(str(image))
+    plan = f"{_FORMAT_VERSION}|{target[0]}x{target[1]}|{crop}|flip{int(flip)}|{identity}"
+    content = hashlib.sha256(f"{plan}|{image.content}".encode()).hexdigest()[:16]
+    whole = hashlib.sha256(f"{plan}|{image.content}|{image.place}".encode()).hexdigest()[:24]
+    return content + whole
 
 
 def _once_generator(key: str) -> torch.Generator:
+    # The key's content half only (see cache_key): 15 hex digits stay below 2**63.
     return torch.Generator().manual_seed(int(key[:15], 16))
 
 
@@ -155,7 +174,7 @@ class LatentStore:
         return cls(config.latent_sampling, get("scaling_factor", 0.18215), get("shift_factor", None),
                    config.cache_dir, identity=identity, keep=keep)
 
-    def key(self, image: str, target: tuple[int, int], crop: str, flip: bool) -> str:
+    def key(self, image: str | ImageId, target: tuple[int, int], crop: str, flip: bool) -> str:
         return cache_key(image, target, crop, flip, self.identity)
 
     def _path(self, key: str) -> Path:

@@ -31,7 +31,7 @@ class Use:
     index: int  # example id (-1 for streams)
     target: tuple[int, int]  # training size (w, h): the bucket
     caption: Callable[[], str]  # ValueError for an unreadable caption
-    image_id: Callable[[], str]  # identity for cache keys (utils.latents.file_identity / bytes_identity)
+    image_id: Callable[[], object]  # cache-key identity, an ImageId (utils.latents.file_identity / bytes_identity)
     load: Callable[[], LoadedImage]  # ImageLoadError / OSError
 
 
