@@ -947,3 +947,54 @@ def test_gnu_long_names_with_spaces_stay_apart(tmp_path, monkeypatch):
     d.mkdir()
     _tar_shard(d / "s0.tar", [(f"a photo {first} {'x' * 110}", _png_bytes(k), b"x") for k, first in enumerate("pq")])
     assert scan_dataset(DataConfig(dataset_name=str(d), resolution=16)).num_examples == 2
+
+
+def test_hidden_tar_members_are_not_counted_as_rows(tmp_path, monkeypatch):
+    """macOS `._x.png` forks, dot files and `__x` files in a shard: `datasets` skips them when it streams the tar,
+    so the count read from the tar headers must skip them too (else an epoch is planned for rows that never come)."""
+    import utils.data.stream as stream
+
+    d = tmp_path / "tars"
+    d.mkdir()
+    members = [("a.png", _png_bytes(0)), ("a.txt", b"A"), ("._a.png", b"\0\5fork"), (".hid.png", _png_bytes(1)),
+               ("__x.png", _png_bytes(2)), ("b.png", _png_bytes(3)), ("b.txt", b"B"), ("sub/._c.png", b"fork"),
+               ("sub/c.png", _png_bytes(4)), ("sub/c.txt", b"C")]
+    with tarfile.open(d / "s0.tar", "w", format=tarfile.GNU_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    cheap = scan_dataset(DataConfig(dataset_name=str(d), resolution=16))
+    monkeypatch.setattr(stream, "count_rows", lambda builder, split: None)
+    read = scan_dataset(DataConfig(dataset_name=str(d), resolution=16))
+    assert (cheap.num_examples, cheap.exact) == (read.num_examples, read.exact) == (3, True)
+
+
+def test_a_stream_row_whose_header_cannot_be_read_is_reported_under_buckets(tmp_path):
+    """With buckets a stream row's size is read before the row is placed; a row whose image is no picture at all
+    is left out there and still reported (name and reason), like a row that fails to decode later."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    images = [_png_bytes(0), b"not a picture", _png_bytes(2), _png_bytes(3), _png_bytes(4)]
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images],
+                             "text": [f"t{i}" for i in range(5)]}), d / "a.parquet")
+    cfg = DataConfig(dataset_name=str(d), resolution=16, enable_buckets=True, min_bucket_reso=8, max_bucket_reso=32,
+                     bucket_reso_steps=8)
+    pc = PromptConfig(caption_only=True)
+    s = scan_dataset(cfg, pc)
+    batches = list(iter_batches(s, cfg, pc, batch_size=1, seed=1))
+    skipped = [entry for b in batches for entry in b["skipped"]]
+    assert len(skipped) == 1
+    name, reason = skipped[0]
+    assert name.endswith("caption 't1']") and "not a picture" not in name and reason  # the caption finds the row
+    assert "t1" not in [c for b in batches for c in b["captions"]]
+    report = tmp_path / "skipped_images.txt"
+    loader = TrainLoader(s, cfg, pc, batch_size=1, seed=1, report_file=report)
+    it = iter(loader)
+    for _ in range(loader.steps_per_epoch):
+        next(it)
+    (entry,) = loader.skipped_during_run
+    assert entry.path == name and entry.reason == reason and name in report.read_text()

@@ -380,8 +380,18 @@ class StreamBatches:
         self._ds.set_epoch(p)
         return _rows(self._ds)
 
-    def _row(self, row: dict, i: int) -> _Row:
-        name = _row_name(row, f"{self.cfg.dataset_name}[pass row {i}]")
+    def _name(self, row: dict, p: int, i: int) -> str:
+        """A row's name in reports: its tar member, else where it came in this rank's shuffled pass and the start of
+        its caption (a parquet row has no name of its own; the caption is something to search the data for)."""
+        try:
+            caption = _row_caption(row.get(self.caption_col)) if self.caption_col else ""
+        except ValueError:
+            caption = ""
+        hint = f", caption {caption[:60]!r}" if caption else ""
+        return _row_name(row, f"{self.cfg.dataset_name}[pass {p}, rank {self.rank}, row {i} as shuffled{hint}]")
+
+    def _row(self, row: dict, p: int, i: int) -> _Row:
+        name = self._name(row, p, i)
         data, name = _row_image_bytes(row.get(self.image_col), name)
         if self.cfg.enable_buckets:
             target = self.cfg.target_for(image_size(data), self._buckets)
@@ -409,9 +419,9 @@ class StreamBatches:
                 dry = True
                 for i, row in enumerate(self._pass(p)):
                     try:
-                        r = self._row(row, i)
+                        r = self._row(row, p, i)
                     except (ImageLoadError, OSError) as e:
-                        skipped.append((_row_name(row, f"{self.cfg.dataset_name}[pass {p} row {i}]"), str(e)))
+                        skipped.append((self._name(row, p, i), str(e)))
                         continue
                     dry = False
                     group = pending.setdefault(r.bucket, [])
