@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from utils.errors import UserError
 
 from test_image_scores import tiny_clip, tiny_vit  # noqa: F401 (fixtures: tiny random CLIP and ViT)
 from test_train_textual_inversion import data_dir  # noqa: F401 (fixture: 4 captioned 64 px pictures)
+from two_processes import run_two_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,13 +154,8 @@ def test_two_processes_share_the_evaluation_and_decide_alike(tiny_sd1, data_dir,
     extra = ("--eval_every", "1", "--early_stopping", "patience", "--patience", "2", "--max_train_steps", "12",
              "--latent_sampling", "deterministic")
     assert tti.main(_ti(tiny_sd1, data_dir, tmp_path / "one", *extra)) == 0
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train_textual_inversion.py"), *_ti(tiny_sd1, data_dir, tmp_path / "two", *extra),
-           "--train_batch_size", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_two_processes("train_textual_inversion.py", *_ti(tiny_sd1, data_dir, tmp_path / "two", *extra),
+                          "--train_batch_size", "1")
     one = json.loads((tmp_path / "one" / "evaluation.json").read_text())
     two = json.loads((tmp_path / "two" / "evaluation.json").read_text())
     assert two["stopped_at"] == one["stopped_at"] and two["best_step"] == one["best_step"]

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from two_processes import launch_command
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,9 +226,7 @@ def test_two_processes_learn_the_same(tinyworld, concept_images, tmp_path, score
     """DDP over gloo on CPU: 2 processes x batch 2 see the same global batches as 1 x 4 and must learn the same."""
     out = tmp_path / "ddp"
     proc = run_script(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train_textual_inversion.py",
-         *train_argv(tinyworld, concept_images, out, batch=BATCH // 2)],
+        [*launch_command("train_textual_inversion.py"), *train_argv(tinyworld, concept_images, out, batch=BATCH // 2)],
         env={"ACCELERATE_USE_CPU": "true"})
     assert "2 process(es), global batch 4" in proc.stdout + proc.stderr
     assert "all 2 processes hold identical trained weights" in proc.stdout + proc.stderr

@@ -13,6 +13,7 @@ from PIL import Image
 import train_textual_inversion as tti
 from utils.embeddings import load_embedding
 from utils.errors import UserError
+from two_processes import run_two_processes
 
 STEPS = 5
 
@@ -67,19 +68,8 @@ def _concepts_file(path: Path, folders) -> Path:
 
 
 def _two_processes(*args: str):
-    """train_textual_inversion.py with ``args`` under `accelerate launch`, 2 CPU processes; asserts it ended well."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(root / "train_textual_inversion.py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=root, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    """train_textual_inversion.py with ``args`` on 2 CPU processes; asserts it ended well."""
+    return run_two_processes("train_textual_inversion.py", *args)
 
 
 def _losses(path: Path) -> list[tuple[int, int, int, float, float]]:

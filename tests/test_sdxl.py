@@ -7,9 +7,6 @@ exact resume, frozen weights, bf16, and 2 processes.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ import inference
 import train_textual_inversion as tti
 import utils.training
 from utils.embeddings import Embedding, load_diffusers_sdxl_pair, load_embedding, save_a1111_pt
+from two_processes import run_two_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 INIT_TEXT = "red ball"  # two tokens: vector k starts as the embedding of token k (A1111 init, both tokenizers)
@@ -394,13 +392,8 @@ def test_wrong_family_embeddings_are_listed_as_skipped(run, tiny_sdxl, tiny_sd1_
 def test_two_processes_match_one_process(run, tiny_sdxl, data_dir, tmp_path):
     """2 processes x batch 1 train the same clip_l and clip_g as 1 process x batch 2; all ranks agree."""
     one_dir, spy = run
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train_textual_inversion.py"), *_args(tiny_sdxl, data_dir, tmp_path / "two"),
-           "--train_batch_size", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_two_processes("train_textual_inversion.py", *_args(tiny_sdxl, data_dir, tmp_path / "two"),
+                          "--train_batch_size", "1")
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     one = load_embedding(one_dir / "my-emb.safetensors")
     two = load_embedding(tmp_path / "two" / "my-emb.safetensors")

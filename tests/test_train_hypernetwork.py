@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from PIL import Image
 
 import train_hypernetwork as thn
 from utils.hypernetwork import load_hypernetwork, load_optimizer_sidecar
+from two_processes import run_two_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,13 +112,8 @@ def test_two_processes_match_one_process(tiny_sd1, data_dir, tmp_path):
     # gradient, the same amplification again.
     extra = ["--adam_epsilon", "1e-4", "--activation_func", "linear"]
     assert thn.main(_args(tiny_sd1, data_dir, tmp_path / "one")[:-3] + extra) == 0
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train_hypernetwork.py"), *_args(tiny_sd1, data_dir, tmp_path / "two")[:-3], *extra,
-           "--train_batch_size", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_two_processes("train_hypernetwork.py", *_args(tiny_sd1, data_dir, tmp_path / "two")[:-3], *extra,
+                          "--train_batch_size", "1")
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     a, b = _weights(tmp_path / "one" / "hn.pt"), _weights(tmp_path / "two" / "hn.pt")
     for k in a:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 
 import train_textual_inversion as tti
 from utils.embeddings import load_embedding
+from two_processes import run_two_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,13 +159,8 @@ def test_bad_input_is_one_line(tiny_sd1, data_dir, tmp_path, argv, message):
 def test_two_processes_match_one_process(tiny_sd1, data_dir, tmp_path):
     """2 processes x batch 1 train the same vectors as 1 process x batch 2; all ranks agree (checked by the loop)."""
     _run(*_args(tiny_sd1, data_dir, tmp_path / "one", "--train_batch_size", "2"))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train_textual_inversion.py"), *_args(tiny_sd1, data_dir, tmp_path / "two"),
-           "--train_batch_size", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_two_processes("train_textual_inversion.py", *_args(tiny_sd1, data_dir, tmp_path / "two"),
+                          "--train_batch_size", "1")
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     one = load_embedding(tmp_path / "one" / "my-emb.pt")
     two = load_embedding(tmp_path / "two" / "my-emb.pt")
