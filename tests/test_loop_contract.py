@@ -467,7 +467,8 @@ def test_the_dashboard_gets_every_log_every_steps_numbers(tmp_path, clip_mode, m
     assert [v for _, v in scalars["loss"]] == pytest.approx([float(rows[2][3]), float(rows[4][3])], rel=1e-6)
     assert [v for _, v in scalars["lr"]] == pytest.approx([0.01, 0.01])
     assert [v for _, v in scalars["epoch"]] == [0, 1]  # 2 steps per epoch (4 pictures, batch 2)
-    assert all(v > 0 for _, v in scalars["vector_norm"])
+    final_norm = float(torch.cat([p.detach().flatten() for p in trainer.parameters()]).norm())
+    assert scalars["vector_norm"][-1][1] == pytest.approx(final_norm, rel=1e-6)  # every trained weight, one L2 norm
     # images/s = pictures trained so far / seconds since the start (the clock below: 10 s at every reading)
     assert [v for _, v in scalars["images_per_sec"]] == pytest.approx([4 / 10, 8 / 10])
     if clip_mode == "norm":
@@ -510,3 +511,59 @@ def test_a_fresh_run_in_an_old_folder_starts_a_fresh_loss_log(tmp_path):
     resumed = LossLog(path, 0)  # resuming at step 0 keeps no row
     resumed.flush()
     assert path.read_text().splitlines()[1:] == []
+
+
+def test_trainer_state_round_trips_and_reads_a_checkpoint_older_than_its_fields(tmp_path):
+    """A fresh state starts at step 0; state_dict/load_state_dict round-trip every field; a checkpoint written before
+    skipped_steps, identity and layout existed resumes with 0 skipped and no check; another run's identity or
+    another data layout is refused in one line."""
+    from utils.errors import UserError
+    from utils.training import TrainerState
+
+    fresh = TrainerState({"kind": "fake"}, {"global": 2})
+    assert (fresh.step, fresh.skipped_steps, fresh.tracker_run_id, fresh.stopped_by) == (0, 0, None, None)
+    fresh.step, fresh.skipped_steps, fresh.tracker_run_id, fresh.stopped_by = 7, 2, "run-1", "early_stop"
+    again = TrainerState({"kind": "fake"}, {"global": 2})
+    again.load_state_dict(json.loads(json.dumps(fresh.state_dict())))
+    assert (again.step, again.skipped_steps, again.tracker_run_id, again.stopped_by) == (7, 2, "run-1", "early_stop")
+    again.check_resumable(tmp_path)
+    old = TrainerState({"kind": "fake"}, {"global": 2})
+    old.load_state_dict({"step": 3})
+    assert (old.step, old.skipped_steps, old.tracker_run_id, old.stopped_by) == (3, 0, None, None)
+    old.check_resumable(tmp_path)
+    for identity, layout, what in (({"kind": "other"}, {"global": 2}, "belongs to another run"),
+                                   ({"kind": "fake"}, {"global": 4}, "was written with")):
+        other = TrainerState(identity, layout)
+        other.load_state_dict(fresh.state_dict())
+        with pytest.raises(UserError, match=what):
+            other.check_resumable(tmp_path)
+
+
+@pytest.mark.parametrize("others_voted", [False, True])
+def test_run_hooks_every_hook_sees_the_step_and_a_vote_elsewhere_stops_this_process(others_voted):
+    """_run_hooks with 2 processes (their all-reduce faked): the first hook's reason wins, every hook sees the step,
+    and a process told nothing stops with the reason 'hook' when another process voted to stop."""
+    from types import SimpleNamespace
+
+    from utils.training import _run_hooks
+
+    class Says(BaseStepHook):
+        def __init__(self, name, reason):
+            self.name, self.reason, self.seen = name, reason, []
+
+        def after_step(self, step, ctx):
+            self.seen.append(step)
+            return self.reason
+
+    reduced = []
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=2,
+                          reduce=lambda t, op: reduced.append(op) or t + float(others_voted))
+    ctx = SimpleNamespace(accelerator=acc)
+    quiet = [Says("a", None), Says("b", None)]
+    assert _run_hooks(quiet, 3, ctx) == ("hook" if others_voted else None)
+    assert [h.seen for h in quiet] == [[3], [3]] and reduced == ["sum"]
+    talking = [Says("a", None), Says("b", "early_stop"), Says("c", "diverged")]
+    assert _run_hooks(talking, 4, ctx) == "early_stop"
+    assert [h.seen for h in talking] == [[4], [4], [4]]
+    acc.num_processes = 1  # one process: no vote to take
+    assert _run_hooks(quiet, 5, ctx) is None and reduced == ["sum", "sum"]
