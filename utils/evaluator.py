@@ -106,17 +106,20 @@ class Evaluator:
     def losses(self, predict: Predict, rank: int = 0, world: int = 1) -> torch.Tensor:
         """Per-sample losses of this process's share (samples rank, rank + world, ...), zeros for the others: summed
         over the processes (all-reduce) it is the whole set's losses, whatever the number of processes."""
-        n = len(self.eval_set)
         mine = self.my_share(rank, world)
-        out = torch.zeros(n, dtype=torch.float32)
-        if mine:
-            out[mine] = evaluate(predict, self.eval_set, self.noise_scheduler, self.prediction_type,
-                                 self.cfg.eval_batch_size, indices=mine)
-        return out
+        values = evaluate(predict, self.eval_set, self.noise_scheduler, self.prediction_type,
+                          self.cfg.eval_batch_size, indices=mine) if mine else torch.zeros(0)
+        return self.spread(mine, values)
 
     def my_share(self, rank: int, world: int) -> list[int]:
         """The samples this process evaluates: rank, rank + world, ..."""
         return list(range(rank, len(self.eval_set), world))
+
+    def spread(self, mine: list[int], values: torch.Tensor) -> torch.Tensor:
+        """This process's losses at their places in the set, zeros elsewhere."""
+        out = torch.zeros(len(self.eval_set), dtype=torch.float32)
+        out[mine] = values
+        return out
 
     def record(self, step: int, per_sample: torch.Tensor, vectors=None,
                extra: dict[str, float] | None = None, choose: bool = True) -> EvalResult:
@@ -245,8 +248,6 @@ def joint_losses(evaluators: list[Evaluator], predict: Predict, rank: int = 0, w
         else torch.zeros(0)
     out, start = [], 0
     for ev, (_, mine) in zip(evaluators, parts):
-        share = torch.zeros(len(ev.eval_set), dtype=torch.float32)
-        share[mine] = losses[start:start + len(mine)]
+        out.append(ev.spread(mine, losses[start:start + len(mine)]))
         start += len(mine)
-        out.append(share)
     return out
