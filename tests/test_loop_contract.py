@@ -567,3 +567,22 @@ def test_run_hooks_every_hook_sees_the_step_and_a_vote_elsewhere_stops_this_proc
     assert [h.seen for h in talking] == [[4], [4], [4]]
     acc.num_processes = 1  # one process: no vote to take
     assert _run_hooks(quiet, 5, ctx) is None and reduced == ["sum", "sum"]
+
+
+def test_the_trackers_config_is_flat_json_and_holds_no_secrets():
+    """What W&B, TensorBoard and training_settings.json get: every setting but the secret ones (by name, any case,
+    as a whole word of the name), each value a JSON scalar (paths, lists and the like as text)."""
+    from dataclasses import make_dataclass
+
+    from utils.training import config_for_trackers
+
+    settings = {"hub_token": "hf_x", "HUB_TOKEN": "hf_y", "my_api_key": "k", "wandb_key": "w", "secret": "s",
+                "db_password_file": "p", "auth_token": "a", "tokenizer_name": "tok", "push_to_hub": True,
+                "learning_rate": 0.005, "max_train_steps": 10, "resume_from_checkpoint": None,
+                "output_dir": Path("/o"), "sweep": ["lr=1", "n=2"]}
+    want = {"tokenizer_name": "tok", "push_to_hub": True, "learning_rate": 0.005, "max_train_steps": 10,
+            "resume_from_checkpoint": None, "output_dir": "/o", "sweep": "['lr=1', 'n=2']"}
+    assert config_for_trackers(settings) == want
+    as_dataclass = make_dataclass("Settings", list(settings))(**settings)
+    assert config_for_trackers(as_dataclass) == want
+    json.dumps(config_for_trackers(settings))
