@@ -586,3 +586,15 @@ def test_the_trackers_config_is_flat_json_and_holds_no_secrets():
     as_dataclass = make_dataclass("Settings", list(settings))(**settings)
     assert config_for_trackers(as_dataclass) == want
     json.dumps(config_for_trackers(settings))
+
+
+def test_an_epoch_with_a_micro_batch_left_over_drops_it_and_goes_on(tmp_path):
+    """5 micro-batches per epoch, accumulation 2: 2 optimizer steps per epoch use 4 of them; the fifth is not
+    trained on (a step never spans two epochs) and the run goes on into the next epoch to its last step."""
+    source = Source(n=10, batch=2)
+    summary, _ = _run(tmp_path / "o", 4, accum=2, source=source)
+    assert summary.step == 4
+    used = [(e, j) for e, j in source.served if j < 4]
+    assert used == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert [(r[0], r[1], r[2]) for r in _rows(tmp_path / "o")] == [("1", "0", "0"), ("2", "0", "1"),
+                                                                  ("3", "1", "0"), ("4", "1", "1")]
