@@ -598,3 +598,12 @@ def test_an_epoch_with_a_micro_batch_left_over_drops_it_and_goes_on(tmp_path):
     assert used == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
     assert [(r[0], r[1], r[2]) for r in _rows(tmp_path / "o")] == [("1", "0", "0"), ("2", "0", "1"),
                                                                   ("3", "1", "0"), ("4", "1", "1")]
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys):
+    _run(tmp_path / "o", 3, ckpt=3)
+    capsys.readouterr()
+    source = Source()
+    again, _ = _run(tmp_path / "o", 3, ckpt=3, resume="latest", source=source)
+    assert again.step == 3 and source.served == []
+    assert "Already trained to step 3 (>= 3); nothing to do." in capsys.readouterr().out
