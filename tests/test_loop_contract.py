@@ -607,3 +607,12 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(tmp_path, capsys):
     again, _ = _run(tmp_path / "o", 3, ckpt=3, resume="latest", source=source)
     assert again.step == 3 and source.served == []
     assert "Already trained to step 3 (>= 3); nothing to do." in capsys.readouterr().out
+
+
+def test_the_progress_bar_shows_loss_rate_epoch_and_skipped_updates(tmp_path, capsys):
+    _run(tmp_path / "a", 3)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert "Training fake" in bar and "3/3" in bar and "lr=0.01" in bar and "epoch=0" in bar and "loss=" in bar
+    assert "skipped" not in bar  # said only when there are some
+    _run(tmp_path / "b", 3, scaler=torch.amp.GradScaler("cpu"), source=Source(poison={(0, 1)}))
+    assert "skipped=1" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
