@@ -616,3 +616,23 @@ def test_the_progress_bar_shows_loss_rate_epoch_and_skipped_updates(tmp_path, ca
     assert "skipped" not in bar  # said only when there are some
     _run(tmp_path / "b", 3, scaler=torch.amp.GradScaler("cpu"), source=Source(poison={(0, 1)}))
     assert "skipped=1" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+
+
+def test_an_old_checkpoint_the_file_system_will_not_remove_does_not_end_the_run(tmp_path, monkeypatch):
+    """--checkpoints_total_limit removes old checkpoints; on NFS a file still open elsewhere makes its folder "busy"
+    (EBUSY). That leftover must not end a run that is otherwise fine: the newer checkpoints are written and kept."""
+    import errno
+    import os
+
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *a, **k):
+        if str(path).endswith("checkpoint-1"):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(path))
+        return real_rmdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    summary, _ = _run(tmp_path / "o", 3, ckpt=1, checkpoints_total_limit=1)
+    assert summary.step == 3
+    # checkpoint-2 went as usual; checkpoint-1's emptied folder stays (its removal was refused) and is no checkpoint
+    assert [s for s, _ in list_checkpoints(tmp_path / "o")] == [3] and (tmp_path / "o" / "checkpoint-1").is_dir()
