@@ -9,9 +9,9 @@ A1111's ``latent_sampling_method``:
 
 For ``once`` ε comes from a generator seeded by the content half of the entry's key (below), so the one sample is the
 same on every rank, every epoch and every rerun, whether the latent was just encoded or read back, and wherever the
-pictures lie: a copied or touched data folder trains the same way. On disk every entry stores the
-distribution (``mean`` and ``std``), so one cache serves all three modes; in memory only what the mode needs is kept
-(a sample, the mean, or both). Each image is encoded on its own: batching changes the last bits of a VAE's output,
+pictures lie: a copied or touched data folder trains the same way. On disk every entry stores the distribution
+(``mean`` and ``std``), so one cache serves all three modes; in memory only what the mode needs is kept (a sample,
+the mean, or both). Each image is encoded on its own: batching changes the last bits of a VAE's output,
 and a latent must not depend on which batch first met its image (a resumed run meets it in another batch).
 
 Keys: the image, the training size, the crop mode, the flip, and a VAE identity string. An image is an ``ImageId``: its
