@@ -555,3 +555,36 @@ def test_a_vae_given_with_vae_never_shares_the_models_cache_key(tiny_sd1, tmp_pa
     assert plain != other  # same class, config and dtype: only the --vae source tells them apart
     assert key(tmp_path / "other") == other  # and the same --vae twice keeps one key
     assert key(tmp_path / "same") != plain  # a copy elsewhere counts as another VAE: a re-encode, never a wrong hit
+    assert key(tmp_path / "same") != other  # two --vae folders with other weights never share
+
+
+def test_a_vae_sources_identity_follows_its_files(tiny_sd1, tmp_path):
+    """model_vae_identity for each form of --vae: a single file and a folder go in by their files (another file, or
+    a file inside the folder touched, is another identity), a Hub id by its name; the VAE's config always counts."""
+    import os
+
+    from diffusers import AutoencoderKL
+
+    from utils.latents import model_vae_identity
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"weights a")
+    b.write_bytes(b"weights b")
+    folder = tmp_path / "vae"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "w.safetensors").write_bytes(b"w")
+
+    def ident(source=None, model="m", v=vae):
+        return model_vae_identity(v, model, None if source is None else str(source))
+
+    first = {name: ident(src) for name, src in (("none", None), ("a", a), ("b", b), ("folder", folder),
+                                                 ("hub-x", "org/vae-x"), ("hub-y", "org/vae-y"))}
+    assert len(set(first.values())) == 6
+    assert ident(a) == first["a"] and ident(folder) == first["folder"] and ident("org/vae-x") == first["hub-x"]
+    os.utime(a, ns=(1, 1))
+    os.utime(folder / "sub" / "w.safetensors", ns=(1, 1))  # a file inside, not the folder itself
+    assert ident(a) != first["a"] and ident(folder) != first["folder"]
+    other_config = AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae", scaling_factor=0.5)
+    assert ident(folder, v=other_config) != ident(folder)
