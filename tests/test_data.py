@@ -998,3 +998,29 @@ def test_a_stream_row_whose_header_cannot_be_read_is_reported_under_buckets(tmp_
         next(it)
     (entry,) = loader.skipped_during_run
     assert entry.path == name and entry.reason == reason and name in report.read_text()
+
+
+def test_an_epoch_short_of_rows_continues_into_the_next_pass(tmp_path):
+    """A stream row with an empty image cell is left out, so the rank's rows of a pass run one short of the epoch's
+    micro-batches: the epoch takes the missing one from the start of the next pass, which is where the next epoch
+    starts too (not from any other pass's order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    images = [_png_bytes(i) for i in range(8)]
+    images[3] = b""
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images],
+                             "text": [f"t{i}" for i in range(8)]}), d / "a.parquet")
+    cfg = DataConfig(dataset_name=str(d), resolution=16)
+    pc = PromptConfig(caption_only=True)
+    for seed in range(3):
+        loader = TrainLoader(scan_dataset(cfg, pc), cfg, pc, batch_size=1, seed=seed)
+        per = loader.steps_per_epoch
+        assert per == 8
+        it = iter(loader)
+        epochs = [[next(it)["captions"][0] for _ in range(per)] for _ in range(3)]
+        for e in range(2):
+            assert sorted(epochs[e][:7]) == [f"t{i}" for i in range(8) if i != 3]  # every usable row once
+            assert epochs[e][7] == epochs[e + 1][0]  # then the next pass's first row
