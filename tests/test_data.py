@@ -658,6 +658,15 @@ def test_order_and_resume_independent_of_worker_count(tmp_path, kind):
         assert a["prompts"] == b["prompts"] and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
+def _skipped_in_one_epoch(summary, cfg, pc, report):
+    """What a training loader reports skipped (and writes to ``report``) over one epoch of batch 1."""
+    loader = TrainLoader(summary, cfg, pc, batch_size=1, seed=1, report_file=report)
+    it = iter(loader)
+    for _ in range(loader.steps_per_epoch):
+        next(it)
+    return loader.skipped_during_run
+
+
 def test_stream_row_that_fails_to_decode_is_replaced_and_reported(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -677,11 +686,7 @@ def test_stream_row_that_fails_to_decode_is_replaced_and_reported(tmp_path):
     assert [r for b in batches for _, r in b["skipped"]] and "t2" not in [c for b in batches for c in b["captions"]]
     # the training's report names it with its reason
     report = tmp_path / "skipped_images.txt"
-    loader = TrainLoader(s, cfg, pc, batch_size=1, seed=1, report_file=report)
-    it = iter(loader)
-    for _ in range(loader.steps_per_epoch):
-        next(it)
-    (skipped,) = loader.skipped_during_run
+    (skipped,) = _skipped_in_one_epoch(s, cfg, pc, report)
     assert skipped.reason and skipped.reason in report.read_text() and skipped.path in report.read_text()
     # --verify_images finds it before training
     v = scan_dataset(DataConfig(dataset_name=str(d), resolution=16, verify_images=True), pc)
@@ -992,11 +997,7 @@ def test_a_stream_row_whose_header_cannot_be_read_is_reported_under_buckets(tmp_
     assert name.endswith("caption 't1']") and "not a picture" not in name and reason  # the caption finds the row
     assert "t1" not in [c for b in batches for c in b["captions"]]
     report = tmp_path / "skipped_images.txt"
-    loader = TrainLoader(s, cfg, pc, batch_size=1, seed=1, report_file=report)
-    it = iter(loader)
-    for _ in range(loader.steps_per_epoch):
-        next(it)
-    (entry,) = loader.skipped_during_run
+    (entry,) = _skipped_in_one_epoch(s, cfg, pc, report)
     assert entry.path == name and entry.reason == reason and name in report.read_text()
 
 
