@@ -106,3 +106,22 @@ def test_gradients_reach_only_the_vectors_of_the_prompts_that_name_them(family, 
     loss_of([PROMPTS[-1]]).backward()  # no placeholder: the vectors are in the graph but get nothing
     assert all(v.grad is not None and not v.grad.any() for v in ti.parameters())
     assert all(torch.equal(e.get_input_embeddings().weight, t) for e, t in zip(encoders.modules, table))
+
+
+def test_an_embedding_of_the_other_family_is_one_line_naming_it(tiny_sd1, tiny_sdxl):
+    """An SDXL embedding (clip_l/clip_g tables) on an SD-1 model, or an SD-1 one on SDXL: a UserError that names the
+    embedding and says which kind it is, not a shape error from deep inside a text encoder."""
+    from diffusers import DiffusionPipeline
+
+    from utils.errors import UserError
+
+    sd1 = TextEncoders.of(DiffusionPipeline.from_pretrained(tiny_sd1))
+    sdxl = TextEncoders.of(DiffusionPipeline.from_pretrained(tiny_sdxl))
+    xl_emb = Embedding("xl-emb", sdxl.embedding_vectors([torch.zeros(2, s.width) for s in sdxl.slots]))
+    plain = Embedding("plain-emb", torch.zeros(2, sd1.width))
+    with pytest.raises(UserError) as e:
+        sd1.vectors_of(xl_emb)
+    assert str(e.value) == "embedding 'xl-emb' is an SDXL embedding; this model is not SDXL"
+    with pytest.raises(UserError) as e:
+        sdxl.vectors_of(plain)
+    assert str(e.value) == "embedding 'plain-emb' is not an SDXL embedding (it has no clip_l/clip_g vectors)"
