@@ -156,3 +156,23 @@ def test_a_dotted_name_keeps_its_whole_name_in_the_file_names(tmp_path):
     files = TextualInversionOutputs._write(None, emb, tmp_path / "v1.5-x")
     assert sorted(f.name for f in files) == ["v1.5-x.pt", "v1.5-x.safetensors"]
     assert load_embedding(tmp_path / "v1.5-x.pt").name == "v1.5-x"
+
+
+def test_an_embedding_of_another_width_or_family_cannot_be_continued(tiny_sd1):
+    """check_width: a plain (SD) embedding 768 wide on a 32-wide SD-1 model is refused in one line, like an SDXL one;
+    one of the model's own width passes."""
+    from types import SimpleNamespace
+
+    from diffusers import DiffusionPipeline
+
+    from utils.errors import UserError
+    from utils.trainers.textual_inversion import check_width
+
+    loaded = SimpleNamespace(pipeline=DiffusionPipeline.from_pretrained(tiny_sd1), family="sd1")
+    check_width(Embedding("fits", torch.zeros(2, 32)), loaded)
+    with pytest.raises(UserError) as e:
+        check_width(Embedding("wide", torch.zeros(2, 768)), loaded)
+    assert str(e.value) == "embedding 'wide' is 768 wide (SD), but the model's text encoder(s) are 32 wide (sd1)"
+    xl = Embedding("xl", {"clip_l": torch.zeros(2, 16), "clip_g": torch.zeros(2, 16)})
+    with pytest.raises(UserError, match="embedding 'xl' is 32 wide \\(SDXL\\)"):
+        check_width(xl, loaded)
