@@ -113,6 +113,10 @@ def test_outputs_best_file_csv_plot_and_summary(tiny_sd1, data_dir, tmp_path, ca
     emb = load_embedding(out / "my-emb-best.pt")
     assert emb.step == best and emb.name == "my-emb-best"
     assert torch.equal(load_embedding(out / "my-emb-best.safetensors").vectors, emb.vectors)
+    from safetensors.torch import load_file
+
+    # its own diffusers token, as periodic copies have: loaded beside my-emb.safetensors, the two do not collide
+    assert list(load_file(out / "my-emb-best.safetensors")) == ["<my-emb-best>"]
     with Image.open(out / "evaluation.png") as im:
         assert im.size[0] > 200
     rows = _rows(out / "evaluation.csv")
