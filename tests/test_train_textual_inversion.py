@@ -54,6 +54,7 @@ def test_outputs_and_formats(tiny_sd1, data_dir, tmp_path):
     assert card.name == "my-emb-3" and torch.allclose(card.vectors, copy3.vectors)
     diffusers_file = load_embedding(out / "learned_embeds.safetensors")
     assert torch.equal(diffusers_file.vectors, final.vectors)
+    assert not (out / "learned_embeds.bin").exists()  # the pickle-format copy only with --no_safe_serialization
     rows = (out / "textual_inversion_loss.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,epoch_step,loss,learn_rate" and [r.split(",")[0] for r in rows[1:]] == \
         [str(s) for s in range(1, 7)]
