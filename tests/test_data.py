@@ -1037,3 +1037,24 @@ def test_a_leftover_batch_comes_from_a_bucket_as_often_as_its_leftovers_say():
         assert len(plan) == 3 and all(len({buckets[i] for i in batch}) == 1 for batch in plan)
         from_a += sum(buckets[batch[0]] == (64, 64) for batch in plan) == 2
     assert 0.65 < from_a / 400 < 0.85  # 0.79 measured; uniform choice gives 0.52
+
+
+def test_the_messages_a_user_reads_about_templates_cells_and_buckets(tmp_path):
+    """Texts users act on: an unknown template names every template shipped; an image cell of an unknown kind names
+    its type; the bucket table counts "1 image" and "2 images"."""
+    from utils.data.prompts import TEMPLATES_DIR, resolve_template
+    from utils.data.sources import DatasetSummary
+    from utils.data.stream import _row_image_bytes
+    from utils.images import ImageLoadError
+
+    shipped = sorted(f.stem for f in TEMPLATES_DIR.glob("*.txt"))
+    assert len(shipped) > 2
+    with pytest.raises(UserError) as e:
+        resolve_template(PromptConfig(template_file="no-such-template"), False)
+    assert str(e.value) == (f"template file 'no-such-template' not found (not a file, nor one of templates/: "
+                            f"{', '.join(shipped)})")
+    with pytest.raises(ImageLoadError) as e:
+        _row_image_bytes(42)
+    assert str(e.value) == "unsupported image cell int"
+    table = DatasetSummary("folder", 3, [], {(64, 32): 1, (32, 64): 2}, False).bucket_table()
+    assert table == "buckets (w x h):\n  32x64: 2 images\n  64x32: 1 image"
