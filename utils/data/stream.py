@@ -383,15 +383,17 @@ class StreamBatches:
     def _name(self, row: dict, p: int, i: int) -> str:
         """A row's name in reports: its tar member, else where it came in this rank's shuffled pass and the start of
         its caption (a parquet row has no name of its own; the caption is something to search the data for)."""
+        member = _row_name(row, "")
+        if member:
+            return member
         try:
             caption = _row_caption(row.get(self.caption_col)) if self.caption_col else ""
         except ValueError:
             caption = ""
         hint = f", caption {caption[:60]!r}" if caption else ""
-        return _row_name(row, f"{self.cfg.dataset_name}[pass {p}, rank {self.rank}, row {i} as shuffled{hint}]")
+        return f"{self.cfg.dataset_name}[pass {p}, rank {self.rank}, row {i} as shuffled{hint}]"
 
-    def _row(self, row: dict, p: int, i: int) -> _Row:
-        name = self._name(row, p, i)
+    def _row(self, row: dict, name: str) -> _Row:
         data, name = _row_image_bytes(row.get(self.image_col), name)
         if self.cfg.enable_buckets:
             target = self.cfg.target_for(image_size(data), self._buckets)
@@ -418,10 +420,11 @@ class StreamBatches:
             while j < self.per_epoch:
                 dry = True
                 for i, row in enumerate(self._pass(p)):
+                    name = self._name(row, p, i)
                     try:
-                        r = self._row(row, p, i)
+                        r = self._row(row, name)
                     except (ImageLoadError, OSError) as e:
-                        skipped.append((self._name(row, p, i), str(e)))
+                        skipped.append((name, str(e)))
                         continue
                     dry = False
                     group = pending.setdefault(r.bucket, [])
