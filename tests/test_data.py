@@ -658,6 +658,18 @@ def test_order_and_resume_independent_of_worker_count(tmp_path, kind):
         assert a["prompts"] == b["prompts"] and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
+def _parquet_of_pictures(tmp_path, images: list[bytes]):
+    """A parquet data set folder with one row per image's bytes (no file path), captions t0, t1, ..."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images],
+                             "text": [f"t{i}" for i in range(len(images))]}), d / "a.parquet")
+    return d
+
+
 def _skipped_in_one_epoch(summary, cfg, pc, report):
     """What a training loader reports skipped (and writes to ``report``) over one epoch of batch 1."""
     loader = TrainLoader(summary, cfg, pc, batch_size=1, seed=1, report_file=report)
@@ -668,16 +680,10 @@ def _skipped_in_one_epoch(summary, cfg, pc, report):
 
 
 def test_stream_row_that_fails_to_decode_is_replaced_and_reported(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    d = tmp_path / "pq"
-    d.mkdir()
     good = _png_bytes(9)
     images = [_png_bytes(i) for i in range(6)]
     images[2] = good[: len(good) - 30]  # header intact: only decoding finds it
-    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images],
-                             "text": [f"t{i}" for i in range(6)]}), d / "a.parquet")
+    d = _parquet_of_pictures(tmp_path, images)
     cfg = DataConfig(dataset_name=str(d), resolution=16)
     pc = PromptConfig(caption_only=True)
     s = scan_dataset(cfg, pc)
@@ -815,14 +821,19 @@ def test_a_stream_with_buckets_trains_each_row_at_its_own_aspect(tmp_path):
 
 
 
+def _tar_members(path, members, fmt=tarfile.GNU_FORMAT, **open_kw):
+    """A tar file of (member name, bytes) members, in order."""
+    with tarfile.open(path, "w", format=fmt, **open_kw) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
 def _tar_shard(path, items, fmt=tarfile.GNU_FORMAT, **open_kw):
     """A tar shard of (member stem, image bytes, caption bytes) items."""
-    with tarfile.open(path, "w", format=fmt, **open_kw) as t:
-        for stem, image, caption in items:
-            for ext, data in (("png", image), ("txt", caption)):
-                info = tarfile.TarInfo(f"{stem}.{ext}")
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
+    _tar_members(path, [(f"{stem}.{ext}", data) for stem, image, caption in items
+                        for ext, data in (("png", image), ("txt", caption))], fmt, **open_kw)
 
 
 def test_tar_ustar_prefixed_names_are_counted(tmp_path, monkeypatch):
@@ -964,11 +975,7 @@ def test_hidden_tar_members_are_not_counted_as_rows(tmp_path, monkeypatch):
     members = [("a.png", _png_bytes(0)), ("a.txt", b"A"), ("._a.png", b"\0\5fork"), (".hid.png", _png_bytes(1)),
                ("__x.png", _png_bytes(2)), ("b.png", _png_bytes(3)), ("b.txt", b"B"), ("sub/._c.png", b"fork"),
                ("sub/c.png", _png_bytes(4)), ("sub/c.txt", b"C")]
-    with tarfile.open(d / "s0.tar", "w", format=tarfile.GNU_FORMAT) as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
+    _tar_members(d / "s0.tar", members)
     cheap = scan_dataset(DataConfig(dataset_name=str(d), resolution=16))
     monkeypatch.setattr(stream, "count_rows", lambda builder, split: None)
     read = scan_dataset(DataConfig(dataset_name=str(d), resolution=16))
@@ -978,14 +985,7 @@ def test_hidden_tar_members_are_not_counted_as_rows(tmp_path, monkeypatch):
 def test_a_stream_row_whose_header_cannot_be_read_is_reported_under_buckets(tmp_path):
     """With buckets a stream row's size is read before the row is placed; a row whose image is no picture at all
     is left out there and still reported (name and reason), like a row that fails to decode later."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    d = tmp_path / "pq"
-    d.mkdir()
-    images = [_png_bytes(0), b"not a picture", _png_bytes(2), _png_bytes(3), _png_bytes(4)]
-    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images],
-                             "text": [f"t{i}" for i in range(5)]}), d / "a.parquet")
+    d = _parquet_of_pictures(tmp_path, [_png_bytes(0), b"not a picture", _png_bytes(2), _png_bytes(3), _png_bytes(4)])
     cfg = DataConfig(dataset_name=str(d), resolution=16, enable_buckets=True, min_bucket_reso=8, max_bucket_reso=32,
                      bucket_reso_steps=8)
     pc = PromptConfig(caption_only=True)
@@ -1005,15 +1005,9 @@ def test_an_epoch_short_of_rows_continues_into_the_next_pass(tmp_path):
     """A stream row with an empty image cell is left out, so the rank's rows of a pass run one short of the epoch's
     micro-batches: the epoch takes the missing one from the start of the next pass, which is where the next epoch
     starts too (not from any other pass's order)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    d = tmp_path / "pq"
-    d.mkdir()
     images = [_png_bytes(i) for i in range(8)]
     images[3] = b""
-    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images],
-                             "text": [f"t{i}" for i in range(8)]}), d / "a.parquet")
+    d = _parquet_of_pictures(tmp_path, images)
     cfg = DataConfig(dataset_name=str(d), resolution=16)
     pc = PromptConfig(caption_only=True)
     for seed in range(3):
