@@ -528,7 +528,8 @@ def test_custom_template_without_name_warns(tmp_path):
     t = tmp_path / "t.txt"
     t.write_text("a picture of [filewords]\n")
     cfg = DataConfig(train_data_dir=str(d), resolution=16)
-    assert any("has no [name]" in w for w in scan_dataset(cfg, PromptConfig(template_file=str(t), placeholder="x")).warnings)
+    warnings = scan_dataset(cfg, PromptConfig(template_file=str(t), placeholder="x")).warnings
+    assert any("has no [name]" in w for w in warnings)
     assert not scan_dataset(cfg, PromptConfig(template_file="hypernetwork", placeholder="x")).warnings
 
 

@@ -67,11 +67,6 @@ def _concepts_file(path: Path, folders) -> Path:
     return path
 
 
-def _two_processes(*args: str):
-    """train_textual_inversion.py with ``args`` on 2 CPU processes; asserts it ended well."""
-    return run_two_processes("train_textual_inversion.py", *args)
-
-
 def _losses(path: Path) -> list[tuple[int, int, int, float, float]]:
     with open(path, newline="") as f:
         rows = list(csv.reader(f))[1:]
@@ -207,8 +202,9 @@ def test_a_changed_concept_list_does_not_resume(tiny_sd1, folders, tmp_path):
 def test_two_processes_match_the_single_runs(tiny_sd1, folders, singles, tmp_path):
     """2 processes x batch 1 per embedding: each rank takes its share of every embedding's batch; the result is
     each embedding's own 1-process run, and its loss log is the mean over both ranks."""
-    r = _two_processes(*_common(tiny_sd1, tmp_path / "two", "--concepts", _concepts_file(tmp_path / "c.yaml", folders)),
-                       "--train_batch_size", "1")
+    concepts = _concepts_file(tmp_path / "c.yaml", folders)
+    r = run_two_processes("train_textual_inversion.py", *_common(tiny_sd1, tmp_path / "two", "--concepts", concepts),
+                          "--train_batch_size", "1")
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     for name, *_ in CONCEPTS:
         torch.testing.assert_close(load_embedding(tmp_path / "two" / name / f"{name}.pt").vectors,
@@ -405,8 +401,9 @@ def test_two_processes_go_on_after_an_embedding_leaves(tiny_sd1, stopping, tmp_p
     from the batch), the run goes on to the other's stop on both processes, with identical weights."""
     concepts, *_ = stopping
     out = tmp_path / "two"
-    r = _two_processes(*_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", EVAL_STEPS,
-                                "--save_every", "1", *EVAL), "--train_batch_size", "1")
+    r = run_two_processes("train_textual_inversion.py",
+                          *_common(tiny_sd1, out, "--concepts", concepts, "--max_train_steps", EVAL_STEPS,
+                                   "--save_every", "1", *EVAL), "--train_batch_size", "1")
     assert "all 2 processes hold identical trained weights" in r.stdout + r.stderr
     stops = {n: int(row["stop_step"]) for n, row in _summary(out).items()}
     first, other = sorted(stops, key=stops.get)
