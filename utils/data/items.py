@@ -11,7 +11,7 @@ pixels (``utils.latents.LatentEncoder``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from utils.data.plan import item_rng, latent_seed
 from utils.data.prompts import build_prompt
 from utils.images import RESAMPLE, Geometry, LoadedImage, apply_geometry, plan_geometry
 
+if TYPE_CHECKING:
+    from utils.latents import ImageId
+
 
 @dataclass
 class Use:
@@ -31,7 +34,7 @@ class Use:
     index: int  # example id (-1 for streams)
     target: tuple[int, int]  # training size (w, h): the bucket
     caption: Callable[[], str]  # ValueError for an unreadable caption
-    image_id: Callable[[], object]  # cache-key identity, an ImageId (utils.latents.file_identity / bytes_identity)
+    image_id: Callable[[], ImageId]  # cache-key identity (utils.latents.file_identity / bytes_identity)
     load: Callable[[], LoadedImage]  # ImageLoadError / OSError
 
 
