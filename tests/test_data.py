@@ -1053,3 +1053,15 @@ def test_the_messages_a_user_reads_about_templates_cells_and_buckets(tmp_path):
     assert str(e.value) == "unsupported image cell int"
     table = DatasetSummary("folder", 3, [], {(64, 32): 1, (32, 64): 2}, False).bucket_table()
     assert table == "buckets (w x h):\n  32x64: 2 images\n  64x32: 1 image"
+
+
+def test_bucket_settings_no_bucket_fits_are_one_line_before_anything_loads(tmp_path):
+    """--enable_buckets with --resolution 64 and the default --min_bucket_reso 256: no bucket can exist. That was a
+    ValueError traceback from deep in the data path, after the model had loaded; now it is the config's one line."""
+    with pytest.raises(UserError) as e:
+        DataConfig(train_data_dir=str(tmp_path), resolution=64, enable_buckets=True)
+    assert str(e.value) == ("--enable_buckets: no bucket with sides from --min_bucket_reso 256 to --max_bucket_reso "
+                            "1024 (steps of 64) fits the area of --resolution 64x64; lower --min_bucket_reso")
+    with pytest.raises(UserError, match="--max_bucket_reso 128 "):
+        DataConfig(train_data_dir=str(tmp_path), resolution=512, enable_buckets=True, max_bucket_reso=128)
+    DataConfig(train_data_dir=str(tmp_path), resolution=64, enable_buckets=True, min_bucket_reso=32)  # fits

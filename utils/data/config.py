@@ -52,6 +52,14 @@ class DataConfig:
                 raise UserError(f"--{name} must be a positive multiple of {LATENT_FACTOR}, got {v}")
         if self.enable_buckets and self.bucket_reso_steps % LATENT_FACTOR:
             raise UserError(f"--bucket_reso_steps must be a multiple of {LATENT_FACTOR}")
+        if self.enable_buckets:
+            try:
+                self.bucket_sizes()
+            except ValueError:
+                raise UserError(
+                    f"--enable_buckets: no bucket with sides from --min_bucket_reso {self.min_bucket_reso} to "
+                    f"--max_bucket_reso {self.max_bucket_reso} (steps of {self.bucket_reso_steps}) fits the area of "
+                    f"--resolution {self.width}x{self.height}; lower --min_bucket_reso") from None
         if not 0.0 <= self.flip_p <= 1.0:
             raise UserError(f"--flip_p must be in [0, 1], got {self.flip_p}")
         if self.center_crop and self.random_crop:
